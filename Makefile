@@ -1,0 +1,54 @@
+# Two commands for a fresh machine: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := wireguard-go wireguard-tools qemu-system-x86 iproute2 iputils-ping
+RUN_DIR ?= $(shell mktemp -d -t ppn-run-XXXXXX)
+
+.PHONY: run test lint bench system-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# As root, install the Debian packages the real-component tests need.
+system-deps:
+	@if [ "$$(id -u)" -ne 0 ]; then \
+		echo "not root: not installing Debian packages ($(DEB_PACKAGES))"; \
+	elif ! command -v apt-get >/dev/null; then \
+		echo "no apt-get: install $(DEB_PACKAGES) by hand"; \
+	else \
+		missing=""; \
+		for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+		fi; \
+	fi
+
+# The main job so far: initialise a node in a fresh state directory, audit and print its ledger.
+run: $(STAMP)
+	$(VENV)/bin/ppn node init --state-dir $(RUN_DIR)/node --name laptop-b --role hub --mesh-ip 10.8.0.1
+	$(VENV)/bin/ppn ledger verify $(RUN_DIR)/node/ledger
+	$(VENV)/bin/ppn ledger show $(RUN_DIR)/node/ledger
+	$(VENV)/bin/ppn ledger state $(RUN_DIR)/node/ledger
+	@echo "--- newest checkpoint (C2SP signed note) ---"
+	$(VENV)/bin/ppn ledger checkpoint $(RUN_DIR)/node/ledger
+	@echo "state directory kept at $(RUN_DIR)/node"
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ledger actors sims tests bench
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) bench/ledger_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

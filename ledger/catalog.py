@@ -1,0 +1,90 @@
+"""The node's event types, registered in :data:`REGISTRY`.
+
+Tags are the seed's words.  Adding a field means a new version plus an upcaster
+from the old one; a tag is never reused for a different meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ledger.events import EventRegistry
+
+REGISTRY = EventRegistry()
+"""The registry every node ledger decodes with."""
+
+
+@REGISTRY.register("ledger.genesis")
+@dataclass(frozen=True, slots=True)
+class LedgerGenesis:
+    """Record 0 of every ledger: who signs it and what its checkpoints are called."""
+
+    origin: str
+    signing_key: bytes
+    format: int
+
+
+@REGISTRY.register("node.identity")
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """The node this ledger belongs to."""
+
+    name: str
+    signing_key: bytes
+    wg_public_key: bytes
+    mesh_ip: str
+    role: str
+
+
+@REGISTRY.register("mesh.member_added")
+@dataclass(frozen=True, slots=True)
+class MemberAdded:
+    """A node joined the mesh (the node itself at init, peers after a ceremony)."""
+
+    name: str
+    signing_key: bytes
+    wg_public_key: bytes
+    mesh_ip: str
+    endpoint: str | None
+    role: str
+
+
+@REGISTRY.register("mesh.member_removed")
+@dataclass(frozen=True, slots=True)
+class MemberRemoved:
+    """A node left the mesh."""
+
+    name: str
+    reason: str
+
+
+@REGISTRY.register("pd.declared")
+@dataclass(frozen=True, slots=True)
+class PdDeclared:
+    """A protection domain exists, as the system description declares it."""
+
+    name: str
+    priority: int
+
+
+@REGISTRY.register("cap.granted", signed=True)
+@dataclass(frozen=True, slots=True)
+class CapGranted:
+    """pd-ledger granted a capability; the record carries pd-ledger's signature.
+
+    ``parent`` is the capability it was derived from (None for one minted from
+    the system description); ``rights`` never exceed the parent's; ``via`` says how
+    it came to be (system, mint, copy, transfer).
+    """
+
+    cap_id: int
+    holder: str
+    obj: str
+    rights: tuple[str, ...]
+    badge: int | None
+    parent: int | None
+    via: str
+
+
+ROLES = ("hub", "node", "cloud")
+RIGHTS = ("read", "write", "grant", "grant-reply")

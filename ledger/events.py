@@ -1,0 +1,212 @@
+"""Event types: an explicit registry of tags, versioned schemas, strict msgpack codec.
+
+An event is a frozen dataclass registered under a type tag and a schema version.
+Its encoding is deterministic -- ``msgpack([tag, version, {field: value, ...}])``
+with fields in declaration order -- so the same event always gives the same bytes.
+Decoding is strict: an unknown tag, a missing or extra field, a value of the wrong
+type or an oversized event is an :class:`EventDecodeError` naming what and where.
+
+Old versions are read through upcasters: functions that turn the field map of
+version ``v`` into the field map of version ``v + 1``.  Classes are never looked up
+by a name found in data; only registered tags decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+
+from ledger.errors import LedgerDataError, LedgerUsageError
+
+MAX_EVENT_BYTES = 256 * 1024
+"""Largest encoded event accepted, in bytes; a record adds a small header."""
+
+_MAX_SEQ_LEN = 100_000
+
+E = TypeVar("E")
+FieldMap = dict[str, Any]
+Upcaster = Callable[[FieldMap], FieldMap]
+Validator = Callable[[object], bool]
+
+
+class EventDecodeError(LedgerDataError):
+    """Bytes claimed to be an event but do not decode to a registered, valid one.
+
+    Raised for unknown tags, versions newer than this code knows, missing, extra
+    or ill-typed fields and oversized events.  Distinct from
+    :class:`EventTypeError`, which is our own code trying to *encode* something
+    that is not a registered event.
+    """
+
+
+class EventTypeError(LedgerUsageError):
+    """Code tried to register or encode something that is not a valid event type."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    """What the registry knows of one tag."""
+
+    tag: str
+    version: int
+    cls: type[Any]
+    signed: bool
+    fields: tuple[str, ...]
+    validators: tuple[Validator, ...]
+    type_names: tuple[str, ...]
+    upcasters: dict[int, Upcaster]
+
+
+def _validator(tp: Any) -> tuple[Validator, str]:
+    """A predicate for values of annotation ``tp`` as msgpack gives them back."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return (lambda v: v is True or v is False), "bool"
+    if tp is int:
+        return (lambda v: type(v) is int), "int"
+    if tp is str:
+        return (lambda v: type(v) is str), "str"
+    if tp is bytes:
+        return (lambda v: type(v) is bytes), "bytes"
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1 or len(typing.get_args(tp)) != 2:
+            raise EventTypeError(f"only 'X | None' unions are supported, not {tp!r}")
+        inner, name = _validator(args[0])
+        return (lambda v: v is None or inner(v)), f"{name} | None"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise EventTypeError(f"only homogeneous 'tuple[X, ...]' is supported, not {tp!r}")
+        inner, name = _validator(args[0])
+
+        def check_tuple(v: object) -> bool:
+            return type(v) is tuple and len(v) <= _MAX_SEQ_LEN and all(inner(x) for x in v)
+
+        return check_tuple, f"tuple[{name}, ...]"
+    raise EventTypeError(f"unsupported field type {tp!r} (use int, str, bytes, bool, "
+                         "X | None, tuple[X, ...])")
+
+
+class EventRegistry:
+    """The explicit map from type tags to event classes (one per node, or per test)."""
+
+    def __init__(self) -> None:
+        self._by_tag: dict[str, EventType] = {}
+        self._by_cls: dict[type[Any], EventType] = {}
+
+    def register(
+        self, tag: str, version: int = 1, *, signed: bool = False,
+        upcasters: dict[int, Upcaster] | None = None,
+    ) -> Callable[[type[E]], type[E]]:
+        """Class decorator: register a frozen dataclass as event ``tag`` at ``version``.
+
+        ``upcasters[v]`` turns the field map of version ``v`` into that of ``v + 1``;
+        every version below ``version`` needs one.  ``signed`` events carry their own
+        Ed25519 signature by pd-ledger (capability grants).
+        """
+        def deco(cls: type[E]) -> type[E]:
+            self._add(cls, tag, version, signed, dict(upcasters or {}))
+            return cls
+        return deco
+
+    def _add(self, cls: type[Any], tag: str, version: int, signed: bool,
+             upcasters: dict[int, Upcaster]) -> None:
+        if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            raise EventTypeError(f"{cls.__name__}: an event must be a frozen dataclass")
+        if not tag or tag in self._by_tag:
+            raise EventTypeError(f"event tag {tag!r} is empty or already registered")
+        if version < 1 or sorted(upcasters) != list(range(1, version)):
+            raise EventTypeError(
+                f"{tag!r} v{version}: needs exactly one upcaster for each of versions "
+                f"1..{version - 1}, has {sorted(upcasters)}")
+        hints = typing.get_type_hints(cls)
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        checks = [_validator(hints[n]) for n in names]
+        et = EventType(tag, version, cls, signed, names, tuple(c[0] for c in checks),
+                       tuple(c[1] for c in checks), upcasters)
+        self._by_tag[tag] = et
+        self._by_cls[cls] = et
+
+    def type_of(self, event: object) -> EventType:
+        """The registration of ``event``'s class; :class:`EventTypeError` if none."""
+        et = self._by_cls.get(type(event))
+        if et is None:
+            raise EventTypeError(f"{type(event).__name__} is not a registered event type")
+        return et
+
+    def by_tag(self, tag: str) -> EventType | None:
+        return self._by_tag.get(tag)
+
+    def __iter__(self) -> Iterator[EventType]:
+        return iter(sorted(self._by_tag.values(), key=lambda e: e.tag))
+
+    def encode(self, event: object) -> bytes:
+        """Deterministic bytes of ``event``; validates field types first."""
+        et = self.type_of(event)
+        values = [getattr(event, n) for n in et.fields]
+        for name, value, ok, tname in zip(et.fields, values, et.validators, et.type_names,
+                                          strict=True):
+            if not ok(value):
+                raise EventTypeError(f"{et.tag}: field {name!r} must be {tname}, "
+                                     f"got {type(value).__name__}")
+        data: bytes = msgpack.packb([et.tag, et.version, dict(zip(et.fields, values,
+                                                                   strict=True))],
+                                    use_bin_type=True)
+        if len(data) > MAX_EVENT_BYTES:
+            raise EventTypeError(f"{et.tag}: encoded event is {len(data)} bytes, "
+                                 f"limit {MAX_EVENT_BYTES}")
+        return data
+
+    def decode(self, data: bytes) -> Any:
+        """Strictly decode event bytes; :class:`EventDecodeError` on anything off."""
+        tag, version, fields = self._unpack(data)
+        et = self._by_tag.get(tag)
+        if et is None:
+            raise EventDecodeError(f"unknown event type {tag!r}")
+        if version > et.version:
+            raise EventDecodeError(f"{tag!r} v{version} is newer than this code "
+                                   f"(knows v{et.version}); upgrade os-infrastructure")
+        canonical = version == et.version
+        for v in range(version, et.version):
+            fields = et.upcasters[v](dict(fields))
+        return self._build(et, fields, data if canonical else None)
+
+    @staticmethod
+    def _unpack(data: bytes) -> tuple[str, int, FieldMap]:
+        if len(data) > MAX_EVENT_BYTES:
+            raise EventDecodeError(f"event is {len(data)} bytes, limit {MAX_EVENT_BYTES}")
+        try:
+            obj = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True,
+                                  max_bin_len=MAX_EVENT_BYTES, max_str_len=MAX_EVENT_BYTES)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise EventDecodeError(f"event bytes are not valid msgpack: {exc}") from None
+        if (type(obj) is not tuple or len(obj) != 3 or type(obj[0]) is not str
+                or type(obj[1]) is not int or type(obj[2]) is not dict):
+            raise EventDecodeError("event must be [tag: str, version: int, fields: map]")
+        if obj[1] < 1:
+            raise EventDecodeError(f"event {obj[0]!r}: version {obj[1]} is not positive")
+        return obj[0], obj[1], obj[2]
+
+    def _build(self, et: EventType, fields: FieldMap, raw: bytes | None) -> Any:
+        if len(fields) != len(et.fields) or any(k not in fields for k in et.fields):
+            missing = [k for k in et.fields if k not in fields]
+            extra = [k for k in fields if k not in et.fields]
+            raise EventDecodeError(f"{et.tag!r} v{et.version}: missing fields {missing}, "
+                                   f"unexpected fields {extra}")
+        for name, ok, tname in zip(et.fields, et.validators, et.type_names, strict=True):
+            if not ok(fields[name]):
+                raise EventDecodeError(f"{et.tag!r}: field {name!r} must be {tname}, "
+                                       f"got {type(fields[name]).__name__}")
+        if raw is not None and list(fields) != list(et.fields):
+            raise EventDecodeError(f"{et.tag!r}: fields are not in canonical order")
+        event = et.cls(**fields)
+        if raw is not None and self.encode(event) != raw:
+            raise EventDecodeError(f"{et.tag!r}: encoding is not canonical")
+        return event

@@ -1,0 +1,451 @@
+"""The WORM log writer: durable, group-committed appends; recovery on open.
+
+An append returns only after its record and a signed checkpoint covering it are
+on disk (one ``write`` and one ``fdatasync`` per batch).  Concurrent appenders are
+group-committed: whoever finds no commit in progress becomes the leader, takes
+every queued event, and commits them as one batch while the others wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ledger import nodes, snapshot
+from ledger.catalog import REGISTRY, LedgerGenesis, MemberAdded, MemberRemoved
+from ledger.errors import LedgerUsageError
+from ledger.events import EventRegistry
+from ledger.keys import NodeKeys
+from ledger.merkle import CompactTree
+from ledger.note import (
+    Checkpoint,
+    NoteError,
+    NoteSigner,
+    NoteVerifier,
+    open_checkpoint,
+    sign_checkpoint,
+    verifier_key,
+)
+from ledger.records import (
+    FRAME_HEADER,
+    GRANT_SIGNING_CONTEXT,
+    KIND_CHECKPOINT,
+    KIND_RECORD,
+    ZERO_HASH,
+    Record,
+    frame,
+    segment_header,
+)
+from ledger.scan import LedgerCorrupt, LogReader, ScanResult, TornTail, segment_name
+from ledger.seal import seal_segment
+from ledger.state import State, apply
+
+log = structlog.get_logger("ledger")
+
+ANCHOR_FILE = "checkpoint"
+"""Newest checkpoint as of the last close or segment roll: catches a log cut short."""
+
+LEDGER_FORMAT = 1
+
+
+class LedgerFailed(LedgerUsageError):
+    """A write or fsync failed; the ledger refuses further appends until reopened."""
+
+
+@dataclass(frozen=True)
+class Options:
+    segment_bytes: int = 64 << 20
+    max_batch: int = 4096
+    set_append_only_flag: bool = True
+    snapshot_every: int = 100_000
+    keep_snapshots: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a committed append returns: where the event landed."""
+
+    seq: int
+    ts_ns: int
+    leaf_hash: bytes
+
+
+class _Pending:
+    __slots__ = ("done", "error", "items", "receipts")
+
+    def __init__(self, items: list[tuple[Any, bytes, bytes | None]]) -> None:
+        self.items = items
+        self.done = False
+        self.error: BaseException | None = None
+        self.receipts: list[Receipt] = []
+
+
+class Ledger:
+    """An open ledger directory, writable by this process."""
+
+    def __init__(self, directory: Path, keys: NodeKeys, scan: ScanResult, state: State,
+                 clock: Callable[[], int], options: Options, registry: EventRegistry) -> None:
+        assert scan.genesis is not None
+        self.directory = directory
+        self.origin = scan.genesis.origin
+        self.options = options
+        self.registry = registry
+        self._keys = keys
+        self._signer = NoteSigner(self.origin, keys.signing_key)
+        self._clock = clock
+        self._state = state
+        self._tree: CompactTree = scan.tree
+        self._prev = scan.prev_hash
+        self._last_ts = scan.last_ts
+        self._latest_note = scan.last_note
+        self._snap_size = 0
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._leading = False
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._fd = -1
+        self._segment_size = 0
+        self.batches = 0
+        self.recovered: TornTail | None = scan.tail
+        self._open_active(scan)
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(cls, directory: Path, keys: NodeKeys, origin: str, *,
+               clock: Callable[[], int] = time.time_ns, options: Options = Options(),
+               registry: EventRegistry = REGISTRY) -> Ledger:
+        """Make a new ledger in an empty (or new) directory; record 0 is its genesis."""
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if any(directory.iterdir()):
+            raise LedgerUsageError(f"{directory} is not empty; refusing to create a ledger")
+        NoteVerifier.from_string(verifier_key(origin, keys.public_key))  # origin usable?
+        genesis = LedgerGenesis(origin, keys.public_key, LEDGER_FORMAT)
+        ts = clock()
+        body = Record(0, ts, ZERO_HASH, registry.encode(genesis), None).body()
+        tree = CompactTree()
+        leaf = _leaf(body)
+        tree.append(leaf)
+        note = sign_checkpoint(Checkpoint(origin, 1, tree.root()),
+                               NoteSigner(origin, keys.signing_key))
+        data = (segment_header(0) + frame(KIND_RECORD, body) + frame(KIND_CHECKPOINT, note))
+        _write_new_file(directory / segment_name(0), data)
+        return cls.open(directory, keys, clock=clock, options=options, registry=registry)
+
+    @classmethod
+    def open(cls, directory: Path, keys: NodeKeys, *, clock: Callable[[], int] = time.time_ns,
+             options: Options = Options(), registry: EventRegistry = REGISTRY) -> Ledger:
+        """Open for writing: verify the whole log, truncate a torn tail, rebuild state."""
+        snap = _newest_snapshot(directory, keys.public_key)
+        start = snap.tree_size if snap else 0
+        state = snap.state.copy() if snap else State()
+        reader = LogReader(directory, registry=registry, decode_from=start,
+                           pinned_key=keys.public_key)
+        for e in reader.entries():
+            if e.seq >= start:
+                apply(state, e.event, e.seq, e.ts_ns)
+        scan = reader.result
+        _check_snapshot(scan, snap)
+        check_anchor(directory, scan)
+        if scan.tail is not None:
+            log.warning("ledger.torn_tail_truncated", detail=scan.tail.describe())
+            _truncate(scan.tail)
+        nodes.write(directory, state)
+        ledger = cls(directory, keys, scan, state, clock, options, registry)
+        ledger._snap_size = start
+        return ledger
+
+    def _open_active(self, scan: ScanResult) -> None:
+        last = scan.segments[-1]
+        if scan.tail is not None and scan.tail.offset == 0:  # torn header: rewrite it
+            last.path.unlink()
+            _write_new_file(last.path, segment_header(last.first_seq))
+        if not os.access(last.path, os.W_OK) or os.stat(last.path).st_mode & 0o222 == 0:
+            self._roll()
+            return
+        self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
+        self._segment_size = os.fstat(self._fd).st_size
+
+    # ----------------------------------------------------------------- appends
+    def append(self, event: object) -> Receipt:
+        """Append one event durably; returns once it is on disk with a checkpoint."""
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[object]) -> list[Receipt]:
+        """Append events as one unit (same batch, consecutive seqs); durable on return."""
+        items = [self._prepare(e) for e in events]
+        if not items:
+            return []
+        p = _Pending(items)
+        with self._cond:
+            self._check_usable()
+            self._queue.append(p)
+            while not p.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._lead()
+        if p.error is not None:
+            raise LedgerFailed(f"append failed: {p.error}; reopen the ledger to recover")
+        return p.receipts
+
+    def _prepare(self, event: object) -> tuple[Any, bytes, bytes | None]:
+        et = self.registry.type_of(event)
+        data = self.registry.encode(event)
+        sig = self._keys.sign(GRANT_SIGNING_CONTEXT + data) if et.signed else None
+        return event, data, sig
+
+    def _lead(self) -> None:
+        """Called with the lock held; commits queued batches with the lock released."""
+        self._leading = True
+        batch, taken = [], 0
+        while self._queue and (taken == 0 or taken + len(self._queue[0].items)
+                               <= self.options.max_batch):
+            p = self._queue.pop(0)
+            batch.append(p)
+            taken += len(p.items)
+        self._cond.release()
+        err: BaseException | None = None
+        try:
+            if self._failed is not None:
+                raise self._failed
+            self._commit(batch)
+        except BaseException as exc:  # the batch's appenders get the error
+            err = exc
+            self._failed = self._failed or exc
+        finally:
+            self._cond.acquire()
+            self._leading = False
+            for p in batch:
+                p.done, p.error = True, err
+            self._cond.notify_all()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        tree, prev, ts = self._tree.copy(), self._prev, self._last_ts
+        chunks: list[bytes] = []
+        applied: list[tuple[Any, int, int]] = []
+        for p in batch:
+            for event, data, sig in p.items:
+                seq = tree.size
+                ts = max(ts, self._clock())
+                body = Record(seq, ts, prev, data, sig).body()
+                prev = _leaf(body)
+                tree.append(prev)
+                chunks.append(frame(KIND_RECORD, body))
+                p.receipts.append(Receipt(seq, ts, prev))
+                applied.append((event, seq, ts))
+        note = sign_checkpoint(Checkpoint(self.origin, tree.size, tree.root()), self._signer)
+        chunks.append(frame(KIND_CHECKPOINT, note))
+        buf = b"".join(chunks)
+        _write_all(self._fd, buf)
+        os.fdatasync(self._fd)
+        # Durable: now the in-memory view may move.
+        self._tree, self._prev, self._last_ts, self._latest_note = tree, prev, ts, note
+        self._segment_size += len(buf)
+        self.batches += 1
+        membership = False
+        for event, seq, ts_ns in applied:
+            apply(self._state, event, seq, ts_ns)
+            membership = membership or isinstance(event, (MemberAdded, MemberRemoved))
+        if membership:
+            nodes.write(self.directory, self._state)
+        if self._segment_size >= self.options.segment_bytes:
+            self._roll()
+
+    def _roll(self) -> None:
+        """Seal the active segment and start the next one at the current size."""
+        if self._fd >= 0:
+            path = self.directory / segment_name(self._active_first())
+            os.close(self._fd)
+            self._fd = -1
+            seal_segment(path, self.options.set_append_only_flag)
+        self._write_anchor()
+        path = self.directory / segment_name(self._tree.size)
+        _write_new_file(path, segment_header(self._tree.size))
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._segment_size = os.fstat(self._fd).st_size
+
+    def _active_first(self) -> int:
+        segs = sorted(p.name for p in self.directory.glob("seg-*.log"))
+        return int(segs[-1][4:24])
+
+    def _write_anchor(self) -> None:
+        if self._latest_note is not None:
+            nodes.atomic_write(self.directory / ANCHOR_FILE, self._latest_note, mode=0o644)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LedgerUsageError("the ledger is closed")
+        if self._failed is not None:
+            raise LedgerFailed(f"an earlier write failed ({self._failed}); reopen the ledger")
+
+    # ----------------------------------------------------------------- views
+    @property
+    def size(self) -> int:
+        return self._tree.size
+
+    def root(self) -> bytes:
+        return self._tree.root()
+
+    @property
+    def latest_note(self) -> bytes | None:
+        return self._latest_note
+
+    @property
+    def state(self) -> State:
+        """The live state; read it only while no append is in flight (else use state_copy)."""
+        return self._state
+
+    def state_copy(self) -> State:
+        with self._cond:
+            while self._leading:
+                self._cond.wait()
+            return self._state.copy()
+
+    # ----------------------------------------------------------------- lifecycle
+    def write_snapshot(self) -> Path:
+        """Snapshot the state at the current size (a checkpoint boundary)."""
+        with self._cond:
+            while self._leading:
+                self._cond.wait()
+            path = snapshot.write(self.directory, self._keys, self._tree.size,
+                                  self._tree.root(), self._state)
+            snapshot.prune(self.directory, self.options.keep_snapshots)
+            self._snap_size = self._tree.size
+            return path
+
+    def close(self) -> None:
+        with self._cond:
+            while self._leading:
+                self._cond.wait()
+            if self._closed:
+                return
+            self._closed = True
+        if self._failed is None:
+            if self._tree.size - self._snap_size >= self.options.snapshot_every:
+                snapshot.write(self.directory, self._keys, self._tree.size,
+                               self._tree.root(), self._state)
+                snapshot.prune(self.directory, self.options.keep_snapshots)
+            self._write_anchor()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _leaf(body: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + body).digest()
+
+
+def _write_all(fd: int, buf: bytes) -> None:
+    view = memoryview(buf)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _truncate(tail: TornTail) -> None:
+    fd = os.open(tail.segment, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, tail.offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _newest_snapshot(directory: Path, public_key: bytes) -> snapshot.Snapshot | None:
+    for path in snapshot.listing(directory):
+        try:
+            return snapshot.load(path, public_key)
+        except snapshot.SnapshotError as exc:
+            log.warning("ledger.snapshot_skipped", reason=str(exc))
+    return None
+
+
+def _check_snapshot(reader: LogReader, snap: snapshot.Snapshot | None) -> None:
+    if snap is None:
+        return
+    scan = reader.result
+    where = scan.notes.get(snap.tree_size)
+    if where is None:
+        raise LedgerCorrupt(snap.path.name, 0, snap.tree_size - 1,
+                            f"snapshot at size {snap.tree_size} matches no checkpoint in the "
+                            f"log (committed size {scan.size})")
+    cp = read_note_at(where)
+    if cp is None or _root_of(cp, scan) != snap.root:
+        raise LedgerCorrupt(snap.path.name, 0, snap.tree_size - 1,
+                            "snapshot root differs from the log's checkpoint at that size")
+
+
+def read_note_at(where: tuple[Path, int]) -> bytes:
+    """The checkpoint note stored in the frame at (segment, offset)."""
+    path, off = where
+    with path.open("rb") as f:
+        f.seek(off)
+        length = FRAME_HEADER.unpack(f.read(FRAME_HEADER.size))[0]
+        payload = f.read(length)
+    return payload[1:]
+
+
+def _note_checkpoint(note: bytes, scan: ScanResult) -> Checkpoint:
+    assert scan.genesis is not None
+    verifier = NoteVerifier.from_string(verifier_key(scan.genesis.origin,
+                                                     scan.genesis.signing_key))
+    return open_checkpoint(note, verifier)
+
+
+def _check_snapshot(scan: ScanResult, snap: snapshot.Snapshot | None) -> None:
+    if snap is None:
+        return
+    where = scan.notes.get(snap.tree_size)
+    if where is None:
+        raise LedgerCorrupt(snap.path.name, 0, snap.tree_size - 1,
+                            f"snapshot at size {snap.tree_size} matches no checkpoint in the "
+                            f"log (committed size {scan.size})")
+    if _note_checkpoint(read_note_at(where), scan).root_hash != snap.root:
+        raise LedgerCorrupt(snap.path.name, 0, snap.tree_size - 1,
+                            "snapshot root differs from the log's checkpoint at that size")
+
+
+def check_anchor(directory: Path, scan: ScanResult) -> None:
+    """The stored ``checkpoint`` file must equal the log's own checkpoint at its size."""
+    try:
+        anchor = (directory / ANCHOR_FILE).read_bytes()[:65536]
+    except FileNotFoundError:
+        return
+    try:
+        cp = _note_checkpoint(anchor, scan)
+    except NoteError as exc:
+        raise LedgerCorrupt(ANCHOR_FILE, 0, None, f"stored checkpoint: {exc}") from None
+    where = scan.notes.get(cp.size)
+    if where is None or read_note_at(where) != anchor:
+        raise LedgerCorrupt(ANCHOR_FILE, 0, cp.size - 1,
+                            f"the stored checkpoint (size {cp.size}) is not in the log, whose "
+                            f"committed size is {scan.size}: records were cut off or rewritten")

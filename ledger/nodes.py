@@ -1,0 +1,65 @@
+"""``nodes.jsonl``: the mesh membership projection, one JSON object per line.
+
+It is derived data: rebuilt from the log, rewritten atomically whenever
+membership changes, and compared byte for byte by ``ppn ledger verify``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+from ledger.state import State
+
+NODES_FILE = "nodes.jsonl"
+
+
+def render(state: State) -> bytes:
+    """The exact bytes nodes.jsonl must hold for ``state`` (sorted by name)."""
+    lines = []
+    for name in sorted(state.members):
+        m = state.members[name]
+        obj = {
+            "name": m.name,
+            "mesh_ip": m.mesh_ip,
+            "role": m.role,
+            "endpoint": m.endpoint,
+            "wg_public_key": base64.b64encode(m.wg_public_key).decode(),
+            "signing_key": base64.b64encode(m.signing_key).decode(),
+            "joined_seq": m.joined_seq,
+            "joined_ts_ns": m.joined_ts_ns,
+        }
+        lines.append(json.dumps(obj, separators=(",", ":")) + "\n")
+    return "".join(lines).encode()
+
+
+def write(directory: Path, state: State) -> bool:
+    """Make nodes.jsonl match ``state``; True if the file had to change."""
+    path = directory / NODES_FILE
+    data = render(state)
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write(path, data, mode=0o644)
+    return True
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

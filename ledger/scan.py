@@ -1,0 +1,359 @@
+"""Read and verify a ledger directory, frame by frame.
+
+One reader serves every consumer -- opening for writing, ``ppn ledger verify``,
+``show``, ``state`` and ``prove`` -- so there is one definition of "valid".  It
+yields only *committed* records (those a checkpoint covers) and classifies what
+is wrong:
+
+* a damaged or uncommitted tail of the last segment (a crash mid-write) is a
+  :class:`TornTail`: reported, and truncated when the ledger is opened for writing;
+* anything else -- a bad checksum or hash mid-log, a sequence gap, a bad
+  signature, a checkpoint that does not match -- raises :class:`LedgerCorrupt`
+  naming the segment, offset, sequence number and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nacl.bindings
+import nacl.exceptions
+
+from ledger.catalog import REGISTRY, LedgerGenesis
+from ledger.errors import LedgerDataError
+from ledger.events import EventRegistry
+from ledger.merkle import CompactTree
+from ledger.note import Checkpoint, NoteError, NoteVerifier, open_checkpoint, verifier_key
+from ledger.records import (
+    FRAME_HEADER,
+    GRANT_SIGNING_CONTEXT,
+    KIND_CHECKPOINT,
+    KIND_RECORD,
+    MAX_FRAME,
+    SEGMENT_HEADER,
+    ZERO_HASH,
+    FrameError,
+    decode_record,
+    parse_segment_header,
+)
+
+SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
+
+
+def segment_name(first_seq: int) -> str:
+    return f"seg-{first_seq:020d}.log"
+
+
+class LedgerCorrupt(LedgerDataError):
+    """The log is inconsistent somewhere other than a torn tail; it will not open for writing."""
+
+    def __init__(self, segment: str, offset: int, seq: int | None, reason: str) -> None:
+        self.segment, self.offset, self.seq, self.reason = segment, offset, seq, reason
+        where = f"seq {seq}" if seq is not None else "seq -"
+        super().__init__(f"{segment} offset {offset} ({where}): {reason}")
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """Bytes at the end of the last segment that no checkpoint covers."""
+
+    segment: Path
+    offset: int
+    dropped_bytes: int
+    dropped_records: int
+    reason: str
+
+    def describe(self) -> str:
+        return (f"{self.segment.name} offset {self.offset}: {self.dropped_bytes} bytes "
+                f"({self.dropped_records} complete uncommitted records) after the last "
+                f"checkpoint: {self.reason}")
+
+
+@dataclass
+class SegmentInfo:
+    path: Path
+    first_seq: int
+    committed_end: int
+
+
+@dataclass
+class ScanResult:
+    """What a full pass over the log established."""
+
+    segments: list[SegmentInfo] = field(default_factory=list)
+    tree: CompactTree = field(default_factory=CompactTree)
+    prev_hash: bytes = ZERO_HASH
+    last_ts: int = 0
+    genesis: LedgerGenesis | None = None
+    checkpoints: int = 0
+    last_note: bytes | None = None
+    notes: dict[int, tuple[Path, int]] = field(default_factory=dict)
+    tail: TornTail | None = None
+    leaves: list[bytes] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A committed record as the reader yields it; ``event`` is None when not decoded."""
+
+    seq: int
+    ts_ns: int
+    body: bytes
+    leaf: bytes
+    event_bytes: bytes
+    signature: bytes | None
+    event: Any
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in directory.iterdir():
+        m = SEGMENT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def verify_grant(public_key: bytes, event_bytes: bytes, signature: bytes) -> bool:
+    try:
+        nacl.bindings.crypto_sign_open(signature + GRANT_SIGNING_CONTEXT + event_bytes,
+                                       public_key)
+    except nacl.exceptions.BadSignatureError:
+        return False
+    return True
+
+
+def peek_tag(event_bytes: bytes) -> str | None:
+    """The tag of encoded event bytes without decoding the rest (None if unusual)."""
+    if len(event_bytes) < 2 or event_bytes[0] != 0x93:
+        return None
+    b = event_bytes[1]
+    if 0xA0 <= b <= 0xBF:
+        start, n = 2, b & 0x1F
+    elif b == 0xD9 and len(event_bytes) > 2:
+        start, n = 3, event_bytes[2]
+    else:
+        return None
+    try:
+        return event_bytes[start:start + n].decode()
+    except UnicodeDecodeError:
+        return None
+
+
+class LogReader:
+    """One pass over a ledger directory.  Iterate :meth:`entries`, then read :attr:`result`.
+
+    ``decode_from``: events of records with seq >= this are fully decoded (strict);
+    earlier ones are checked for framing, chain, Merkle and signatures only.
+    ``pinned_key``: if given, the genesis record must name exactly this signer.
+    """
+
+    def __init__(self, directory: Path, *, registry: EventRegistry = REGISTRY,
+                 decode_from: int = 0, pinned_key: bytes | None = None,
+                 collect_leaves: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.directory = directory
+        self.registry = registry
+        self.decode_from = decode_from
+        self.pinned_key = pinned_key
+        self.progress = progress
+        self.result = ScanResult(leaves=[] if collect_leaves else None)
+        self._verifier: NoteVerifier | None = None
+        self._key = b""
+        # Working state: runs ahead of ``result`` by the records of the open batch.
+        self._tree = CompactTree()
+        self._prev = ZERO_HASH
+        self._ts = 0
+        self._signed_tags = {et.tag for et in registry if et.signed}
+        self._done = self._total = 0
+
+    def entries(self) -> Iterator[Entry]:
+        segs = list_segments(self.directory)
+        if not segs:
+            raise LedgerCorrupt(str(self.directory), 0, None, "no segment files: not a ledger")
+        self._total = sum(p.stat().st_size for _, p in segs)
+        for i, (first, path) in enumerate(segs):
+            data = path.read_bytes()
+            yield from self._segment(path, first, data, last=i == len(segs) - 1)
+            self._done += len(data)
+            if self.progress:
+                self.progress(self._done, self._total)
+        if self.result.genesis is None:
+            raise LedgerCorrupt(segs[0][1].name, SEGMENT_HEADER.size, 0,
+                                "no committed genesis record")
+
+    def _segment(self, path: Path, first: int, data: bytes, last: bool) -> Iterator[Entry]:
+        res = self.result
+        try:
+            declared = parse_segment_header(data)
+        except FrameError as exc:
+            if last and res.size > 0 and (len(data) < SEGMENT_HEADER.size or not any(data)):
+                res.tail = TornTail(path, 0, len(data), 0, f"torn segment header ({exc})")
+                res.segments.append(SegmentInfo(path, first, 0))
+                return
+            raise LedgerCorrupt(path.name, 0, None, str(exc)) from None
+        if declared != first or first != res.size:
+            raise LedgerCorrupt(path.name, 0, first, f"segment starts at seq {declared} (name "
+                                f"says {first}); expected {res.size}: records are missing")
+        info = SegmentInfo(path, first, SEGMENT_HEADER.size)
+        res.segments.append(info)
+        pending: list[Entry] = []
+        off, end = SEGMENT_HEADER.size, len(data)
+        view = memoryview(data)
+        while off < end:
+            bad = _frame_problem(data, view, off)
+            if bad is not None:
+                if last and bad[1] and not self._checkpoint_after(data, view, off):
+                    self._torn(info, len(data), len(pending), bad[0])
+                    return
+                raise LedgerCorrupt(path.name, off, res.size + len(pending), bad[0])
+            length = FRAME_HEADER.unpack_from(data, off)[0]
+            kind, payload = data[off + 8], data[off + 9:off + 8 + length]
+            if kind == KIND_RECORD:
+                pending.append(self._record(path, off, payload))
+                if self.progress and not self._tree.size & 0xFFFF:
+                    self.progress(self._done + off, self._total)
+            elif kind == KIND_CHECKPOINT:
+                self._checkpoint(path, off, payload, len(pending))
+                yield from pending
+                pending = []
+                info.committed_end = off + 8 + length
+            else:
+                raise LedgerCorrupt(path.name, off, None, f"unknown frame kind {kind:#04x}")
+            off += 8 + length
+        if pending:
+            if last:
+                self._torn(info, len(data), len(pending), "records after the last checkpoint "
+                           "(a batch whose commit did not finish)")
+                return
+            raise LedgerCorrupt(path.name, info.committed_end, res.size,
+                                "sealed segment ends with records no checkpoint covers")
+
+    def _checkpoint_after(self, data: bytes, view: memoryview, start: int) -> bool:
+        """Whether an intact checkpoint frame lies beyond ``start``.
+
+        A torn write damages only the last batch, which ends at its checkpoint; an
+        intact checkpoint after the damage means committed data was damaged.
+        """
+        if self.result.genesis is None:
+            return False
+        marker = bytes((KIND_CHECKPOINT,)) + self.result.genesis.origin.encode() + b"\n"
+        q = data.find(marker, start + 1)
+        while q >= 8:
+            length, crc = FRAME_HEADER.unpack_from(data, q - 8)
+            if q + length <= len(data) and zlib.crc32(view[q:q + length]) == crc:
+                return True
+            q = data.find(marker, q + 1)
+        return False
+
+    def _torn(self, info: SegmentInfo, file_size: int, records: int, reason: str) -> None:
+        self.result.tail = TornTail(info.path, info.committed_end,
+                                    file_size - info.committed_end, records, reason)
+        if self.result.leaves is not None:
+            del self.result.leaves[self.result.size:]
+
+    def _record(self, path: Path, off: int, body: bytes) -> Entry:
+        seq = self._tree.size
+        try:
+            rec = decode_record(body)
+        except FrameError as exc:
+            raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
+        if rec.seq != seq:
+            raise LedgerCorrupt(path.name, off, seq, f"record says seq {rec.seq}; "
+                                f"expected {seq} (gap, duplicate or reordering)")
+        if rec.prev_hash != self._prev:
+            raise LedgerCorrupt(path.name, off, seq, "hash chain broken: prev_hash is not "
+                                "the hash of the record before")
+        if rec.ts_ns < self._ts:
+            raise LedgerCorrupt(path.name, off, seq, "timestamp goes backwards")
+        event = self._event(path, off, seq, rec.event_bytes, rec.signature)
+        leaf = hashlib.sha256(b"\x00" + body).digest()
+        self._tree.append(leaf)
+        if self.result.leaves is not None:
+            self.result.leaves.append(leaf)
+        self._prev, self._ts = leaf, rec.ts_ns
+        return Entry(seq, rec.ts_ns, body, leaf, rec.event_bytes, rec.signature, event)
+
+    def _event(self, path: Path, off: int, seq: int, ev: bytes, sig: bytes | None) -> Any:
+        event = None
+        if seq >= self.decode_from or seq == 0:
+            try:
+                event = self.registry.decode(ev)
+            except LedgerDataError as exc:
+                raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
+            tag = self.registry.type_of(event).tag
+        else:
+            tag = peek_tag(ev) or ""
+            if self.registry.by_tag(tag) is None:
+                raise LedgerCorrupt(path.name, off, seq, f"unknown event type {tag!r}")
+        if seq == 0:
+            self._genesis(path, off, event)
+        if (tag in self._signed_tags) != (sig is not None):
+            raise LedgerCorrupt(path.name, off, seq, f"{tag} record must "
+                                f"{'' if tag in self._signed_tags else 'not '}carry a signature")
+        if sig is not None and not verify_grant(self._key, ev, sig):
+            raise LedgerCorrupt(path.name, off, seq, f"{tag}: signature does not verify "
+                                "with the ledger's key")
+        return event
+
+    def _genesis(self, path: Path, off: int, event: Any) -> None:
+        if not isinstance(event, LedgerGenesis) or len(event.signing_key) != 32:
+            raise LedgerCorrupt(path.name, off, 0, "record 0 is not a valid ledger.genesis")
+        if self.pinned_key is not None and event.signing_key != self.pinned_key:
+            raise LedgerCorrupt(path.name, off, 0, "ledger is signed by a different key "
+                                "than the one pinned")
+        self.result.genesis = event
+        self._key = event.signing_key
+        try:
+            self._verifier = NoteVerifier.from_string(
+                verifier_key(event.origin, event.signing_key))
+        except NoteError as exc:
+            raise LedgerCorrupt(path.name, off, 0, f"genesis origin unusable: {exc}") from None
+
+    def _checkpoint(self, path: Path, off: int, note: bytes, batch: int) -> None:
+        res = self.result
+        if self._verifier is None or res.genesis is None:
+            raise LedgerCorrupt(path.name, off, None, "checkpoint before the genesis record")
+        try:
+            cp: Checkpoint = open_checkpoint(note, self._verifier)
+        except NoteError as exc:
+            raise LedgerCorrupt(path.name, off, None, f"checkpoint: {exc}") from None
+        size = self._tree.size
+        if batch == 0 or cp.size != size or cp.origin != res.genesis.origin:
+            raise LedgerCorrupt(path.name, off, size - 1, f"checkpoint for size {cp.size} "
+                                f"origin {cp.origin!r} where the log has {size} records "
+                                f"({batch} new)")
+        if cp.root_hash != self._tree.root():
+            raise LedgerCorrupt(path.name, off, size - 1, f"checkpoint root for size {size} "
+                                "does not match the records")
+        res.tree, res.prev_hash, res.last_ts = self._tree.copy(), self._prev, self._ts
+        res.checkpoints += 1
+        res.last_note = note
+        res.notes[size] = (path, off)
+
+
+def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool] | None:
+    """None if the frame at ``off`` is sound, else (reason, could-be-a-torn-write)."""
+    rest = len(data) - off
+    if rest < 9:
+        return f"{rest} stray bytes where a frame header should be", True
+    length, crc = FRAME_HEADER.unpack_from(data, off)
+    if length == 0 and not any(view[off:]):
+        return "zero-filled bytes after the last frame", True
+    if length < 1 or length > MAX_FRAME:
+        return f"frame length {length} out of range", length > rest - 8
+    if length > rest - 8:
+        return f"frame of {length} bytes runs past the end of the file", True
+    if zlib.crc32(view[off + 8:off + 8 + length]) != crc:
+        return "frame checksum mismatch", off + 8 + length == len(data)
+    return None
