@@ -175,7 +175,11 @@ class EventRegistry:
                                    f"(knows v{et.version}); upgrade os-infrastructure")
         canonical = version == et.version
         for v in range(version, et.version):
-            fields = et.upcasters[v](dict(fields))
+            try:
+                fields = et.upcasters[v](dict(fields))
+            except Exception as exc:  # an old record the upcaster cannot read
+                raise EventDecodeError(f"{tag!r} v{v}: cannot upcast to v{v + 1}: "
+                                       f"{type(exc).__name__}: {exc}") from None
         return self._build(et, fields, data if canonical else None)
 
     @staticmethod

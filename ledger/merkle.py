@@ -99,8 +99,7 @@ class CompactTree:
             raise ValueError(f"tree size must be a non-negative int, got {size!r}")
         if len(frontier) != size.bit_count():
             raise ValueError(
-                f"a tree of size {size} has {size.bit_count()} frontier hashes, "
-                f"got {len(frontier)}"
+                f"a tree of size {size} has {size.bit_count()} frontier hashes, got {len(frontier)}"
             )
         for i, digest in enumerate(frontier):
             if not isinstance(digest, bytes) or len(digest) != HASH_SIZE:
@@ -294,8 +293,7 @@ def _verify_trivial_consistency(
         raise ProofError(f"{what}: proof has {len(proof)} hashes, expected 0")
     if old_size == new_size and old_root != new_root:
         raise ProofError(
-            f"{what}: roots of equal-size trees differ "
-            f"({_short(old_root)} vs {_short(new_root)})"
+            f"{what}: roots of equal-size trees differ ({_short(old_root)} vs {_short(new_root)})"
         )
     if old_size == 0 and old_root != EMPTY_ROOT:
         raise ProofError(f"{what}: old root {_short(old_root)} is not the empty-tree root")

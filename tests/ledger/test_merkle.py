@@ -404,9 +404,13 @@ def test_verify_inclusion_edge_cases() -> None:
 def test_verify_inclusion_messages() -> None:
     proof = inclusion_proof(LEAVES, 5, 8)
     root = bytes.fromhex(ROOTS[8])
-    with pytest.raises(ProofError, match=r"leaf 5 in tree of size 8: proof has 2 hashes, expected 3"):
+    with pytest.raises(
+        ProofError, match=r"leaf 5 in tree of size 8: proof has 2 hashes, expected 3"
+    ):
         verify_inclusion(LEAVES[5], 5, 8, proof[:2], root)
-    with pytest.raises(ProofError, match=r"computed root [0-9a-f]{8}\.\.\. does not match expected"):
+    with pytest.raises(
+        ProofError, match=r"computed root [0-9a-f]{8}\.\.\. does not match expected"
+    ):
         verify_inclusion(LEAVES[4], 5, 8, proof, root)
 
 
@@ -469,7 +473,8 @@ def flip(proof: list[bytes], data: st.DataObject) -> list[bytes]:
 
 
 def resize(proof: list[bytes], data: st.DataObject) -> list[bytes]:
-    if proof and data.draw(st.booleans()):
+    remove: bool = data.draw(st.booleans())
+    if proof and remove:
         del_at = data.draw(st.integers(0, len(proof) - 1))
         return proof[:del_at] + proof[del_at + 1 :]
     extra = data.draw(st.one_of(hashes32, st.sampled_from([*proof, *TAMPER_ROOTS])))

@@ -1,0 +1,65 @@
+"""Shared fixtures for ledger tests: a deterministic clock and small ledgers."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ledger.catalog import CapGranted, MemberAdded, MemberRemoved, PdDeclared
+from ledger.keys import NodeKeys
+from ledger.log import Ledger, Options
+from ledger.scan import LogReader, list_segments
+from ledger.seal import clear_append_only
+from ledger.state import State, apply
+
+ORIGIN = "test-node.ppn/ledger"
+NO_FLAG = Options(set_append_only_flag=False)
+
+
+def counting_clock(start: int = 1_700_000_000_000_000_000) -> Callable[[], int]:
+    counter = itertools.count(start, 1000)
+    return lambda: next(counter)
+
+
+def member(i: int) -> MemberAdded:
+    return MemberAdded(f"node-{i}", bytes([i % 256]) * 32, bytes([(i + 1) % 256]) * 32,
+                       f"10.8.0.{i % 250 + 2}", f"192.0.2.{i % 250 + 1}:51820", "node")
+
+
+def sample_events(n: int) -> Iterator[object]:
+    for i in range(n):
+        k = i % 5
+        if k == 0:
+            yield member(i)
+        elif k == 1:
+            yield CapGranted(i, "pd-fleet", "tunnel", ("read",), i, None, "mint")
+        elif k == 2:
+            yield MemberRemoved(f"node-{i - 2}", "left")
+        else:
+            yield PdDeclared(f"pd-{i}", i)
+
+
+def new_ledger(path: Path, keys: NodeKeys | None = None,
+               options: Options = NO_FLAG) -> tuple[Ledger, NodeKeys]:
+    keys = keys or NodeKeys.generate()
+    return Ledger.create(path, keys, ORIGIN, clock=counting_clock(), options=options), keys
+
+
+def replay(path: Path) -> State:
+    state = State()
+    for e in LogReader(path).entries():
+        apply(state, e.event, e.seq, e.ts_ns)
+    return state
+
+
+def segments(path: Path) -> list[Path]:
+    return [p for _, p in list_segments(path)]
+
+
+def unseal_all(path: Path) -> None:
+    """Make sealed segments writable again so a test can damage them (and tmp can be removed)."""
+    for seg in segments(path):
+        clear_append_only(seg)
+        os.chmod(seg, 0o644)
