@@ -81,10 +81,10 @@ def _validator(tp: Any) -> tuple[Validator, str]:
         inner, name = _validator(args[0])
         return (lambda v: v is None or inner(v)), f"{name} | None"
     if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) != 2 or args[1] is not Ellipsis:
+        targs = typing.get_args(tp)
+        if len(targs) != 2 or targs[1] is not Ellipsis:
             raise EventTypeError(f"only homogeneous 'tuple[X, ...]' is supported, not {tp!r}")
-        inner, name = _validator(args[0])
+        inner, name = _validator(targs[0])
 
         def check_tuple(v: object) -> bool:
             return type(v) is tuple and len(v) <= _MAX_SEQ_LEN and all(inner(x) for x in v)

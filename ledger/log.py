@@ -389,21 +389,6 @@ def _newest_snapshot(directory: Path, public_key: bytes) -> snapshot.Snapshot | 
     return None
 
 
-def _check_snapshot(reader: LogReader, snap: snapshot.Snapshot | None) -> None:
-    if snap is None:
-        return
-    scan = reader.result
-    where = scan.notes.get(snap.tree_size)
-    if where is None:
-        raise LedgerCorrupt(snap.path.name, 0, snap.tree_size - 1,
-                            f"snapshot at size {snap.tree_size} matches no checkpoint in the "
-                            f"log (committed size {scan.size})")
-    cp = read_note_at(where)
-    if cp is None or _root_of(cp, scan) != snap.root:
-        raise LedgerCorrupt(snap.path.name, 0, snap.tree_size - 1,
-                            "snapshot root differs from the log's checkpoint at that size")
-
-
 def read_note_at(where: tuple[Path, int]) -> bytes:
     """The checkpoint note stored in the frame at (segment, offset)."""
     path, off = where

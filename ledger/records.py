@@ -71,7 +71,8 @@ def parse_segment_header(data: bytes) -> int:
     if magic != SEGMENT_MAGIC:
         raise FrameError(f"not a ledger segment (magic {magic!r})")
     if fmt != SEGMENT_FORMAT:
-        raise FrameError(f"segment format {fmt} is not supported (this code reads {SEGMENT_FORMAT})")
+        raise FrameError(f"segment format {fmt} is not supported "
+                         f"(this code reads {SEGMENT_FORMAT})")
     return int(first)
 
 

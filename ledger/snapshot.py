@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
 import msgpack
 import nacl.bindings
 import nacl.exceptions

@@ -82,7 +82,8 @@ class State:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly view: bytes as base64."""
-        return _jsonable(self.to_obj())
+        out: dict[str, Any] = _jsonable(self.to_obj())
+        return out
 
 
 def _jsonable(obj: Any) -> Any:

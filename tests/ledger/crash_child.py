@@ -1,22 +1,25 @@
 """Child process of tests/ledger/test_crash.py: append to a ledger until killed.
 
-Usage: ``python crash_child.py LEDGER_DIR STATE_DIR ROUND THREADS SEGMENT_BYTES SNAPSHOT_EVERY``
+Usage::
+
+    python crash_child.py LEDGER_DIR STATE_DIR ROUND THREADS SEGMENT_BYTES SNAPSHOT_EVERY SNAP_AT
 
 Opens the ledger with the keys saved in STATE_DIR, then appends from THREADS
-threads (the main thread is one of them) until the parent kills it.  It reports
-to the parent on stdout, one line per ``os.write`` (atomic on a pipe), and only
-*after* the append call has returned:
+threads (the main thread is one of them) until the parent kills it; thread 0
+writes a snapshot after its step SNAP_AT (-1: never).  It reports to the parent
+on stdout, one ``os.write`` of at most PIPE_BUF bytes per report (so a report is
+never torn or interleaved), and only *after* the call it reports has returned:
 
-* ``opening``                            -- about to call ``Ledger.open``
-* ``opened\\t<size>\\t<seconds>``          -- ``Ledger.open`` returned
-* ``ack\\t<seq>\\t<id>\\t<digest>``     -- that event is durable at that seq; the
-  digest is :func:`event_digest` of its encoding
-* ``snap\\t<size>``                       -- a snapshot was written
-* ``error\\t<message>``                   -- an appender failed (the child then exits 3)
+* ``opening``                       about to call ``Ledger.open``
+* ``opened TAB size TAB seconds``    ``Ledger.open`` returned
+* ``ack TAB seq TAB id TAB digest``  that event is durable at that seq (one line per
+                                    event; an ``append_many`` reports all in one write)
+* ``snap TAB name``                  ``write_snapshot`` returned
+* ``error TAB message``              something failed; the child then exits with 3
 
-An ``append_many`` reports all its receipts in one write of at most PIPE_BUF bytes.
-Every event carries a unique id (``r<round>-t<thread>-<i>[.<j>]``) in its name or
-holder field.
+Each event is :func:`events` (round, thread, step)[j]: its :func:`ident` is
+``r<round>-t<thread>-<step>[.<j>]``; the digest is :func:`event_digest` of its
+encoding.
 """
 
 from __future__ import annotations
@@ -62,48 +65,48 @@ def _fail(exc: BaseException) -> None:
         os._exit(3)
 
 
-def _events(rnd: int, t: int, i: int) -> list[object]:
-    """What thread ``t`` appends at step ``i``: one event, or a batch for append_many."""
+def events(rnd: int, t: int, i: int) -> list[object]:
+    """What thread ``t`` appends at step ``i``: one event, or a batch for append_many.
+
+    Deterministic, so the parent can tell exactly what each record must hold.
+    """
     ident = f"r{rnd}-t{t}-{i}"
-    k = i % 10
-    if t == 0 and i % 50 == 25:
+    if t == 0 and i % 8 == 5:
         key = (rnd * 1000 + i).to_bytes(32, "big")
         return [MemberAdded(name=ident, signing_key=key, wg_public_key=key[::-1],
                             mesh_ip=f"10.{rnd % 250}.{i // 250 % 250}.{i % 250}",
                             endpoint=None, role="node")]
-    if k == 3:
+    if i % 10 == 3:
         return [CapGranted(cap_id=(rnd * 10 + t) * 1_000_000 + i, holder=ident,
                            obj=f"endpoint-{t}", rights=("read", "write"),
                            badge=i if i % 2 else None, parent=None, via="mint")]
-    if k == 7:
-        n = 2 + i % 3
-        if i % 40 == 17:  # now and then a batch spanning a few pages of the file
-            n = 24
-        return [PdDeclared(name=f"{ident}.{j}" + "x" * (200 if n > 4 else 0), priority=j)
-                for j in range(n)]
+    if t == 1 and i % 20 == 7:  # a batch spanning a few pages of the segment file
+        return [PdDeclared(name=f"{ident}.{j}" + "x" * 200, priority=j) for j in range(24)]
+    if i % 5 == 2:
+        return [PdDeclared(name=f"{ident}.{j}", priority=j) for j in range(2 + i % 3)]
     return [PdDeclared(name=ident, priority=i)]
 
 
 def ident(event: object) -> str:
-    """The unique id an event of :func:`_events` carries (padding stripped)."""
+    """The unique id an event of :func:`events` carries (padding stripped)."""
     if isinstance(event, CapGranted):
         return event.holder
     assert isinstance(event, (PdDeclared, MemberAdded))
     return event.name.rstrip("x")
 
 
-def _appender(ledger: Ledger, rnd: int, t: int, deadline: float) -> None:
+def _appender(ledger: Ledger, rnd: int, t: int, snapshot_at: int, deadline: float) -> None:
     try:
         i = 0
         while time.monotonic() < deadline:
-            events = _events(rnd, t, i)
-            if len(events) == 1 and i % 2:
-                receipts = [ledger.append(events[0])]
+            batch = events(rnd, t, i)
+            if len(batch) == 1 and i % 2:
+                receipts = [ledger.append(batch[0])]
             else:
-                receipts = ledger.append_many(events)
+                receipts = ledger.append_many(batch)
             _say("".join(f"ack\t{r.seq}\t{ident(e)}\t{event_digest(REGISTRY.encode(e))}\n"
-                         for r, e in zip(receipts, events, strict=True)))
-            if t == 0 and i % 150 == 149:
+                         for r, e in zip(receipts, batch, strict=True)))
+            if t == 0 and i == snapshot_at:
                 _say(f"snap\t{ledger.write_snapshot().name}\n")
             i += 1
     except BaseException as exc:  # any failure is a test failure: tell the parent
@@ -112,7 +115,7 @@ def _appender(ledger: Ledger, rnd: int, t: int, deadline: float) -> None:
 
 def main(argv: list[str]) -> None:
     ledger_dir, state_dir = Path(argv[1]), Path(argv[2])
-    rnd, threads, seg_bytes, snap_every = (int(a) for a in argv[3:7])
+    rnd, threads, seg_bytes, snap_every, snapshot_at = (int(a) for a in argv[3:8])
     # The ledger logs through structlog, which prints to stdout by default: keep
     # stdout for the protocol.
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
@@ -124,11 +127,11 @@ def main(argv: list[str]) -> None:
     ledger = Ledger.open(ledger_dir, keys, options=options)
     _say(f"opened\t{ledger.size}\t{time.monotonic() - started:.6f}\n")
     deadline = time.monotonic() + SELF_DESTRUCT_S
-    workers = [threading.Thread(target=_appender, args=(ledger, rnd, t, deadline), daemon=True)
+    workers = [threading.Thread(target=_appender, args=(ledger, rnd, t, -1, deadline), daemon=True)
                for t in range(1, threads)]
     for w in workers:
         w.start()
-    _appender(ledger, rnd, 0, deadline)
+    _appender(ledger, rnd, 0, snapshot_at, deadline)
     for w in workers:
         w.join()
     _say("error\tnever killed: gave up after the self-destruct timeout\n")

@@ -85,7 +85,7 @@ def test_encode_refuses_unregistered_and_ill_typed() -> None:
         REGISTRY.encode(Stray(1))
     with pytest.raises(EventTypeError, match="'priority' must be int"):
         REGISTRY.encode(PdDeclared("x", "high"))  # type: ignore[arg-type]
-    with pytest.raises(EventTypeError, match="'endpoint' must be str | None"):
+    with pytest.raises(EventTypeError, match=r"'endpoint' must be str \| None"):
         REGISTRY.encode(MemberAdded("n", b"k", b"w", "10.8.0.2", 5, "node"))  # type: ignore[arg-type]
 
 

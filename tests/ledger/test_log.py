@@ -222,7 +222,7 @@ def test_nodes_jsonl_is_projected_and_checked(tmp_path: Path) -> None:
 
 
 def test_only_grants_carry_their_own_signature(tmp_path: Path) -> None:
-    led, keys = new_ledger(tmp_path / "l")
+    led, _ = new_ledger(tmp_path / "l")
     led.append(CapGranted(1, "pd-fleet", "tunnel", ("read",), 1, None, "system"))
     led.close()
     entries = list(LogReader(tmp_path / "l").entries())
