@@ -511,10 +511,14 @@ def part_profile(root: Path, keys: NodeKeys, events: int, top: int = 15) -> None
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
         print(f"\n== profile: {name}, {events:,} events, {wall:.2f} s under cProfile ==")
-        print(out.getvalue().split("\n", 6)[-1].rstrip())
+        print(out.getvalue().strip())
 
 
 # --------------------------------------------------------------------------- main
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def make_workdir() -> Path:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="ledger-bench-", dir=OUT_DIR))
@@ -548,12 +552,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"work dir: {root} (same filesystem as /work: "
           f"{os.stat(root).st_dev == os.stat('/work').st_dev}); page cache warm, "
           "one run per figure")
+    print(f"load average at start: {load()}")
     try:
         if args.profile:
             part_profile(root, keys, events)
         else:
             part_appends(root, keys, seconds)
             part_replay(root, keys, events)
+        print(f"\nload average at end: {load()} (other processes share this machine)")
     finally:
         if args.keep:
             print(f"kept {root}")

@@ -70,21 +70,21 @@ def events(rnd: int, t: int, i: int) -> list[object]:
 
     Deterministic, so the parent can tell exactly what each record must hold.
     """
-    ident = f"r{rnd}-t{t}-{i}"
+    base = f"r{rnd}-t{t}-{i}"
     if t == 0 and i % 8 == 5:
         key = (rnd * 1000 + i).to_bytes(32, "big")
-        return [MemberAdded(name=ident, signing_key=key, wg_public_key=key[::-1],
+        return [MemberAdded(name=base, signing_key=key, wg_public_key=key[::-1],
                             mesh_ip=f"10.{rnd % 250}.{i // 250 % 250}.{i % 250}",
                             endpoint=None, role="node")]
     if i % 10 == 3:
-        return [CapGranted(cap_id=(rnd * 10 + t) * 1_000_000 + i, holder=ident,
+        return [CapGranted(cap_id=(rnd * 10 + t) * 1_000_000 + i, holder=base,
                            obj=f"endpoint-{t}", rights=("read", "write"),
                            badge=i if i % 2 else None, parent=None, via="mint")]
     if t == 1 and i % 20 == 7:  # a batch spanning a few pages of the segment file
-        return [PdDeclared(name=f"{ident}.{j}" + "x" * 200, priority=j) for j in range(24)]
+        return [PdDeclared(name=f"{base}.{j}" + "x" * 200, priority=j) for j in range(24)]
     if i % 5 == 2:
-        return [PdDeclared(name=f"{ident}.{j}", priority=j) for j in range(2 + i % 3)]
-    return [PdDeclared(name=ident, priority=i)]
+        return [PdDeclared(name=f"{base}.{j}", priority=j) for j in range(2 + i % 3)]
+    return [PdDeclared(name=base, priority=i)]
 
 
 def ident(event: object) -> str:
