@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := wireguard-go wireguard-tools qemu-system-x86 iproute2 iputils-ping
-RUN_DIR ?= $(shell mktemp -d -t ppn-run-XXXXXX)
 
 .PHONY: run test lint bench system-deps clean
 
@@ -31,14 +30,16 @@ system-deps:
 	fi
 
 # The main job so far: initialise a node in a fresh state directory, audit and print its ledger.
+# RUN_DIR=... keeps it somewhere of your choosing.
 run: $(STAMP)
-	$(VENV)/bin/ppn node init --state-dir $(RUN_DIR)/node --name laptop-b --role hub --mesh-ip 10.8.0.1
-	$(VENV)/bin/ppn ledger verify $(RUN_DIR)/node/ledger
-	$(VENV)/bin/ppn ledger show $(RUN_DIR)/node/ledger
-	$(VENV)/bin/ppn ledger state $(RUN_DIR)/node/ledger
-	@echo "--- newest checkpoint (C2SP signed note) ---"
-	$(VENV)/bin/ppn ledger checkpoint $(RUN_DIR)/node/ledger
-	@echo "state directory kept at $(RUN_DIR)/node"
+	@set -e; dir="$${RUN_DIR:-$$(mktemp -d -t ppn-run-XXXXXX)}"; ppn=$(VENV)/bin/ppn; \
+	set -x; \
+	$$ppn node init --state-dir "$$dir/node" --name laptop-b --role hub --mesh-ip 10.8.0.1; \
+	$$ppn ledger verify "$$dir/node/ledger"; \
+	$$ppn ledger show "$$dir/node/ledger"; \
+	$$ppn ledger state "$$dir/node/ledger"; \
+	$$ppn ledger checkpoint "$$dir/node/ledger"; \
+	{ set +x; } 2>/dev/null; echo "state directory kept at $$dir/node"
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

@@ -14,6 +14,7 @@ by a name found in data; only registered tags decode.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -23,6 +24,21 @@ from typing import Any, TypeVar
 import msgpack
 
 from ledger.errors import LedgerDataError, LedgerUsageError
+
+_local = threading.local()
+
+
+def pack(obj: object) -> bytes:
+    """msgpack bytes of ``obj`` as the ledger writes them (bin type, minimal ints).
+
+    One Packer per thread: making a Packer per call costs more than packing.
+    """
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    out: bytes = packer.pack(obj)
+    return out
+
 
 MAX_EVENT_BYTES = 256 * 1024
 """Largest encoded event accepted, in bytes; a record adds a small header."""
@@ -61,6 +77,32 @@ class EventType:
     validators: tuple[Validator, ...]
     type_names: tuple[str, ...]
     upcasters: dict[int, Upcaster]
+    check: Callable[[FieldMap], bool]
+    """Fast all-fields type check of a current-version field map (no messages)."""
+
+
+def _check_expr(tp: Any, var: str, env: dict[str, Any]) -> str:
+    """A Python expression testing ``var`` against annotation ``tp`` (for codegen)."""
+    simple = {bool: f"({var} is True or {var} is False)", int: f"type({var}) is int",
+              str: f"type({var}) is str", bytes: f"type({var}) is bytes"}
+    if tp in simple:
+        return simple[tp]
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
+        return f"({var} is None or {_check_expr(inner, var, env)})"
+    name = f"_v{len(env)}"
+    env[name] = _validator(tp)[0]
+    return f"{name}({var})"
+
+
+def _compile_check(names: tuple[str, ...], hints: dict[str, Any]) -> Callable[[FieldMap], bool]:
+    """One generated function checking every field, so decoding pays one call per event."""
+    env: dict[str, Any] = {}
+    conds = [_check_expr(hints[n], f"f[{n!r}]", env) for n in names] or ["True"]
+    src = "def check(f):\n    return " + " and ".join(conds) + "\n"
+    exec(compile(src, "<event-check>", "exec"), env)  # source built from our own annotations
+    check: Callable[[FieldMap], bool] = env["check"]
+    return check
 
 
 def _validator(tp: Any) -> tuple[Validator, str]:
@@ -130,7 +172,7 @@ class EventRegistry:
         names = tuple(f.name for f in dataclasses.fields(cls))
         checks = [_validator(hints[n]) for n in names]
         et = EventType(tag, version, cls, signed, names, tuple(c[0] for c in checks),
-                       tuple(c[1] for c in checks), upcasters)
+                       tuple(c[1] for c in checks), upcasters, _compile_check(names, hints))
         self._by_tag[tag] = et
         self._by_cls[cls] = et
 
@@ -156,9 +198,7 @@ class EventRegistry:
             if not ok(value):
                 raise EventTypeError(f"{et.tag}: field {name!r} must be {tname}, "
                                      f"got {type(value).__name__}")
-        data: bytes = msgpack.packb([et.tag, et.version, dict(zip(et.fields, values,
-                                                                   strict=True))],
-                                    use_bin_type=True)
+        data = pack([et.tag, et.version, dict(zip(et.fields, values, strict=True))])
         if len(data) > MAX_EVENT_BYTES:
             raise EventTypeError(f"{et.tag}: encoded event is {len(data)} bytes, "
                                  f"limit {MAX_EVENT_BYTES}")
@@ -166,14 +206,33 @@ class EventRegistry:
 
     def decode(self, data: bytes) -> Any:
         """Strictly decode event bytes; :class:`EventDecodeError` on anything off."""
-        tag, version, fields = self._unpack(data)
+        return self.from_obj(self._unpack(data), data)
+
+    def from_obj(self, obj: Any, data: bytes | None) -> Any:
+        """Build the event from unpacked ``[tag, version, fields]`` (tuples for arrays).
+
+        ``data`` is the bytes ``obj`` came from, to check they are the canonical
+        encoding; pass None when the caller has checked that already.
+        """
+        # Fast path: current version, fields in canonical order and of the right
+        # types, canonical bytes.  Anything else takes the slow path for a precise error.
+        if type(obj) is tuple and len(obj) == 3 and type(obj[0]) is str:
+            et = self._by_tag.get(obj[0])
+            if (et is not None and obj[1] == et.version and type(obj[2]) is dict
+                    and tuple(obj[2]) == et.fields and et.check(obj[2])
+                    and (data is None or pack(obj) == data)):
+                return et.cls(*obj[2].values())
+        return self._decode_slow(_shape(obj), data)
+
+    def _decode_slow(self, obj: tuple[str, int, FieldMap], data: bytes | None) -> Any:
+        tag, version, fields = obj
         et = self._by_tag.get(tag)
         if et is None:
             raise EventDecodeError(f"unknown event type {tag!r}")
         if version > et.version:
             raise EventDecodeError(f"{tag!r} v{version} is newer than this code "
                                    f"(knows v{et.version}); upgrade os-infrastructure")
-        canonical = version == et.version
+        canonical = version == et.version and data is not None
         for v in range(version, et.version):
             try:
                 fields = et.upcasters[v](dict(fields))
@@ -183,7 +242,7 @@ class EventRegistry:
         return self._build(et, fields, data if canonical else None)
 
     @staticmethod
-    def _unpack(data: bytes) -> tuple[str, int, FieldMap]:
+    def _unpack(data: bytes) -> Any:
         if len(data) > MAX_EVENT_BYTES:
             raise EventDecodeError(f"event is {len(data)} bytes, limit {MAX_EVENT_BYTES}")
         try:
@@ -191,12 +250,7 @@ class EventRegistry:
                                   max_bin_len=MAX_EVENT_BYTES, max_str_len=MAX_EVENT_BYTES)
         except Exception as exc:  # msgpack raises several unrelated types
             raise EventDecodeError(f"event bytes are not valid msgpack: {exc}") from None
-        if (type(obj) is not tuple or len(obj) != 3 or type(obj[0]) is not str
-                or type(obj[1]) is not int or type(obj[2]) is not dict):
-            raise EventDecodeError("event must be [tag: str, version: int, fields: map]")
-        if obj[1] < 1:
-            raise EventDecodeError(f"event {obj[0]!r}: version {obj[1]} is not positive")
-        return obj[0], obj[1], obj[2]
+        return obj
 
     def _build(self, et: EventType, fields: FieldMap, raw: bytes | None) -> Any:
         if len(fields) != len(et.fields) or any(k not in fields for k in et.fields):
@@ -211,6 +265,15 @@ class EventRegistry:
         if raw is not None and list(fields) != list(et.fields):
             raise EventDecodeError(f"{et.tag!r}: fields are not in canonical order")
         event = et.cls(**fields)
-        if raw is not None and self.encode(event) != raw:
+        if raw is not None and pack([et.tag, et.version, fields]) != raw:
             raise EventDecodeError(f"{et.tag!r}: encoding is not canonical")
         return event
+
+
+def _shape(obj: Any) -> tuple[str, int, FieldMap]:
+    if (type(obj) is not tuple or len(obj) != 3 or type(obj[0]) is not str
+            or type(obj[1]) is not int or type(obj[2]) is not dict):
+        raise EventDecodeError("event must be [tag: str, version: int, fields: map]")
+    if obj[1] < 1:
+        raise EventDecodeError(f"event {obj[0]!r}: version {obj[1]} is not positive")
+    return obj

@@ -4,9 +4,13 @@ A segment file is a 20-byte header (``PPNLEDG\\0``, format u32, first seq u64)
 followed by frames.  A frame is ``length u32 | crc32 u32 | kind u8 | data``
 (big-endian; length and checksum cover ``kind | data``).  Two kinds:
 
-* ``R`` -- a record: ``msgpack([seq, ts_ns, prev_hash, event_bytes, signature])``.
-  Its bytes are the leaf of the RFC 9162 Merkle tree; ``prev_hash`` is the
-  leaf hash of the record before it (32 zero bytes for the first).
+* ``0x00`` -- a record: ``msgpack([seq, ts_ns, prev_hash, event, signature])``,
+  where ``event`` is the event's own msgpack encoding, nested as-is (so one
+  unpack reads both, and the event's bytes are a slice of the record's).
+  The record bytes are the leaf of the RFC 9162 Merkle tree; as the kind byte
+  equals the leaf prefix, a record frame's checksummed payload is exactly the
+  leaf hash input.  ``prev_hash`` is the leaf hash of the record before it
+  (32 zero bytes for the first).
 * ``C`` -- a checkpoint: a C2SP signed note over the tree after the batch.
 
 Writers emit one ``C`` frame after each committed batch, in the same write, so
@@ -17,18 +21,18 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import msgpack
 
 from ledger.errors import LedgerDataError
-from ledger.events import MAX_EVENT_BYTES
+from ledger.events import MAX_EVENT_BYTES, pack
 
 SEGMENT_MAGIC = b"PPNLEDG\x00"
 SEGMENT_FORMAT = 1
 SEGMENT_HEADER = struct.Struct(">8sIQ")
 FRAME_HEADER = struct.Struct(">II")
-KIND_RECORD = 0x52  # "R"
+KIND_RECORD = 0x00  # the RFC 9162 leaf prefix
 KIND_CHECKPOINT = 0x43  # "C"
 MAX_FRAME = MAX_EVENT_BYTES + 4096
 ZERO_HASH = bytes(32)
@@ -41,8 +45,7 @@ class FrameError(LedgerDataError):
     """A frame or record in a segment is malformed (reason only; the caller adds where)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One entry of the log, as stored."""
 
     seq: int
@@ -52,11 +55,10 @@ class Record:
     signature: bytes | None
 
     def body(self) -> bytes:
-        """The record's bytes: the Merkle leaf data and the checksummed frame payload."""
-        out: bytes = msgpack.packb(
-            [self.seq, self.ts_ns, self.prev_hash, self.event_bytes, self.signature],
-            use_bin_type=True)
-        return out
+        """The record's bytes: the Merkle leaf data (after the 0x00 prefix)."""
+        head = pack((self.seq, self.ts_ns, self.prev_hash))
+        tail = b"\xc0" if self.signature is None else pack(self.signature)
+        return b"\x95" + head[1:] + self.event_bytes + tail
 
 
 def segment_header(first_seq: int) -> bytes:
@@ -81,11 +83,20 @@ def frame(kind: int, data: bytes) -> bytes:
     return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def decode_record(body: bytes) -> Record:
-    """Strictly decode record bytes (the ``R`` frame's data)."""
+def _uint_size(n: int) -> int:
+    """Bytes msgpack's minimal encoding of a non-negative int takes."""
+    return 1 if n < 0x80 else 2 if n < 0x100 else 3 if n < 0x10000 else (
+        5 if n < 0x100000000 else 9)
+
+
+def decode_record(body: bytes) -> tuple[Record, Any]:
+    """Strictly decode record bytes; returns the record and its event, unpacked.
+
+    The whole record must be in canonical encoding, so the event's bytes (which a
+    grant signature covers) are exactly a slice of the record's.
+    """
     try:
-        obj = msgpack.unpackb(body, raw=False, use_list=False, strict_map_key=True,
-                              max_bin_len=MAX_FRAME, max_str_len=0, max_map_len=0)
+        obj = msgpack.unpackb(body, raw=False, use_list=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise FrameError(f"record is not valid msgpack: {exc}") from None
     if type(obj) is not tuple or len(obj) != 5:
@@ -93,8 +104,14 @@ def decode_record(body: bytes) -> Record:
     seq, ts, prev, ev, sig = obj
     if type(seq) is not int or seq < 0 or type(ts) is not int or ts < 0:
         raise FrameError("record seq and timestamp must be non-negative integers")
-    if type(prev) is not bytes or len(prev) != 32 or type(ev) is not bytes:
-        raise FrameError("record prev_hash must be 32 bytes and event must be bytes")
+    if type(prev) is not bytes or len(prev) != 32:
+        raise FrameError("record prev_hash must be 32 bytes")
     if sig is not None and (type(sig) is not bytes or len(sig) != SIGNATURE_SIZE):
         raise FrameError("record signature must be absent or 64 bytes")
-    return Record(seq, ts, prev, ev, sig)
+    if type(ev) is not tuple:
+        raise FrameError("record event must be an array [tag, version, fields]")
+    if pack(obj) != body:
+        raise FrameError("record is not in canonical encoding")
+    start = 1 + _uint_size(seq) + _uint_size(ts) + 34
+    end = len(body) - (1 if sig is None else 2 + SIGNATURE_SIZE)
+    return Record(seq, ts, prev, body[start:end], sig), ev

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nacl.bindings
 import nacl.exceptions
@@ -39,6 +39,7 @@ from ledger.records import (
     SEGMENT_HEADER,
     ZERO_HASH,
     FrameError,
+    Record,
     decode_record,
     parse_segment_header,
 )
@@ -102,8 +103,7 @@ class ScanResult:
         return self.tree.size
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """A committed record as the reader yields it; ``event`` is None when not decoded."""
 
     seq: int
@@ -133,23 +133,6 @@ def verify_grant(public_key: bytes, event_bytes: bytes, signature: bytes) -> boo
     return True
 
 
-def peek_tag(event_bytes: bytes) -> str | None:
-    """The tag of encoded event bytes without decoding the rest (None if unusual)."""
-    if len(event_bytes) < 2 or event_bytes[0] != 0x93:
-        return None
-    b = event_bytes[1]
-    if 0xA0 <= b <= 0xBF:
-        start, n = 2, b & 0x1F
-    elif b == 0xD9 and len(event_bytes) > 2:
-        start, n = 3, event_bytes[2]
-    else:
-        return None
-    try:
-        return event_bytes[start:start + n].decode()
-    except UnicodeDecodeError:
-        return None
-
-
 class LogReader:
     """One pass over a ledger directory.  Iterate :meth:`entries`, then read :attr:`result`.
 
@@ -175,6 +158,7 @@ class LogReader:
         self._prev = ZERO_HASH
         self._ts = 0
         self._signed_tags = {et.tag for et in registry if et.signed}
+        self._signed_classes = {et.cls for et in registry if et.signed}
         self._done = self._total = 0
 
     def entries(self) -> Iterator[Entry]:
@@ -210,20 +194,25 @@ class LogReader:
         pending: list[Entry] = []
         off, end = SEGMENT_HEADER.size, len(data)
         view = memoryview(data)
+        unpack_header, crc32 = FRAME_HEADER.unpack_from, zlib.crc32
         while off < end:
-            bad = _frame_problem(data, view, off)
-            if bad is not None:
-                if last and bad[1] and not self._checkpoint_after(data, view, off):
-                    self._torn(info, len(data), len(pending), bad[0])
+            # Fast path: a sound frame; anything else goes to _frame_problem for the reason.
+            length, crc = unpack_header(data, off) if end - off >= 9 else (0, 0)
+            stop = off + 8 + length
+            if not (0 < length <= MAX_FRAME and stop <= end
+                    and crc32(view[off + 8:stop]) == crc):
+                reason, maybe_torn = _frame_problem(data, view, off)
+                if last and maybe_torn and not self._checkpoint_after(data, view, off):
+                    self._torn(info, len(data), len(pending), reason)
                     return
-                raise LedgerCorrupt(path.name, off, res.size + len(pending), bad[0])
-            length = FRAME_HEADER.unpack_from(data, off)[0]
-            kind, payload = data[off + 8], data[off + 9:off + 8 + length]
+                raise LedgerCorrupt(path.name, off, res.size + len(pending), reason)
+            kind = data[off + 8]
             if kind == KIND_RECORD:
-                pending.append(self._record(path, off, payload))
+                pending.append(self._record(path, off, view[off + 8:stop]))
                 if self.progress and not self._tree.size & 0xFFFF:
                     self.progress(self._done + off, self._total)
             elif kind == KIND_CHECKPOINT:
+                payload = data[off + 9:stop]
                 self._checkpoint(path, off, payload, len(pending))
                 yield from pending
                 pending = []
@@ -262,10 +251,11 @@ class LogReader:
         if self.result.leaves is not None:
             del self.result.leaves[self.result.size:]
 
-    def _record(self, path: Path, off: int, body: bytes) -> Entry:
+    def _record(self, path: Path, off: int, leaf_input: memoryview) -> Entry:
         seq = self._tree.size
+        body = leaf_input[1:].tobytes()
         try:
-            rec = decode_record(body)
+            rec, ev_obj = decode_record(body)
         except FrameError as exc:
             raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
         if rec.seq != seq:
@@ -276,24 +266,28 @@ class LogReader:
                                 "the hash of the record before")
         if rec.ts_ns < self._ts:
             raise LedgerCorrupt(path.name, off, seq, "timestamp goes backwards")
-        event = self._event(path, off, seq, rec.event_bytes, rec.signature)
-        leaf = hashlib.sha256(b"\x00" + body).digest()
+        event = self._event(path, off, seq, ev_obj, rec)
+        leaf = hashlib.sha256(leaf_input).digest()
         self._tree.append(leaf)
         if self.result.leaves is not None:
             self.result.leaves.append(leaf)
         self._prev, self._ts = leaf, rec.ts_ns
         return Entry(seq, rec.ts_ns, body, leaf, rec.event_bytes, rec.signature, event)
 
-    def _event(self, path: Path, off: int, seq: int, ev: bytes, sig: bytes | None) -> Any:
-        event = None
+    def _event(self, path: Path, off: int, seq: int, ev_obj: Any, rec: Record) -> Any:
+        event, sig = None, rec.signature
         if seq >= self.decode_from or seq == 0:
             try:
-                event = self.registry.decode(ev)
+                event = self.registry.from_obj(ev_obj, None)
             except LedgerDataError as exc:
                 raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
+            if sig is None and type(event) not in self._signed_classes:
+                if seq == 0:
+                    self._genesis(path, off, event)
+                return event
             tag = self.registry.type_of(event).tag
         else:
-            tag = peek_tag(ev) or ""
+            tag = ev_obj[0] if ev_obj and type(ev_obj[0]) is str else ""
             if self.registry.by_tag(tag) is None:
                 raise LedgerCorrupt(path.name, off, seq, f"unknown event type {tag!r}")
         if seq == 0:
@@ -301,7 +295,7 @@ class LogReader:
         if (tag in self._signed_tags) != (sig is not None):
             raise LedgerCorrupt(path.name, off, seq, f"{tag} record must "
                                 f"{'' if tag in self._signed_tags else 'not '}carry a signature")
-        if sig is not None and not verify_grant(self._key, ev, sig):
+        if sig is not None and not verify_grant(self._key, rec.event_bytes, sig):
             raise LedgerCorrupt(path.name, off, seq, f"{tag}: signature does not verify "
                                 "with the ledger's key")
         return event
@@ -342,18 +336,16 @@ class LogReader:
         res.notes[size] = (path, off)
 
 
-def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool] | None:
-    """None if the frame at ``off`` is sound, else (reason, could-be-a-torn-write)."""
+def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:
+    """Why the frame at ``off`` is unsound, and whether a torn write could explain it."""
     rest = len(data) - off
     if rest < 9:
         return f"{rest} stray bytes where a frame header should be", True
-    length, crc = FRAME_HEADER.unpack_from(data, off)
+    length = FRAME_HEADER.unpack_from(data, off)[0]
     if length == 0 and not any(view[off:]):
         return "zero-filled bytes after the last frame", True
     if length < 1 or length > MAX_FRAME:
         return f"frame length {length} out of range", length > rest - 8
     if length > rest - 8:
         return f"frame of {length} bytes runs past the end of the file", True
-    if zlib.crc32(view[off + 8:off + 8 + length]) != crc:
-        return "frame checksum mismatch", off + 8 + length == len(data)
-    return None
+    return "frame checksum mismatch", off + 8 + length == len(data)

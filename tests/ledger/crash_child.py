@@ -80,8 +80,8 @@ def events(rnd: int, t: int, i: int) -> list[object]:
         return [CapGranted(cap_id=(rnd * 10 + t) * 1_000_000 + i, holder=base,
                            obj=f"endpoint-{t}", rights=("read", "write"),
                            badge=i if i % 2 else None, parent=None, via="mint")]
-    if t == 1 and i % 20 == 7:  # a batch spanning a few pages of the segment file
-        return [PdDeclared(name=f"{base}.{j}" + "x" * 200, priority=j) for j in range(24)]
+    if t == 1 and i % 12 == 2:  # a batch whose one write spans pages of the segment file
+        return [PdDeclared(name=f"{base}.{j}" + "x" * 400, priority=j) for j in range(12)]
     if i % 5 == 2:
         return [PdDeclared(name=f"{base}.{j}", priority=j) for j in range(2 + i % 3)]
     return [PdDeclared(name=base, priority=i)]

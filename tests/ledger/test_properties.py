@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import nacl.signing
 import pytest
 from helpers import NO_FLAG, member, new_ledger, replay, segments, unseal_all
@@ -155,12 +154,11 @@ def resign(data: bytes, draw: st.DataObject) -> bytes | None:
         origin = text.split(b"\n")[0].decode()
         new = sign_note(text, [NoteSigner(origin, other)])
     else:
-        rec = decode_record(payload)
+        rec, _ = decode_record(payload)
         if rec.signature is None:
             return None
         sig = other.sign(GRANT_SIGNING_CONTEXT + rec.event_bytes).signature
-        new = msgpack.packb([rec.seq, rec.ts_ns, rec.prev_hash, rec.event_bytes, sig],
-                            use_bin_type=True)
+        new = rec._replace(signature=sig).body()
     return data[:off] + _reframe(kind, new) + data[off + length:]
 
 
