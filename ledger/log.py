@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -108,7 +109,7 @@ class Ledger:
         self._latest_note = scan.last_note
         self._snap_size = 0
         self._cond = threading.Condition()
-        self._queue: list[_Pending] = []
+        self._queue: deque[_Pending] = deque()
         self._leading = False
         self._failed: BaseException | None = None
         self._closed = False
@@ -209,7 +210,7 @@ class Ledger:
         batch, taken = [], 0
         while self._queue and (taken == 0 or taken + len(self._queue[0].items)
                                <= self.options.max_batch):
-            p = self._queue.pop(0)
+            p = self._queue.popleft()
             batch.append(p)
             taken += len(p.items)
         self._cond.release()
@@ -217,10 +218,16 @@ class Ledger:
         try:
             if self._failed is not None:
                 raise self._failed
-            self._commit(batch)
-        except BaseException as exc:  # the batch's appenders get the error
+            applied = self._commit(batch)
+        except BaseException as exc:  # not durable: the batch's appenders get the error
             err = exc
             self._failed = self._failed or exc
+        else:
+            try:
+                self._after_commit(applied)
+            except BaseException as exc:  # durable already: poison later appends only
+                log.error("ledger.post_commit_failed", error=repr(exc))
+                self._failed = exc
         finally:
             self._cond.acquire()
             self._leading = False
@@ -228,7 +235,8 @@ class Ledger:
                 p.done, p.error = True, err
             self._cond.notify_all()
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending]) -> list[tuple[Any, int, int]]:
+        """Write and fsync one batch; returns (event, seq, ts) of what is now durable."""
         tree, prev, ts = self._tree.copy(), self._prev, self._last_ts
         chunks: list[bytes] = []
         applied: list[tuple[Any, int, int]] = []
@@ -251,6 +259,10 @@ class Ledger:
         self._tree, self._prev, self._last_ts, self._latest_note = tree, prev, ts, note
         self._segment_size += len(buf)
         self.batches += 1
+        return applied
+
+    def _after_commit(self, applied: list[tuple[Any, int, int]]) -> None:
+        """Fold the batch into the live state, refresh nodes.jsonl, roll the segment."""
         membership = False
         for event, seq, ts_ns in applied:
             apply(self._state, event, seq, ts_ns)

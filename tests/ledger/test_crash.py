@@ -6,8 +6,9 @@
   torn tail, if any), verify, and hold every append whose call had returned.
 * :func:`test_torn_tail_is_truncated` -- fabricated torn tails: audit refuses
   them, opening for writing truncates exactly them, nothing committed is lost.
-* :func:`test_damaged_committed_data_is_never_truncated` -- damage inside the
-  committed log makes open and audit raise :class:`LedgerCorrupt`, changing nothing.
+* :func:`test_damaged_committed_record_is_never_truncated` (and the final
+  checkpoint after a clean close) -- damage inside the committed log makes open and
+  audit raise :class:`LedgerCorrupt` naming segment, offset and seq, changing nothing.
 
 ``PPN_CRASH_SEED`` and ``PPN_CRASH_ROUNDS`` replay or lengthen the crash schedule.
 """

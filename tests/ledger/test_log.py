@@ -269,3 +269,17 @@ def test_closed_ledger_refuses_appends(tmp_path: Path) -> None:
     led.close()
     with pytest.raises(LedgerUsageError, match="closed"):
         led.append(PdDeclared("x", 1))
+
+
+def test_failure_after_the_fsync_does_not_disown_a_durable_append(tmp_path: Path) -> None:
+    led, keys = new_ledger(tmp_path / "l")
+    (tmp_path / "l" / "nodes.jsonl").mkdir()  # the projection can no longer be replaced
+    receipt = led.append(member(1))  # durable, so it must not be reported as failed
+    with pytest.raises(LedgerFailed):
+        led.append(PdDeclared("after", 1))
+    led.close()
+    (tmp_path / "l" / "nodes.jsonl").rmdir()
+    reopened = Ledger.open(tmp_path / "l", keys)
+    assert reopened.size == receipt.seq + 1 and "node-1" in reopened.state.members
+    reopened.close()
+    assert audit.verify(tmp_path / "l").members == 1
