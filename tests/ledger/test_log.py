@@ -273,6 +273,7 @@ def test_closed_ledger_refuses_appends(tmp_path: Path) -> None:
 
 def test_failure_after_the_fsync_does_not_disown_a_durable_append(tmp_path: Path) -> None:
     led, keys = new_ledger(tmp_path / "l")
+    (tmp_path / "l" / "nodes.jsonl").unlink()
     (tmp_path / "l" / "nodes.jsonl").mkdir()  # the projection can no longer be replaced
     receipt = led.append(member(1))  # durable, so it must not be reported as failed
     with pytest.raises(LedgerFailed):
