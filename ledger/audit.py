@@ -147,7 +147,7 @@ def checkpoint_note(directory: Path, size: int | None = None) -> bytes:
     where = scan.notes.get(key)
     if where is None:
         raise LedgerUsageError(f"no checkpoint for size {key}; sizes with one run from "
-                               f"{min(scan.notes)} to {max(scan.notes)}")
+                               f"{next(iter(scan.notes))} to {scan.size}")
     return read_note_at(where)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import deque
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path

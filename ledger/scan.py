@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,42 @@ class SegmentInfo:
     committed_end: int
 
 
+class NoteIndex:
+    """Where each checkpoint is: tree size -> (segment, offset), in compact arrays.
+
+    A ledger written by one appender has a checkpoint per record; a dict of tuples
+    would cost ~200 bytes each, these arrays 18.
+    """
+
+    def __init__(self) -> None:
+        self._sizes = array("q")
+        self._offsets = array("q")
+        self._segments = array("H")
+        self._paths: list[Path] = []
+
+    def add(self, size: int, path: Path, offset: int) -> None:
+        if not self._paths or self._paths[-1] != path:
+            self._paths.append(path)
+        self._sizes.append(size)
+        self._offsets.append(offset)
+        self._segments.append(len(self._paths) - 1)
+
+    def get(self, size: int) -> tuple[Path, int] | None:
+        i = bisect_left(self._sizes, size)
+        if i == len(self._sizes) or self._sizes[i] != size:
+            return None
+        return self._paths[self._segments[i]], self._offsets[i]
+
+    def __contains__(self, size: object) -> bool:
+        return isinstance(size, int) and self.get(size) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._sizes)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+
 @dataclass
 class ScanResult:
     """What a full pass over the log established."""
@@ -94,7 +132,7 @@ class ScanResult:
     genesis: LedgerGenesis | None = None
     checkpoints: int = 0
     last_note: bytes | None = None
-    notes: dict[int, tuple[Path, int]] = field(default_factory=dict)
+    notes: NoteIndex = field(default_factory=NoteIndex)
     tail: TornTail | None = None
     leaves: list[bytes] | None = None
 
@@ -333,7 +371,7 @@ class LogReader:
         res.tree, res.prev_hash, res.last_ts = self._tree.copy(), self._prev, self._ts
         res.checkpoints += 1
         res.last_note = note
-        res.notes[size] = (path, off)
+        res.notes.add(size, path, off)
 
 
 def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:
