@@ -341,15 +341,17 @@ class Ledger:
             if self._closed:
                 return
             self._closed = True
-        if self._failed is None:
-            if self._tree.size - self._snap_size >= self.options.snapshot_every:
-                snapshot.write(self.directory, self._keys, self._tree.size,
-                               self._tree.root(), self._state)
-                snapshot.prune(self.directory, self.options.keep_snapshots)
-            self._write_anchor()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        try:
+            if self._failed is None:
+                self._write_anchor()
+                if self._tree.size - self._snap_size >= self.options.snapshot_every:
+                    snapshot.write(self.directory, self._keys, self._tree.size,
+                                   self._tree.root(), self._state)
+                    snapshot.prune(self.directory, self.options.keep_snapshots)
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def __enter__(self) -> Ledger:
         return self

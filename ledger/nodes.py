@@ -51,9 +51,11 @@ def write(directory: Path, state: State) -> bool:
 def atomic_write(path: Path, data: bytes, *, mode: int) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp.unlink(missing_ok=True)  # a crash mid-write may have left one, perhaps read-only
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
+        os.fchmod(fd, mode)
         os.fsync(fd)
     finally:
         os.close(fd)

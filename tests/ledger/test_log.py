@@ -284,3 +284,19 @@ def test_failure_after_the_fsync_does_not_disown_a_durable_append(tmp_path: Path
     assert reopened.size == receipt.seq + 1 and "node-1" in reopened.state.members
     reopened.close()
     assert audit.verify(tmp_path / "l").members == 1
+
+
+def test_stale_read_only_temp_file_does_not_block_a_snapshot(tmp_path: Path) -> None:
+    led, keys = new_ledger(tmp_path / "l")
+    led.append(PdDeclared("a", 1))
+    led.close()
+    sdir = tmp_path / "l" / "snapshots"
+    sdir.mkdir()
+    stale = sdir / "snap-00000000000000000002.bin.tmp"  # as a kill mid-snapshot leaves it
+    stale.write_bytes(b"half")
+    os.chmod(stale, 0o444)
+    led = Ledger.open(tmp_path / "l", keys, options=Options(snapshot_every=1,
+                                                          set_append_only_flag=False))
+    led.close()
+    assert not stale.exists()
+    assert audit.verify(tmp_path / "l").snapshots == 1
