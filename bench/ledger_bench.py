@@ -21,6 +21,7 @@ import random
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -150,24 +151,51 @@ def sqlite_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def committed_batches(directory: Path) -> tuple[list[list[bytes]], int]:
+def committed_batches(directory: Path) -> list[list[bytes]]:
     """The batches group commit formed, from checkpoint positions, as encoded events.
 
     ``LogReader.result.notes`` maps each checkpoint's tree size to its location; two
-    consecutive sizes bound one batch.  The genesis batch (size 1) is left out.
-    Returns the batches and the number of checkpoints read.
+    consecutive sizes bound one batch.  The genesis batch (size 1) is left out.  The
+    events are re-encoded with ``REGISTRY.encode`` (the same bytes the records hold).
     """
     reader = LogReader(directory)
     encoded = [REGISTRY.encode(e.event) for e in reader.entries()]
-    sizes = sorted(reader.result.notes)
-    batches = [encoded[a:b] for a, b in pairwise(sizes)]
-    return batches, len(sizes)
+    return [encoded[a:b] for a, b in pairwise(sorted(reader.result.notes))]
 
 
 def clear_flags(root: Path) -> None:
     """Undo any append-only inode flag so the temp dir can be removed."""
     for seg in root.rglob("seg-*.log"):
         clear_append_only(seg)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """``n`` items in ``wall`` seconds, using ``cpu`` seconds of this process's CPU."""
+
+    n: int
+    wall: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.wall
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.n / self.cpu if self.cpu > 0 else float("nan")
+
+
+def measure(fn: Callable[[], int]) -> Timing:
+    """Time ``fn``, which returns how many items it handled."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    n = fn()
+    return Timing(n, time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def best(repeat: int, fn: Callable[[], int]) -> Timing:
+    """The fastest of ``repeat`` runs (other processes only ever slow a run down)."""
+    return min((measure(fn) for _ in range(repeat)), key=lambda t: t.wall)
 
 
 # --------------------------------------------------------------------------- part 1
@@ -177,7 +205,6 @@ class AppendRun:
     appends: int
     seconds: float
     batches: list[list[bytes]]
-    counted_batches: int
 
     @property
     def rate(self) -> float:
@@ -221,9 +248,9 @@ def run_threads(threads: int, seconds: float,
     return sum(counts), elapsed
 
 
-def bench_appends(root: Path, keys: NodeKeys, threads: int, seconds: float,
-                  member_pct: float = MEMBER_PCT) -> AppendRun:
-    directory = root / f"append-{threads}-m{member_pct:g}"
+def bench_appends(directory: Path, keys: NodeKeys, threads: int, seconds: float,
+                  member_pct: float) -> AppendRun:
+    """``threads`` threads call ledger.append(event) until the deadline."""
     ledger = Ledger.create(directory, keys, ORIGIN, options=BENCH_OPTIONS)
     pools = [EventMix(1000 + i, member_pct=member_pct).take(4_096) for i in range(threads)]
     before = ledger.batches
@@ -241,269 +268,279 @@ def bench_appends(root: Path, keys: NodeKeys, threads: int, seconds: float,
         counted = ledger.batches - before
     finally:
         ledger.close()
-    batches, _ = committed_batches(directory)
+    batches = committed_batches(directory)
     got = sum(len(b) for b in batches)
     if got != appends or len(batches) != counted:
-        print(f"  warning: log holds {got} events in {len(batches)} batches; appenders "
-              f"counted {appends} in {counted} batches", file=sys.stderr)
-    return AppendRun(threads, appends, elapsed, batches, counted)
+        print(f"  warning: the log holds {got} events in {len(batches)} batches; the "
+              f"appenders counted {appends} in {counted} batches", file=sys.stderr)
+    return AppendRun(threads, appends, elapsed, batches)
 
 
-def sqlite_same_batches(path: Path, batches: Sequence[Sequence[bytes]]) -> float:
-    """Rows/s committing exactly these batches, one transaction each, in order."""
+def sqlite_same_batches(path: Path, batches: Sequence[Sequence[bytes]]) -> Timing:
+    """Commit exactly these batches in order, one transaction each, from one thread."""
     con = sqlite_create(path)
-    seq = 0
-    start = time.perf_counter()
-    for batch in batches:
-        con.execute("BEGIN")
-        con.executemany("INSERT INTO t (seq, body) VALUES (?, ?)",
-                        zip(range(seq, seq + len(batch)), batch, strict=True))
-        con.execute("COMMIT")
-        seq += len(batch)
-    elapsed = time.perf_counter() - start
-    con.close()
-    return seq / elapsed
+
+    def run() -> int:
+        seq = 0
+        for batch in batches:
+            con.execute("BEGIN")
+            con.executemany("INSERT INTO t (seq, body) VALUES (?, ?)",
+                            zip(range(seq, seq + len(batch)), batch, strict=True))
+            con.execute("COMMIT")
+            seq += len(batch)
+        return seq
+
+    try:
+        return measure(run)
+    finally:
+        con.close()
 
 
 def sqlite_per_thread(path: Path, threads: int, seconds: float,
                       bodies: Sequence[bytes]) -> tuple[float, int]:
     """Rows/s with ``threads`` connections each committing single-row transactions."""
     sqlite_create(path).close()
+    cons = [sqlite_connect(path) for _ in range(threads)]
     retries = [0] * threads
 
     def work(i: int, deadline: float) -> int:
-        con = sqlite_connect(path)
-        n, size, now = 0, len(bodies), time.perf_counter
-        try:
-            while now() < deadline:
-                try:
-                    con.execute("INSERT INTO t (body) VALUES (?)", (bodies[(i + n) % size],))
-                except sqlite3.OperationalError:  # busy despite busy_timeout: retry
-                    retries[i] += 1
-                    continue
-                n += 1
-        finally:
-            con.close()
+        con, n, size, now = cons[i], 0, len(bodies), time.perf_counter
+        while now() < deadline:
+            try:
+                con.execute("INSERT INTO t (body) VALUES (?)", (bodies[(i + n) % size],))
+            except sqlite3.OperationalError:  # busy despite busy_timeout: retry
+                retries[i] += 1
+                continue
+            n += 1
         return n
 
-    rows, elapsed = run_threads(threads, seconds, work)
+    try:
+        rows, elapsed = run_threads(threads, seconds, work)
+    finally:
+        for con in cons:
+            con.close()
     return rows / elapsed, sum(retries)
 
 
-def part_appends(root: Path, keys: NodeKeys, seconds: float) -> None:
-    print(f"\n== 1. Durable appends, {seconds:g} s per run, ledger.append(event) in a loop "
-          "per thread ==")
+def append_figures(root: Path, keys: NodeKeys, threads: int, seconds: float, repeat: int,
+                   member_pct: float) -> tuple[AppendRun, float, float, int]:
+    """Best ledger run of ``repeat``; SQLite on its batches; SQLite per-thread transactions."""
+    tag = f"{threads}-m{member_pct:g}"
+    runs = [bench_appends(root / f"append-{tag}-{r}", keys, threads, seconds, member_pct)
+            for r in range(repeat)]
+    run = max(runs, key=lambda r: r.rate)
+    same = min((sqlite_same_batches(root / f"same-{tag}-{r}.db", run.batches)
+                for r in range(repeat)), key=lambda t: t.wall)
+    bodies = [b for batch in run.batches for b in batch]
+    per_thread = [sqlite_per_thread(root / f"pt-{tag}-{r}.db", threads, seconds, bodies)
+                  for r in range(repeat)]
+    pt_rate, retries = max(per_thread)
+    return run, same.rate, pt_rate, retries
+
+
+def part_appends(root: Path, keys: NodeKeys, seconds: float, repeat: int) -> None:
+    print(f"\n== 1. Durable appends: each thread calls ledger.append(event) for {seconds:g} s "
+          f"(best of {repeat}) ==")
+    print(f"   mix: ~{100 - SIGNED_PCT - MEMBER_PCT:g}% PdDeclared, {MEMBER_PCT:g}% MemberAdded "
+          f"(of {MEMBER_POOL} members), {SIGNED_PCT:g}% signed CapGranted")
     rows = []
-    notes = []
     for threads in THREAD_COUNTS:
-        run = bench_appends(root, keys, threads, seconds)
-        same = sqlite_same_batches(root / f"same-{threads}.db", run.batches)
-        bodies = [b for batch in run.batches for b in batch]
-        per_thread, retries = sqlite_per_thread(root / f"pt-{threads}.db", threads, seconds,
-                                                bodies)
-        if retries:
-            notes.append(f"SQLite per-thread, {threads} threads: {retries} busy retries")
+        run, same, per_thread, retries = append_figures(root, keys, threads, seconds, repeat,
+                                                        MEMBER_PCT)
+        note = f" ({retries} busy retries)" if retries else ""
         rows.append([str(threads), fmt_rate(run.rate),
                      f"{run.mean_batch:.1f} (max {run.max_batch})", fmt_rate(same),
-                     fmt_rate(per_thread), f"{run.rate / same:.2f}",
-                     f"{run.rate / per_thread:.2f}", f"{run.appends:,}/{len(run.batches):,}"])
+                     fmt_rate(per_thread) + note, f"{run.rate / same:.2f}",
+                     f"{run.rate / per_thread:.2f}",
+                     f"{run.appends:,} / {len(run.batches):,}"])
     print_table(["appenders", "ppn appends/s", "mean batch", "SQLite same-batches rows/s",
                  "SQLite per-thread-txn rows/s", "ratio ppn/same", "ratio ppn/per-thread",
-                 "ppn events/batches"], rows)
-    for note in notes:
-        print("  " + note)
+                 "ppn events / batches"], rows)
 
-    # Context: the same runs without MemberAdded, whose batches also rewrite nodes.jsonl.
-    extra = []
+    # Context: batches holding a MemberAdded also rewrite and fsync nodes.jsonl.
+    rows = []
     for threads in (1, THREAD_COUNTS[-1]):
-        run = bench_appends(root, keys, threads, seconds, member_pct=0.0)
-        same = sqlite_same_batches(root / f"same-{threads}-nomember.db", run.batches)
-        extra.append([str(threads), fmt_rate(run.rate), f"{run.mean_batch:.1f}",
-                      fmt_rate(same), f"{run.rate / same:.2f}"])
-    print(f"\n   same, but 0% MemberAdded (PdDeclared instead; {SIGNED_PCT:g}% CapGranted "
-          "kept):")
+        run, same, _, _ = append_figures(root, keys, threads, seconds, repeat, 0.0)
+        rows.append([str(threads), fmt_rate(run.rate), f"{run.mean_batch:.1f}",
+                     fmt_rate(same), f"{run.rate / same:.2f}"])
+    print(f"\n   the same with 0% MemberAdded (PdDeclared instead, {SIGNED_PCT:g}% CapGranted "
+          "kept), so no nodes.jsonl rewrites:")
     print_table(["appenders", "ppn appends/s", "mean batch", "SQLite same-batches rows/s",
-                 "ratio ppn/same"], extra)
+                 "ratio ppn/same"], rows)
 
 
 # --------------------------------------------------------------------------- part 2
-def build_ledger(directory: Path, keys: NodeKeys, events: int
-                 ) -> tuple[list[list[bytes]], float]:
-    """append_many in batches of BUILD_BATCH; returns the encoded batches and seconds."""
+def build_ledger(directory: Path, keys: NodeKeys, events: int) -> tuple[list[bytes], Timing]:
+    """append_many in batches of BUILD_BATCH; returns the encoded events and the timing."""
     ledger = Ledger.create(directory, keys, ORIGIN, options=BENCH_OPTIONS)
     mix = EventMix(7)
-    batches: list[list[bytes]] = []
-    spent = 0.0
+    bodies: list[bytes] = []
+    wall = cpu = 0.0
     try:
-        done = 0
-        while done < events:
-            chunk = mix.take(min(BUILD_BATCH, events - done))
-            batches.append([REGISTRY.encode(e) for e in chunk])
-            start = time.perf_counter()
+        while len(bodies) < events:
+            chunk = mix.take(min(BUILD_BATCH, events - len(bodies)))
+            bodies.extend(REGISTRY.encode(e) for e in chunk)
+            w, c = time.perf_counter(), time.process_time()
             ledger.append_many(chunk)
-            spent += time.perf_counter() - start
-            done += len(chunk)
+            wall, cpu = wall + time.perf_counter() - w, cpu + time.process_time() - c
     finally:
         ledger.close()
-    return batches, spent
+    return bodies, Timing(len(bodies), wall, cpu)
 
 
-def sqlite_build(path: Path, batches: Sequence[Sequence[bytes]]) -> float:
-    rate = sqlite_same_batches(path, batches)
-    con = sqlite_connect(path)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
-    return rate
-
-
-def replay_full(directory: Path) -> tuple[int, float, State]:
+def replay_full(directory: Path, states: list[State]) -> int:
+    """The full fold from scratch: read, check, decode every event, apply it."""
     state = State()
-    start = time.perf_counter()
     n = 0
     for e in LogReader(directory).entries():
         apply(state, e.event, e.seq, e.ts_ns)
         n += 1
-    return n, time.perf_counter() - start, state
+    states[:] = [state]
+    return n
 
 
-def scan_only(directory: Path) -> tuple[int, float]:
-    """Frames, CRCs, chain, Merkle tree, checkpoint and grant signatures; no decode."""
-    start = time.perf_counter()
-    n = sum(1 for _ in LogReader(directory, decode_from=1 << 62).entries())
-    return n, time.perf_counter() - start
+def scan_only(directory: Path) -> int:
+    """Frames, CRCs, chain, Merkle tree, checkpoint and grant signatures; no event decode."""
+    return sum(1 for _ in LogReader(directory, decode_from=1 << 62).entries())
 
 
-def decode_only(bodies: Sequence[bytes]) -> tuple[list[Any], float]:
+def decode_only(bodies: Sequence[bytes], out: list[Any]) -> int:
     decode = REGISTRY.decode
-    start = time.perf_counter()
-    events = [decode(b) for b in bodies]
-    return events, time.perf_counter() - start
+    out[:] = [decode(b) for b in bodies]
+    return len(out)
 
 
-def fold_only(events: Sequence[Any]) -> float:
+def fold_only(events: Sequence[Any]) -> int:
     state = State()
-    start = time.perf_counter()
     for seq, event in enumerate(events, 1):
         apply(state, event, seq, seq)
-    return time.perf_counter() - start
+    return len(events)
 
 
-def sqlite_read(path: Path, mode: str) -> tuple[int, float]:
-    """SELECT body ORDER BY seq, then: nothing, msgpack.unpackb, or decode+apply."""
+def sqlite_read(path: Path, mode: str) -> int:
+    """SELECT seq, body ORDER BY seq; then nothing, msgpack.unpackb, or decode + apply."""
     con = sqlite3.connect(path)
     unpackb, decode, state = msgpack.unpackb, REGISTRY.decode, State()
     n = 0
-    start = time.perf_counter()
-    cur = con.execute("SELECT seq, body FROM t ORDER BY seq")
-    if mode == "read":
-        for _ in cur:
-            n += 1
-    elif mode == "msgpack":
-        for _, body in cur:
-            unpackb(body, raw=False, use_list=False, strict_map_key=True)
-            n += 1
-    else:
-        for seq, body in cur:
-            apply(state, decode(body), seq + 1, seq)
-            n += 1
-    elapsed = time.perf_counter() - start
-    con.close()
-    return n, elapsed
+    try:
+        cur = con.execute("SELECT seq, body FROM t ORDER BY seq")
+        if mode == "read":
+            for _ in cur:
+                n += 1
+        elif mode == "msgpack":
+            for _, body in cur:
+                unpackb(body, raw=False, use_list=False, strict_map_key=True)
+                n += 1
+        else:
+            for seq, body in cur:
+                apply(state, decode(body), seq + 1, seq)
+                n += 1
+    finally:
+        con.close()
+    return n
 
 
-def timed_open(directory: Path, keys: NodeKeys) -> tuple[float, Ledger]:
-    start = time.perf_counter()
-    ledger = Ledger.open(directory, keys, options=BENCH_OPTIONS)
-    return time.perf_counter() - start, ledger
+def time_open(directory: Path, keys: NodeKeys, repeat: int) -> Timing:
+    """Best of ``repeat`` Ledger.open calls (each closed again outside the timing)."""
+    timings = []
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        ledger = Ledger.open(directory, keys, options=BENCH_OPTIONS)
+        timings.append(Timing(ledger.size, time.perf_counter() - wall,
+                              time.process_time() - cpu))
+        ledger.close()
+    return min(timings, key=lambda t: t.wall)
 
 
-def part_replay(root: Path, keys: NodeKeys, events: int) -> None:
-    signed = SIGNED_PCT
-    print(f"\n== 2. A {events:,}-event ledger: append_many of {BUILD_BATCH:,} events per call "
-          f"(mix ~{100 - signed - MEMBER_PCT:g}% PdDeclared, {MEMBER_PCT:g}% MemberAdded, "
-          f"{signed:g}% signed CapGranted) ==")
+def part_replay(root: Path, keys: NodeKeys, events: int, repeat: int) -> None:
+    print(f"\n== 2. A {events:,}-event ledger built with append_many({BUILD_BATCH:,} events) "
+          f"(best of {repeat}) ==")
+    print(f"   same mix; {events // BUILD_BATCH:,} batches -> {events // BUILD_BATCH:,} "
+          "checkpoints (+ the genesis one)")
     directory = root / "big"
-    batches, build_s = build_ledger(directory, keys, events)
-    bodies = [b for batch in batches for b in batch]
+    bodies, build = build_ledger(directory, keys, events)
     db = root / "big.db"
-    sqlite_build_rate = sqlite_build(db, batches)
+    sq_build = sqlite_same_batches(
+        db, [bodies[i:i + BUILD_BATCH] for i in range(0, len(bodies), BUILD_BATCH)])
+    con = sqlite_connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+
+    states: list[State] = []
+    decoded: list[Any] = []
+    full = best(repeat, lambda: replay_full(directory, states))
+    scan = best(repeat, lambda: scan_only(directory))
+    dec = best(repeat, lambda: decode_only(bodies, decoded))
+    fold = best(repeat, lambda: fold_only(decoded))
+    decoded.clear()
+    verify = best(repeat, lambda: audit.verify(directory).records)
+    sq_read = best(repeat, lambda: sqlite_read(db, "read"))
+    sq_msgpack = best(repeat, lambda: sqlite_read(db, "msgpack"))
+    sq_fold = best(repeat, lambda: sqlite_read(db, "fold"))
     records = events + 1
-    print(f"build: ppn {fmt_rate(events / build_s)} events/s ({build_s:.1f} s, "
-          f"{len(batches):,} checkpoints + genesis) | SQLite same batches "
-          f"{fmt_rate(sqlite_build_rate)} rows/s")
+    if not full.n == scan.n == verify.n == records:
+        print(f"  warning: expected {records} records; replay {full.n}, scan {scan.n}, "
+              f"verify {verify.n}", file=sys.stderr)
+    derived = Timing(full.n, full.wall - scan.wall, full.cpu - scan.cpu)
+    state = states[0]
 
-    n_full, full_s, state = replay_full(directory)
-    n_scan, scan_s = scan_only(directory)
-    decoded, dec_s = decode_only(bodies)
-    fold_s = fold_only(decoded)
-    del decoded
-    report = audit.verify(directory)
-    sq_read = sqlite_read(db, "read")
-    sq_msgpack = sqlite_read(db, "msgpack")
-    sq_fold = sqlite_read(db, "fold")
-    if n_full != records or n_scan != records or report.records != records:
-        print(f"  warning: expected {records} records; replay {n_full}, scan {n_scan}, "
-              f"verify {report.records}", file=sys.stderr)
-
-    def rate(n: int, s: float) -> str:
-        return fmt_rate(n / s)
-
-    print(f"records: {records:,} (genesis + {events:,}); state: {len(state.pds):,} PDs, "
+    print(f"build: ppn append_many {fmt_rate(build.rate)} events/s ({build.wall:.1f} s) | "
+          f"SQLite, same batches of {BUILD_BATCH:,} {fmt_rate(sq_build.rate)} rows/s "
+          f"| ratio {build.rate / sq_build.rate:.2f}")
+    print(f"records: {records:,} (genesis + {events:,}); final state: {len(state.pds):,} PDs, "
           f"{len(state.members)} members, {len(state.caps):,} caps")
-    print_table(
-        ["figure", "ppn events/s", "seconds", "goal events/s", "SQLite baseline", "events/s",
-         "ratio ppn/SQLite"],
-        [
-            ["replay (scan+decode+fold)", rate(n_full, full_s), f"{full_s:.2f}",
-             fmt_rate(REPLAY_GOAL), "SELECT + msgpack.unpackb", rate(*sq_msgpack),
-             f"{(n_full / full_s) / (sq_msgpack[0] / sq_msgpack[1]):.2f}"],
-            ["  scan only (no decode)", rate(n_scan, scan_s), f"{scan_s:.2f}", "",
-             "SELECT only", rate(*sq_read),
-             f"{(n_scan / scan_s) / (sq_read[0] / sq_read[1]):.2f}"],
-            ["  decode+fold (full - scan)", rate(n_full, full_s - scan_s),
-             f"{full_s - scan_s:.2f}", "", "SELECT + REGISTRY.decode + apply",
-             rate(*sq_fold), ""],
-            ["  REGISTRY.decode alone", rate(len(bodies), dec_s), f"{dec_s:.2f}", "", "", "",
-             ""],
-            ["  apply alone", rate(len(bodies), fold_s), f"{fold_s:.2f}", "", "", "", ""],
-            ["verify (audit.verify)", rate(report.records, report.seconds),
-             f"{report.seconds:.2f}", fmt_rate(VERIFY_GOAL), "SELECT + msgpack.unpackb",
-             rate(*sq_msgpack),
-             f"{(report.records / report.seconds) / (sq_msgpack[0] / sq_msgpack[1]):.2f}"],
-        ])
-    for name, r, goal in (("replay", n_full / full_s, REPLAY_GOAL),
-                          ("verify", report.records / report.seconds, VERIFY_GOAL)):
-        verdict = "meets" if r >= goal else "misses"
-        print(f"  {name}: {fmt_rate(r)} events/s {verdict} the goal of {fmt_rate(goal)} "
-              f"({r / goal:.2f}x)")
 
-    open_plain, ledger = timed_open(directory, keys)
-    start = time.perf_counter()
-    ledger.write_snapshot()
-    snap_s = time.perf_counter() - start
+    def row(name: str, t: Timing, goal: str, base_name: str = "",
+            base: Timing | None = None) -> list[str]:
+        return [name, fmt_rate(t.rate), f"{t.wall:.2f}", fmt_rate(t.cpu_rate), goal, base_name,
+                fmt_rate(base.rate) if base else "",
+                f"{t.rate / base.rate:.2f}" if base else ""]
+
+    print_table(
+        ["figure", "ppn events/s", "seconds", "per CPU-s", "goal", "SQLite baseline",
+         "rows/s", "ratio ppn/SQLite"],
+        [row("replay: scan+decode+fold", full, fmt_rate(REPLAY_GOAL),
+             "SELECT + msgpack.unpackb", sq_msgpack),
+         row("  scan only, no decode", scan, "", "SELECT only", sq_read),
+         row("  decode+fold (= full - scan)", derived, "",
+             "SELECT + REGISTRY.decode + apply", sq_fold),
+         row("  REGISTRY.decode alone", dec, ""),
+         row("  apply alone", fold, ""),
+         row("verify: audit.verify", verify, fmt_rate(VERIFY_GOAL),
+             "SELECT + msgpack.unpackb", sq_msgpack)])
+    for name, t, goal in (("replay", full, REPLAY_GOAL), ("verify", verify, VERIFY_GOAL)):
+        verdict = "meets" if t.rate >= goal else "misses"
+        print(f"  {name} {verdict} its goal: {fmt_rate(t.rate)} vs {fmt_rate(goal)} events/s "
+              f"({t.rate / goal:.2f}x; {t.cpu_rate / goal:.2f}x counting CPU time only)")
+
+    plain = time_open(directory, keys, repeat)
+    ledger = Ledger.open(directory, keys, options=BENCH_OPTIONS)
+    snap = measure(lambda: ledger.write_snapshot().stat().st_size)
     ledger.close()
-    open_snap, ledger = timed_open(directory, keys)
-    ledger.close()
-    print(f"Ledger.open: no snapshot {open_plain:.2f} s ({rate(records, open_plain)} "
-          f"records/s) | with snapshot at {records:,} {open_snap:.2f} s "
-          f"({rate(records, open_snap)} records/s) | write_snapshot {snap_s:.2f} s")
+    with_snap = time_open(directory, keys, repeat)
+    print(f"Ledger.open: no snapshot {plain.wall:.2f} s ({fmt_rate(plain.rate)} records/s, "
+          f"{fmt_rate(plain.cpu_rate)} per CPU-s) | snapshot at {records:,}: "
+          f"{with_snap.wall:.2f} s ({fmt_rate(with_snap.rate)} records/s, "
+          f"{fmt_rate(with_snap.cpu_rate)} per CPU-s) | write_snapshot {snap.wall:.2f} s "
+          f"({snap.n / 1024:,.0f} KiB)")
 
     segs = list_segments(directory)
     seg_bytes = sum(p.stat().st_size for _, p in segs)
-    total = dir_bytes(directory)
-    sq_bytes = sqlite_size(db)
-    print(f"size on disk: ledger {mib(total)} ({len(segs)} segments {mib(seg_bytes)}, "
+    total, sq_bytes = dir_bytes(directory), sqlite_size(db)
+    print(f"size on disk: ledger dir {mib(total)} ({len(segs)} segments {mib(seg_bytes)}, "
           f"{seg_bytes / records:.0f} B/record) | SQLite {mib(sq_bytes)} "
-          f"({sq_bytes / events:.0f} B/row) | raw event bytes "
-          f"{mib(sum(map(len, bodies)))} | ratio ledger/SQLite {total / sq_bytes:.2f}")
+          f"({sq_bytes / events:.0f} B/row) | ratio {total / sq_bytes:.2f} | event bytes "
+          f"alone {mib(sum(map(len, bodies)))}")
 
 
 # --------------------------------------------------------------------------- profile
 def part_profile(root: Path, keys: NodeKeys, events: int, top: int = 15) -> None:
     directory = root / "profile"
     build_ledger(directory, keys, events)
-    for name, fn in (("replay (LogReader + apply)", lambda: replay_full(directory)),
-                     ("verify (audit.verify)", lambda: audit.verify(directory))):
+    runs: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("replay (LogReader + apply)", lambda: replay_full(directory, [])),
+        ("verify (audit.verify)", lambda: audit.verify(directory)))
+    for name, fn in runs:
         prof = cProfile.Profile()
         start = time.perf_counter()
         prof.runcall(fn)
@@ -519,12 +556,32 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs from /proc/stat; (0, 0) where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return fields[7], sum(fields)
+
+
+def code_version() -> str:
+    """The commit the ledger code was measured at, and whether ledger/ differs from it."""
+    repo = BENCH_DIR.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h %s"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "ledger"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + (" + uncommitted changes in ledger/" if dirty else "")
+
+
 def make_workdir() -> Path:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="ledger-bench-", dir=OUT_DIR))
-    if os.stat(root).st_dev != os.stat("/work").st_dev:
-        print(f"note: {root} is not on the filesystem of /work", file=sys.stderr)
-    return root
+    return Path(tempfile.mkdtemp(prefix="ledger-bench-", dir=OUT_DIR))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -536,30 +593,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="100,000 events and 1 s append runs")
     ap.add_argument("--seconds", type=float, default=None,
                     help="duration of each append run (default 3; --quick: 1)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="run each measurement this many times and keep the fastest "
+                         "(default 2; --quick and --profile: 1)")
     ap.add_argument("--profile", action="store_true",
-                    help="instead of the figures, print cProfile tops of replay and verify")
+                    help="print cProfile tops of replay and verify instead of the figures")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args(argv)
     small = args.quick or args.profile
     events = args.events if args.events is not None else (100_000 if small else 1_000_000)
     seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 3.0)
+    repeat = max(1, args.repeat if args.repeat is not None else (1 if small else 2))
 
     root = make_workdir()
     keys = NodeKeys.generate()
+    same_fs = os.stat(root).st_dev == os.stat("/work").st_dev
     print(f"ledger bench: Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
           f"msgpack {'.'.join(map(str, msgpack.version))}, {os.cpu_count()} CPUs, "
           f"{platform.system()} {platform.release()}")
-    print(f"work dir: {root} (same filesystem as /work: "
-          f"{os.stat(root).st_dev == os.stat('/work').st_dev}); page cache warm, "
-          "one run per figure")
-    print(f"load average at start: {load()}")
+    print(f"ledger code: {code_version()}")
+    print(f"work dir: {root} (same filesystem as /work: {same_fs}); page cache warm; "
+          f"load average at start: {load()}")
+    steal0, total0 = cpu_ticks()
     try:
         if args.profile:
             part_profile(root, keys, events)
         else:
-            part_appends(root, keys, seconds)
-            part_replay(root, keys, events)
-        print(f"\nload average at end: {load()} (other processes share this machine)")
+            part_appends(root, keys, seconds, repeat)
+            part_replay(root, keys, events, repeat)
+        steal1, total1 = cpu_ticks()
+        steal = (steal1 - steal0) / max(1, total1 - total0)
+        print(f"\nload average at end: {load()}; CPU time stolen by the hypervisor during "
+              f"the run: {steal:.1%} (other processes share this machine)")
     finally:
         if args.keep:
             print(f"kept {root}")

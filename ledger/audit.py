@@ -58,7 +58,7 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     reader = LogReader(directory, pinned_key=pinned_key, progress=progress)
     state = State()
     for e in reader.entries():
-        apply(state, e.event, e.seq, e.ts_ns)
+        apply(state, e.event, e.seq, e.ts_ns, e.signature)
         if e.seq + 1 in snaps:
             snap_states[e.seq + 1] = state.to_obj()
     scan = reader.result
@@ -127,7 +127,7 @@ def state_at(directory: Path, seq: int | None = None) -> State:
     for e in entries(directory):
         if seq is not None and e.seq > seq:
             break
-        apply(state, e.event, e.seq, e.ts_ns)
+        apply(state, e.event, e.seq, e.ts_ns, e.signature)
     if seq is not None and state.seq < seq:
         raise LedgerUsageError(f"the ledger has no record {seq} (last is {state.seq})")
     return state

@@ -88,3 +88,68 @@ class CapGranted:
 
 ROLES = ("hub", "node", "cloud")
 RIGHTS = ("read", "write", "grant", "grant-reply")
+
+
+@REGISTRY.register("cap.moved", signed=True)
+@dataclass(frozen=True, slots=True)
+class CapMoved:
+    """A capability changed holder, keeping its id, rights and place in the tree."""
+
+    cap_id: int
+    from_holder: str
+    to_holder: str
+
+
+@REGISTRY.register("cap.deleted")
+@dataclass(frozen=True, slots=True)
+class CapDeleted:
+    """A capability was deleted; its children now hang from its parent."""
+
+    cap_id: int
+    holder: str
+    reason: str
+
+
+@REGISTRY.register("cap.revoked")
+@dataclass(frozen=True, slots=True)
+class CapRevoked:
+    """Every descendant of ``cap_id`` was deleted (``descendants`` of them); it stays."""
+
+    cap_id: int
+    descendants: int
+
+
+@REGISTRY.register("pd.restarted")
+@dataclass(frozen=True, slots=True)
+class PdRestarted:
+    """A PD's handler raised; it was restarted from its ledger state."""
+
+    name: str
+    reason: str
+
+
+@REGISTRY.register("pd.failed")
+@dataclass(frozen=True, slots=True)
+class PdFailed:
+    """A PD kept crashing and was stopped; the node runs on without it."""
+
+    name: str
+    reason: str
+
+
+@REGISTRY.register("pd.reaped")
+@dataclass(frozen=True, slots=True)
+class PdReaped:
+    """A PD's work is over (pd-genesis after a ceremony): all its caps are gone."""
+
+    name: str
+    reason: str
+
+
+@REGISTRY.register("pd.spawned")
+@dataclass(frozen=True, slots=True)
+class PdSpawned:
+    """A reaped PD runs again, for a new ceremony."""
+
+    name: str
+    reason: str

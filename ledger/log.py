@@ -152,7 +152,7 @@ class Ledger:
                            pinned_key=keys.public_key)
         for e in reader.entries():
             if e.seq >= start:
-                apply(state, e.event, e.seq, e.ts_ns)
+                apply(state, e.event, e.seq, e.ts_ns, e.signature)
         scan = reader.result
         _check_snapshot(scan, snap)
         check_anchor(directory, scan)
@@ -235,11 +235,11 @@ class Ledger:
                 p.done, p.error = True, err
             self._cond.notify_all()
 
-    def _commit(self, batch: list[_Pending]) -> list[tuple[Any, int, int]]:
+    def _commit(self, batch: list[_Pending]) -> list[tuple[Any, int, int, bytes | None]]:
         """Write and fsync one batch; returns (event, seq, ts) of what is now durable."""
         tree, prev, ts = self._tree.copy(), self._prev, self._last_ts
         chunks: list[bytes] = []
-        applied: list[tuple[Any, int, int]] = []
+        applied: list[tuple[Any, int, int, bytes | None]] = []
         for p in batch:
             for event, data, sig in p.items:
                 seq = tree.size
@@ -249,7 +249,7 @@ class Ledger:
                 tree.append(prev)
                 chunks.append(frame(KIND_RECORD, body))
                 p.receipts.append(Receipt(seq, ts, prev))
-                applied.append((event, seq, ts))
+                applied.append((event, seq, ts, sig))
         note = sign_checkpoint(Checkpoint(self.origin, tree.size, tree.root()), self._signer)
         chunks.append(frame(KIND_CHECKPOINT, note))
         buf = b"".join(chunks)
@@ -261,11 +261,11 @@ class Ledger:
         self.batches += 1
         return applied
 
-    def _after_commit(self, applied: list[tuple[Any, int, int]]) -> None:
+    def _after_commit(self, applied: list[tuple[Any, int, int, bytes | None]]) -> None:
         """Fold the batch into the live state, refresh nodes.jsonl, roll the segment."""
         membership = False
-        for event, seq, ts_ns in applied:
-            apply(self._state, event, seq, ts_ns)
+        for event, seq, ts_ns, sig in applied:
+            apply(self._state, event, seq, ts_ns, sig)
             membership = membership or isinstance(event, (MemberAdded, MemberRemoved))
         if membership:
             nodes.write(self.directory, self._state)

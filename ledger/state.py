@@ -43,6 +43,7 @@ class Cap:
     parent: int | None
     via: str
     granted_seq: int
+    sig: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +58,15 @@ class State:
     members: dict[str, Member] = field(default_factory=dict)
     caps: dict[int, Cap] = field(default_factory=dict)
     event_counts: dict[str, int] = field(default_factory=dict)
+    pd_status: dict[str, str] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    next_cap_id: int = 1
+    # Derived from ``caps`` (the derivation tree's edges); rebuilt, never stored.
+    children: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def failed_pds(self) -> set[str]:
+        return {p for p, s in self.pd_status.items() if s != "running"}
 
     def copy(self) -> State:
         return copy.deepcopy(self)
@@ -69,16 +79,25 @@ class State:
             "members": [list(astuple(m)) for _, m in sorted(self.members.items())],
             "caps": [list(astuple(k)) for _, k in sorted(self.caps.items())],
             "event_counts": dict(sorted(self.event_counts.items())),
+            "pd_status": dict(sorted(self.pd_status.items())),
+            "restarts": dict(sorted(self.restarts.items())),
+            "next_cap_id": self.next_cap_id,
         }
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> State:
         members = [Member(*m) for m in obj["members"]]
         caps = [Cap(k[0], k[1], k[2], tuple(k[3]), *k[4:]) for k in obj["caps"]]
-        return cls(seq=obj["seq"], origin=obj["origin"], signing_key=obj["signing_key"],
-                   node=dict(obj["node"]) if obj["node"] is not None else None,
-                   pds=dict(obj["pds"]), members={m.name: m for m in members},
-                   caps={k.cap_id: k for k in caps}, event_counts=dict(obj["event_counts"]))
+        state = cls(seq=obj["seq"], origin=obj["origin"], signing_key=obj["signing_key"],
+                    node=dict(obj["node"]) if obj["node"] is not None else None,
+                    pds=dict(obj["pds"]), members={m.name: m for m in members},
+                    caps={k.cap_id: k for k in caps}, event_counts=dict(obj["event_counts"]),
+                    pd_status=dict(obj["pd_status"]), restarts=dict(obj["restarts"]),
+                    next_cap_id=obj["next_cap_id"])
+        for k in caps:
+            if k.parent is not None:
+                state.children.setdefault(k.parent, []).append(k.cap_id)
+        return state
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly view: bytes as base64."""
@@ -96,33 +115,90 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-Applier = Callable[[State, Any, int, int], None]
+Applier = Callable[[State, Any, int, int, bytes | None], None]
 
 
-def _genesis(s: State, e: c.LedgerGenesis, seq: int, ts: int) -> None:
+def _genesis(s: State, e: c.LedgerGenesis, seq: int, ts: int, sig: bytes | None) -> None:
     s.origin, s.signing_key = e.origin, e.signing_key
 
 
-def _identity(s: State, e: c.NodeIdentity, seq: int, ts: int) -> None:
+def _identity(s: State, e: c.NodeIdentity, seq: int, ts: int, sig: bytes | None) -> None:
     s.node = {"name": e.name, "signing_key": e.signing_key, "wg_public_key": e.wg_public_key,
               "mesh_ip": e.mesh_ip, "role": e.role}
 
 
-def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int) -> None:
+def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | None) -> None:
     s.members[e.name] = Member(e.name, e.signing_key, e.wg_public_key, e.mesh_ip,
                                e.endpoint, e.role, seq, ts)
 
 
-def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int) -> None:
+def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int, sig: bytes | None) -> None:
     s.members.pop(e.name, None)
 
 
-def _pd_declared(s: State, e: c.PdDeclared, seq: int, ts: int) -> None:
+def _pd_declared(s: State, e: c.PdDeclared, seq: int, ts: int, sig: bytes | None) -> None:
     s.pds[e.name] = e.priority
+    s.pd_status[e.name] = "running"
 
 
-def _cap_granted(s: State, e: c.CapGranted, seq: int, ts: int) -> None:
-    s.caps[e.cap_id] = Cap(e.cap_id, e.holder, e.obj, e.rights, e.badge, e.parent, e.via, seq)
+def _cap_granted(s: State, e: c.CapGranted, seq: int, ts: int, sig: bytes | None) -> None:
+    s.caps[e.cap_id] = Cap(e.cap_id, e.holder, e.obj, e.rights, e.badge, e.parent, e.via,
+                           seq, sig)
+    if e.parent is not None:
+        s.children.setdefault(e.parent, []).append(e.cap_id)
+    s.next_cap_id = max(s.next_cap_id, e.cap_id + 1)
+
+
+def _cap_moved(s: State, e: c.CapMoved, seq: int, ts: int, sig: bytes | None) -> None:
+    cap = s.caps.get(e.cap_id)
+    if cap is not None:
+        cap.holder, cap.sig = e.to_holder, sig
+
+
+def _remove(s: State, cap_id: int) -> Cap | None:
+    cap = s.caps.pop(cap_id, None)
+    if cap is not None and cap.parent is not None:
+        siblings = s.children.get(cap.parent)
+        if siblings is not None:
+            siblings.remove(cap_id)
+    return cap
+
+
+def _cap_deleted(s: State, e: c.CapDeleted, seq: int, ts: int, sig: bytes | None) -> None:
+    cap = _remove(s, e.cap_id)
+    orphans = s.children.pop(e.cap_id, [])
+    for child in orphans:  # children move up to the deleted cap's parent
+        s.caps[child].parent = cap.parent if cap else None
+        if cap is not None and cap.parent is not None:
+            s.children.setdefault(cap.parent, []).append(child)
+
+
+def _cap_revoked(s: State, e: c.CapRevoked, seq: int, ts: int, sig: bytes | None) -> None:
+    stack = s.children.pop(e.cap_id, [])
+    while stack:
+        child = stack.pop()
+        s.caps.pop(child, None)
+        stack.extend(s.children.pop(child, []))
+
+
+def _pd_restarted(s: State, e: c.PdRestarted, seq: int, ts: int, sig: bytes | None) -> None:
+    s.restarts[e.name] = s.restarts.get(e.name, 0) + 1
+
+
+def _pd_failed(s: State, e: c.PdFailed, seq: int, ts: int, sig: bytes | None) -> None:
+    s.pd_status[e.name] = "failed"
+
+
+def _pd_reaped(s: State, e: c.PdReaped, seq: int, ts: int, sig: bytes | None) -> None:
+    s.pd_status[e.name] = "reaped"
+    for cap in [k for k in s.caps.values() if k.holder == e.name]:
+        if cap.cap_id in s.caps:
+            _cap_revoked(s, c.CapRevoked(cap.cap_id, 0), seq, ts, None)
+            _cap_deleted(s, c.CapDeleted(cap.cap_id, e.name, "reaped"), seq, ts, None)
+
+
+def _pd_spawned(s: State, e: c.PdSpawned, seq: int, ts: int, sig: bytes | None) -> None:
+    s.pd_status[e.name] = "running"
 
 
 APPLIERS: dict[type[Any], Applier] = {
@@ -132,15 +208,22 @@ APPLIERS: dict[type[Any], Applier] = {
     c.MemberRemoved: _member_removed,
     c.PdDeclared: _pd_declared,
     c.CapGranted: _cap_granted,
+    c.CapMoved: _cap_moved,
+    c.CapDeleted: _cap_deleted,
+    c.CapRevoked: _cap_revoked,
+    c.PdRestarted: _pd_restarted,
+    c.PdFailed: _pd_failed,
+    c.PdReaped: _pd_reaped,
+    c.PdSpawned: _pd_spawned,
 }
 _TAGS = {et.cls: et.tag for et in c.REGISTRY}
 
 
-def apply(state: State, event: Any, seq: int, ts_ns: int) -> State:
-    """Fold one event (record ``seq``) into ``state`` and return it."""
+def apply(state: State, event: Any, seq: int, ts_ns: int, sig: bytes | None = None) -> State:
+    """Fold one event (record ``seq``, its grant signature ``sig``) into ``state``."""
     handler = APPLIERS.get(type(event))
     if handler is not None:
-        handler(state, event, seq, ts_ns)
+        handler(state, event, seq, ts_ns, sig)
     tag = _TAGS.get(type(event), type(event).__name__)
     state.event_counts[tag] = state.event_counts.get(tag, 0) + 1
     state.seq = seq

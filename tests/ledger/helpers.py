@@ -50,7 +50,7 @@ def new_ledger(path: Path, keys: NodeKeys | None = None,
 def replay(path: Path) -> State:
     state = State()
     for e in LogReader(path).entries():
-        apply(state, e.event, e.seq, e.ts_ns)
+        apply(state, e.event, e.seq, e.ts_ns, e.signature)
     return state
 
 
