@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -40,6 +41,14 @@ class NodeKeys:
     @classmethod
     def generate(cls) -> NodeKeys:
         return cls(nacl.signing.SigningKey.generate(), nacl.public.PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> NodeKeys:
+        """Keys derived from a 32-byte seed: for the simulator, where a seed fixes a run."""
+        if len(seed) != 32:
+            raise LedgerUsageError("a key seed is 32 bytes")
+        wg = hashlib.sha256(b"ppn/wireguard-key-from-seed\x00" + seed).digest()
+        return cls(nacl.signing.SigningKey(seed), nacl.public.PrivateKey(wg))
 
     @property
     def signing_key(self) -> nacl.signing.SigningKey:
