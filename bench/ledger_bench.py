@@ -5,7 +5,7 @@ Every ledger figure is printed beside a SQLite baseline measured in the same run
 the same filesystem.  Nothing here asserts a timing: it prints figures and the goals
 they are meant to meet.  See bench/README.md for what each figure means.
 
-    .venv/bin/python bench/ledger_bench.py [--events N] [--quick] [--seconds S]
+    .venv/bin/python bench/ledger_bench.py [--events N] [--quick] [--seconds S] [--repeat R]
     .venv/bin/python bench/ledger_bench.py --profile [--events N]
 """
 
@@ -393,7 +393,7 @@ def replay_full(directory: Path, states: list[State]) -> int:
     state = State()
     n = 0
     for e in LogReader(directory).entries():
-        apply(state, e.event, e.seq, e.ts_ns)
+        apply(state, e.event, e.seq, e.ts_ns, e.signature)
         n += 1
     states[:] = [state]
     return n
