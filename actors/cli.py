@@ -1,4 +1,4 @@
-"""``ppn``: the node's command line (node set-up and the auditor's ledger commands)."""
+"""``ppn``: the node's command line (set-up, running it, its caps, ledger audits)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,23 @@ import argparse
 import base64
 import ipaddress
 import json
+import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from actors import control
+from actors.host import HostError
 from actors.logs import configure_logging
+from actors.runtime import LEDGER_SUBDIR, Node, cap_json
 from actors.system import SystemDescriptionError, load_default
 from ledger import audit
 from ledger.catalog import REGISTRY, ROLES, MemberAdded, NodeIdentity
@@ -24,7 +32,6 @@ from ledger.log import Ledger
 from ledger.scan import LedgerCorrupt
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-LEDGER_SUBDIR = "ledger"
 MESH = ipaddress.ip_network("10.8.0.0/24")
 
 
@@ -138,10 +145,7 @@ def _ledger_state(args: argparse.Namespace) -> int:
         print(f"  {m.name:<20} {m.mesh_ip:<15} {m.role:<6} endpoint={m.endpoint}")
     print(f"capabilities ({len(state.caps)}):")
     for c in sorted(state.caps.values(), key=lambda c: c.cap_id):
-        badge = "" if c.badge is None else f" badge={c.badge}"
-        parent = "" if c.parent is None else f" from #{c.parent}"
-        print(f"  #{c.cap_id:<4} {c.holder:<18} {c.obj:<22} {','.join(c.rights)}"
-              f"{badge}{parent}")
+        print("  " + _cap_row(cap_json(c)))
     return 0
 
 
@@ -190,6 +194,152 @@ def _ledger_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StdlibToStructlog(logging.Handler):
+    """Library logs (pykka's) as structlog lines, so a node's stderr is all JSON."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger(record.name).log(record.levelno, record.getMessage(),
+                                              exc_info=record.exc_info)
+
+
+def _node_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, handlers=[_StdlibToStructlog()], force=True)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    node = Node(Path(args.state_dir))
+    try:
+        node.start()
+        while not stop.wait(0.5):
+            pass
+        structlog.get_logger("node").info(
+            "node.stopping", signal=signal.Signals(received[0]).name if received else None)
+    finally:
+        node.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _ask(args: argparse.Namespace, cmd: str, **fields: Any) -> Any:
+    return control.request(Path(args.state_dir), {"cmd": cmd, **fields})
+
+
+def _node_status(args: argparse.Namespace) -> int:
+    st = _ask(args, "status")
+    print(json.dumps(st, indent=2) if args.json else "\n".join(control.status_lines(st)))
+    return 0
+
+
+def _node_ping(args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {"pd": args.pd} if args.cap is None else {"cap": args.cap}
+    print(json.dumps(_ask(args, "ping", **fields)))
+    return 0
+
+
+def _caps_list(args: argparse.Namespace) -> int:
+    rows = _ask(args, "caps.list", **({} if args.pd is None else {"pd": args.pd}))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for c in rows:
+        print(_cap_row(c))
+    return 0
+
+
+def _cap_row(c: dict[str, Any]) -> str:
+    """One capability as a table row (``cap_json`` form)."""
+    badge = "" if c["badge"] is None else f" badge={c['badge']}"
+    parent = "" if c["parent"] is None else f" from #{c['parent']}"
+    return (f"#{c['cap']:<4} {c['holder']:<18} {c['object']:<22} {','.join(c['rights'])}"
+            f"{badge}{parent}")
+
+
+def _caps_tree(args: argparse.Namespace) -> int:
+    rows = _ask(args, "caps.tree")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print("\n".join(control.draw_tree(rows)))
+    return 0
+
+
+def _caps_revoke(args: argparse.Namespace) -> int:
+    out = _ask(args, "caps.revoke", cap=args.cap)
+    print(f"revoked #{out['cap']}: {out['revoked']} derived capabilities deleted")
+    return 0
+
+
+def _caps_mint(args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {"cap": args.cap, "rights": args.rights, "to": args.to}
+    if args.badge is not None:
+        fields["badge"] = args.badge
+    out = _ask(args, "caps.mint", **fields)
+    print(f"minted #{out['cap']} from #{out['parent']} for {args.to}")
+    return 0
+
+
+def _cap_id(text: str) -> int:
+    try:
+        value = int(text.removeprefix("#"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a capability id") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a capability id")
+    return value
+
+
+def _rights_list(text: str) -> list[str]:
+    rights = [r.strip() for r in text.split(",") if r.strip()]
+    if not rights:
+        raise argparse.ArgumentTypeError("give rights as R[,R], e.g. read,write")
+    return rights
+
+
+def _add_node_commands(node: Any) -> None:
+    run = node.add_parser("run", help="run the node in the foreground (SIGTERM stops it)")
+    run.add_argument("--state-dir", required=True)
+    run.set_defaults(func=_node_run)
+    st = node.add_parser("status", help="the running node's PDs, ledger and counters")
+    st.add_argument("--state-dir", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_node_status)
+    ping = node.add_parser("ping", help="call a PD through the kernel and print its answer")
+    ping.add_argument("--state-dir", required=True)
+    ping.add_argument("pd", nargs="?", default=None)
+    ping.add_argument("--cap", type=_cap_id, default=None, help="call through this cap")
+    ping.set_defaults(func=_node_ping)
+
+
+def _add_caps_commands(top: Any) -> None:
+    caps = top.add_parser("caps", help="the running node's capabilities").add_subparsers(
+        dest="cmd", required=True)
+    ls = caps.add_parser("list", help="capabilities, one per line")
+    ls.add_argument("--state-dir", required=True)
+    ls.add_argument("--pd", default=None)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_caps_list)
+    tree = caps.add_parser("tree", help="the capability derivation tree")
+    tree.add_argument("--state-dir", required=True)
+    tree.add_argument("--json", action="store_true")
+    tree.set_defaults(func=_caps_tree)
+    rv = caps.add_parser("revoke", help="delete every capability derived from CAP-ID")
+    rv.add_argument("--state-dir", required=True)
+    rv.add_argument("cap", metavar="CAP-ID", type=_cap_id)
+    rv.set_defaults(func=_caps_revoke)
+    mint = caps.add_parser("mint", help="derive a capability from CAP-ID into a PD")
+    mint.add_argument("--state-dir", required=True)
+    mint.add_argument("cap", metavar="CAP-ID", type=_cap_id)
+    mint.add_argument("--rights", required=True, type=_rights_list, metavar="R[,R]")
+    mint.add_argument("--badge", type=int, default=None)
+    mint.add_argument("--to", required=True, metavar="PD")
+    mint.set_defaults(func=_caps_mint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppn", description="PointSav Private Network node")
     top = p.add_subparsers(dest="area", required=True)
@@ -203,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--role", choices=ROLES, default="node")
     init.add_argument("--endpoint", default=None, help="underlay HOST:PORT peers dial")
     init.set_defaults(func=_node_init)
+    _add_node_commands(node)
+    _add_caps_commands(top)
 
     led = top.add_parser("ledger", help="audit a ledger directory").add_subparsers(
         dest="cmd", required=True)
@@ -252,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (LedgerError, SystemDescriptionError, ValueError, OSError) as exc:
+    except (LedgerError, SystemDescriptionError, control.ControlError, HostError, ValueError,
+            OSError) as exc:
         print(f"ppn: error: {exc}", file=sys.stderr)
         return 1
     return code

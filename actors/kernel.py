@@ -64,6 +64,7 @@ class Kernel:
         self._route: Route = route or _no_route
         self._ops = threading.Lock()  # one capability operation at a time
         self._replies: dict[int, tuple[str, str]] = {}  # reply id -> (caller, callee)
+        self._answers: dict[int, Callable[[Any], None]] = {}  # reply id -> operator's callback
         self._reply_ids = itertools.count(1)
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
         self.dropped = 0  # deliveries stopped at the receiver: cap revoked in flight
@@ -116,8 +117,13 @@ class Kernel:
         self._route(target, Delivery(target, cap.obj, cap.badge, payload, cap.cap_id,
                                      transfer, reply))
 
-    def call(self, pd: str, token: Token, payload: Any) -> None:
-        """Send with a one-shot reply cap; needs ``grant`` or ``grant-reply``."""
+    def call(self, pd: str, token: Token, payload: Any, *,
+             on_reply: Callable[[Any], None] | None = None) -> None:
+        """Send with a one-shot reply cap; needs ``grant`` or ``grant-reply``.
+
+        ``on_reply`` is for the operator's calls (a :class:`Port` never passes it):
+        the answer goes to it instead of being routed to ``pd``.
+        """
         cap = self.state.caps.get(token.cap_id)
         if cap is not None and "grant" not in cap.rights and "grant-reply" not in cap.rights:
             raise self._refuse(CapRefused("missing-right", pd, token.cap_id,
@@ -125,10 +131,13 @@ class Kernel:
         reply = ReplyCap(next(self._reply_ids), pd)
         # Registered before sending: the callee may answer before send() returns.
         self._replies[reply.reply_id] = (pd, self.owner(cap.obj) or "" if cap else "")
+        if on_reply is not None:
+            self._answers[reply.reply_id] = on_reply
         try:
             self.send(pd, token, payload, reply=reply)
         except CapRefused:
             self._replies.pop(reply.reply_id, None)
+            self._answers.pop(reply.reply_id, None)
             raise
 
     def reply(self, pd: str, reply: ReplyCap, payload: Any) -> None:
@@ -137,6 +146,10 @@ class Kernel:
         if caller_callee is None or caller_callee != (reply.caller, pd):
             raise self._refuse(CapRefused("bad-token", pd, None,
                                           "reply cap unknown, used or not yours"))
+        answer = self._answers.pop(reply.reply_id, None)
+        if answer is not None:
+            answer(payload)
+            return
         self._route(reply.caller, Delivery(reply.caller, "reply", None, payload, 0))
 
     def accept(self, d: Delivery) -> Delivery | None:
@@ -201,6 +214,15 @@ class Kernel:
         """Delete every descendant; returns how many.  Queued messages under them die too."""
         event = self._op(pd, lambda s: caps.revoke(s, pd, token))
         return int(event.descendants)
+
+    def journal(self, event: object) -> None:
+        """Append a PD lifecycle event (restarted, failed, reaped, spawned).
+
+        Under the capability-operation lock: a reap deletes caps in the fold, and no
+        capability command may be checked against a state changing beneath it.
+        """
+        with self._ops:
+            self._ledger.append(event)
 
     # ----------------------------------------------------------------- operator
     def operator_token(self, cap_id: int) -> Token:

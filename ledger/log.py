@@ -80,13 +80,17 @@ class Receipt:
 
 
 class _Pending:
-    __slots__ = ("done", "error", "items", "receipts")
+    """One append_many call waiting for its batch: its own wake-up, so a commit wakes
+    exactly the appenders it served (and the next leader), not every waiting thread."""
+
+    __slots__ = ("done", "error", "items", "receipts", "wake")
 
     def __init__(self, items: list[tuple[Any, bytes, bytes | None]]) -> None:
         self.items = items
         self.done = False
         self.error: BaseException | None = None
         self.receipts: list[Receipt] = []
+        self.wake = threading.Event()
 
 
 class Ledger:
@@ -108,7 +112,10 @@ class Ledger:
         self._last_ts = scan.last_ts
         self._latest_note = scan.last_note
         self._snap_size = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # the queue, the leader flag, closing
+        self._commit_lock = threading.Lock()  # held while a batch is written and folded
+        self._idle = threading.Event()  # set while no leader is active
+        self._idle.set()
         self._queue: deque[_Pending] = deque()
         self._leading = False
         self._failed: BaseException | None = None
@@ -186,14 +193,17 @@ class Ledger:
         if not items:
             return []
         p = _Pending(items)
-        with self._cond:
+        with self._lock:
             self._check_usable()
             self._queue.append(p)
-            while not p.done:
-                if self._leading:
-                    self._cond.wait()
-                    continue
-                self._lead()
+            leader = not self._leading
+            if leader:  # no commit in flight, so the queue holds only ``p``
+                self._leading = True
+                self._idle.clear()
+        if not leader:
+            p.wake.wait()  # woken when our batch is done, or to lead the next one
+        if not p.done:
+            self._lead()
         if p.error is not None:
             raise LedgerFailed(f"append failed: {p.error}; reopen the ledger to recover")
         return p.receipts
@@ -205,35 +215,40 @@ class Ledger:
         return event, data, sig
 
     def _lead(self) -> None:
-        """Called with the lock held; commits queued batches with the lock released."""
-        self._leading = True
-        batch, taken = [], 0
-        while self._queue and (taken == 0 or taken + len(self._queue[0].items)
-                               <= self.options.max_batch):
-            p = self._queue.popleft()
-            batch.append(p)
-            taken += len(p.items)
-        self._cond.release()
+        """Commit one batch from the head of the queue, then hand over or go idle."""
+        with self._lock:
+            batch, taken = [], 0
+            while self._queue and (taken == 0 or taken + len(self._queue[0].items)
+                                   <= self.options.max_batch):
+                p = self._queue.popleft()
+                batch.append(p)
+                taken += len(p.items)
         err: BaseException | None = None
-        try:
-            if self._failed is not None:
-                raise self._failed
-            applied = self._commit(batch)
-        except BaseException as exc:  # not durable: the batch's appenders get the error
-            err = exc
-            self._failed = self._failed or exc
-        else:
+        with self._commit_lock:
             try:
-                self._after_commit(applied)
-            except BaseException as exc:  # durable already: poison later appends only
-                log.error("ledger.post_commit_failed", error=repr(exc))
-                self._failed = exc
-        finally:
-            self._cond.acquire()
-            self._leading = False
+                if self._failed is not None:
+                    raise self._failed
+                applied = self._commit(batch)
+            except BaseException as exc:  # not durable: the batch's appenders get the error
+                err = exc
+                self._failed = self._failed or exc
+            else:
+                try:
+                    self._after_commit(applied)
+                except BaseException as exc:  # durable already: poison later appends only
+                    log.error("ledger.post_commit_failed", error=repr(exc))
+                    self._failed = exc
+        with self._lock:
             for p in batch:
                 p.done, p.error = True, err
-            self._cond.notify_all()
+            successor = self._queue[0] if self._queue else None
+            if successor is None:
+                self._leading = False
+                self._idle.set()
+        for p in batch:
+            p.wake.set()
+        if successor is not None:
+            successor.wake.set()  # it finds itself not done, and leads
 
     def _commit(self, batch: list[_Pending]) -> list[tuple[Any, int, int, bytes | None]]:
         """Write and fsync one batch; returns (event, seq, ts) of what is now durable."""
@@ -268,7 +283,7 @@ class Ledger:
             apply(self._state, event, seq, ts_ns, sig)
             membership = membership or isinstance(event, (MemberAdded, MemberRemoved))
         if membership:
-            nodes.write(self.directory, self._state)
+            nodes.write(self.directory, self._state, durable=False)
         if self._segment_size >= self.options.segment_bytes:
             self._roll()
 
@@ -317,17 +332,14 @@ class Ledger:
         return self._state
 
     def state_copy(self) -> State:
-        with self._cond:
-            while self._leading:
-                self._cond.wait()
+        """A copy of the live state between two batches."""
+        with self._commit_lock:
             return self._state.copy()
 
     # ----------------------------------------------------------------- lifecycle
     def write_snapshot(self) -> Path:
         """Snapshot the state at the current size (a checkpoint boundary)."""
-        with self._cond:
-            while self._leading:
-                self._cond.wait()
+        with self._commit_lock:
             path = snapshot.write(self.directory, self._keys, self._tree.size,
                                   self._tree.root(), self._state)
             snapshot.prune(self.directory, self.options.keep_snapshots)
@@ -335,12 +347,12 @@ class Ledger:
             return path
 
     def close(self) -> None:
-        with self._cond:
-            while self._leading:
-                self._cond.wait()
+        """Refuse new appends, let those already queued commit, then close the files."""
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
+        self._idle.wait()
         try:
             if self._failed is None:
                 self._write_anchor()

@@ -35,8 +35,12 @@ def render(state: State) -> bytes:
     return "".join(lines).encode()
 
 
-def write(directory: Path, state: State) -> bool:
-    """Make nodes.jsonl match ``state``; True if the file had to change."""
+def write(directory: Path, state: State, *, durable: bool = True) -> bool:
+    """Make nodes.jsonl match ``state``; True if the file had to change.
+
+    ``durable=False`` skips the fsyncs (the commit path does: the file is derived,
+    replaced atomically for readers, and rebuilt from the log when the ledger opens).
+    """
     path = directory / NODES_FILE
     data = render(state)
     try:
@@ -44,11 +48,11 @@ def write(directory: Path, state: State) -> bool:
             return False
     except FileNotFoundError:
         pass
-    atomic_write(path, data, mode=0o644)
+    atomic_write(path, data, mode=0o644, durable=durable)
     return True
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)  # a crash mid-write may have left one, perhaps read-only
@@ -56,10 +60,13 @@ def atomic_write(path: Path, data: bytes, *, mode: int) -> None:
     try:
         os.write(fd, data)
         os.fchmod(fd, mode)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    if not durable:
+        return
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -300,3 +300,39 @@ def test_stale_read_only_temp_file_does_not_block_a_snapshot(tmp_path: Path) -> 
     led.close()
     assert not stale.exists()
     assert audit.verify(tmp_path / "l").snapshots == 1
+
+
+def test_close_under_load_lets_queued_appends_finish_and_refuses_new_ones(
+        tmp_path: Path) -> None:
+    led, keys = new_ledger(tmp_path / "l")
+    stop = threading.Event()
+    done: list[int] = []
+    refused: list[str] = []
+
+    def appender(t: int) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                done.append(led.append(PdDeclared(f"t{t}-{i}", i)).seq)
+            except LedgerUsageError as exc:
+                refused.append(str(exc))
+                return
+            i += 1
+
+    threads = [threading.Thread(target=appender, args=(t,)) for t in range(16)]
+    for th in threads:
+        th.start()
+    while len(done) < 200:
+        threading.Event().wait(0.01)
+    closer = threading.Thread(target=led.close)
+    closer.start()
+    closer.join(timeout=20)
+    starved = closer.is_alive()
+    stop.set()
+    for th in threads:
+        th.join()
+    assert not starved, "close() must not wait for appenders that keep coming"
+    assert refused and all("closed" in r for r in refused)
+    reopened = Ledger.open(tmp_path / "l", keys)
+    assert reopened.size == max(done) + 1 == len(done) + 1
+    reopened.close()

@@ -1,0 +1,213 @@
+"""The node runtime: ledger, kernel, PD actors and the control socket, started as one.
+
+``Node(state_dir).start()`` locks the state directory (one node per directory),
+opens the ledger (which replays it and truncates a torn tail), builds the kernel
+and the host, starts every PD the ledger says is running and serves the control
+socket.  ``stop()`` undoes that in reverse order and closes the ledger.
+
+The operator's commands (what the control socket serves) are methods here; each
+acts with the operator's authority (``kernel.operator_token``), and every
+capability change still goes through the kernel, so it is checked and journalled
+like any other.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from actors.control import SOCKET_NAME, ControlError, ControlServer
+from actors.core import make_core
+from actors.host import CoreFactory, Host
+from actors.kernel import Kernel
+from ledger.errors import LedgerUsageError
+from ledger.keys import NodeKeys
+from ledger.log import Ledger
+from ledger.state import Cap
+
+log = structlog.get_logger("node")
+
+LEDGER_SUBDIR = "ledger"
+PING_TIMEOUT = 2.0
+
+
+def cap_json(c: Cap) -> dict[str, Any]:
+    return {"cap": c.cap_id, "holder": c.holder, "object": c.obj, "rights": list(c.rights),
+            "badge": c.badge, "parent": c.parent, "via": c.via, "granted_seq": c.granted_seq}
+
+
+class Node:
+    """One running node on one state directory."""
+
+    def __init__(self, state_dir: Path, *, make_core: CoreFactory = make_core,
+                 serve_control: bool = True) -> None:
+        self.state_dir = Path(state_dir)
+        self._make_core = make_core
+        self._serve_control = serve_control
+        self._lock_fd = -1
+        self._ledger: Ledger | None = None
+        self._kernel: Kernel | None = None
+        self._host: Host | None = None
+        self._control: ControlServer | None = None
+        self._started = 0.0
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> Node:
+        try:
+            self._lock_state_dir()
+            ledger_dir = self.state_dir / LEDGER_SUBDIR
+            if not ledger_dir.is_dir():
+                raise LedgerUsageError(f"{ledger_dir}: no ledger; run `ppn node init` first")
+            self._ledger = Ledger.open(ledger_dir, NodeKeys.load(self.state_dir))
+            self._kernel = Kernel(self._ledger)
+            self._host = Host(self._ledger, self._kernel, make_core=self._make_core)
+            self._started = time.monotonic()
+            self._host.start_all()
+            if self._serve_control:
+                self._control = ControlServer(self.state_dir / SOCKET_NAME, self)
+                self._control.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("node.started", state_dir=str(self.state_dir), records=self._ledger.size,
+                 pds=self._host.running())
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, stop every PD, close the ledger, release the lock (idempotent)."""
+        if self._control is not None:
+            self._control.stop()
+            self._control = None
+        if self._host is not None:
+            self._host.stop_all()
+            self._host = None
+        if self._ledger is not None:
+            size = self._ledger.size
+            self._ledger.close()
+            self._ledger = None
+            log.info("node.stopped", records=size)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _lock_state_dir(self) -> None:
+        """flock the state directory: two nodes on one ledger would corrupt it."""
+        try:
+            fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise LedgerUsageError(f"{self.state_dir}: no such state directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerUsageError(f"{self.state_dir}: another node is running on this "
+                                   "state directory") from None
+        self._lock_fd = fd
+
+    # ----------------------------------------------------------------- parts
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            raise LedgerUsageError("the node is not running")
+        return self._ledger
+
+    @property
+    def kernel(self) -> Kernel:
+        if self._kernel is None:
+            raise LedgerUsageError("the node is not running")
+        return self._kernel
+
+    @property
+    def host(self) -> Host:
+        if self._host is None:
+            raise LedgerUsageError("the node is not running")
+        return self._host
+
+    # ----------------------------------------------------------------- operator commands
+    def status(self) -> dict[str, Any]:
+        state = self.ledger.state_copy()
+        alive = set(self.host.running())
+        refused: dict[str, dict[str, int]] = {}
+        for (pd, code), n in sorted(self.kernel.refused.items()):
+            refused.setdefault(pd, {})[code] = n
+        node = state.node or {}
+        return {
+            "node": node.get("name"), "role": node.get("role"), "mesh_ip": node.get("mesh_ip"),
+            "pid": os.getpid(), "uptime": round(time.monotonic() - self._started, 3),
+            "ledger": {"size": self.ledger.size, "root": self.ledger.root().hex(),
+                       "seq": state.seq},
+            "pds": {pd: {"status": state.pd_status.get(pd, "unknown"), "alive": pd in alive,
+                         "priority": prio, "restarts": state.restarts.get(pd, 0)}
+                    for pd, prio in sorted(state.pds.items(), key=lambda kv: (-kv[1], kv[0]))},
+            "refused": refused, "refused_total": sum(self.kernel.refused.values()),
+            "dropped": self.kernel.dropped,
+        }
+
+    def caps_list(self, pd: str | None = None) -> list[dict[str, Any]]:
+        state = self.ledger.state_copy()
+        if pd is not None and pd not in state.pds:
+            raise ControlError(f"no protection domain {pd!r}")
+        return [cap_json(c) for _, c in sorted(state.caps.items())
+                if pd is None or c.holder == pd]
+
+    def caps_tree(self) -> list[dict[str, Any]]:
+        """The derivation tree in pre-order: each cap with its ``depth`` and whether it is
+        the ``last`` of its siblings (flat, so no chain is too deep to send or draw)."""
+        state = self.ledger.state_copy()
+        roots = sorted(k for k, c in state.caps.items() if c.parent is None)
+        stack = [(k, 0, i == 0) for i, k in enumerate(reversed(roots))]
+        rows: list[dict[str, Any]] = []
+        while stack:
+            cap_id, depth, last = stack.pop()
+            rows.append({**cap_json(state.caps[cap_id]), "depth": depth, "last": last})
+            kids = sorted(state.children.get(cap_id, ()))
+            stack.extend((k, depth + 1, i == 0) for i, k in enumerate(reversed(kids)))
+        return rows
+
+    def revoke(self, cap_id: int) -> int:
+        token = self.kernel.operator_token(cap_id)
+        n = self.kernel.revoke(token.holder, token)
+        log.info("operator.revoke", cap=cap_id, descendants=n)
+        return n
+
+    def mint(self, cap_id: int, rights: list[str], to: str, badge: int | None = None) -> int:
+        token = self.kernel.operator_token(cap_id)
+        new = self.kernel.mint(token.holder, token, tuple(rights), badge, to)
+        log.info("operator.mint", cap=cap_id, new=new.cap_id, to=to, rights=rights, badge=badge)
+        return new.cap_id
+
+    def ping(self, pd: str | None = None, cap_id: int | None = None,
+             timeout: float = PING_TIMEOUT) -> Any:
+        """Call through ``cap_id`` (or ``pd``'s endpoint's original cap); await the reply."""
+        state = self.ledger.state_copy()
+        if cap_id is None:
+            if pd is None:
+                raise ControlError("ping needs a pd or a cap")
+            found = [c.cap_id for c in state.caps.values()
+                     if c.obj == f"endpoint:{pd}" and c.parent is None]
+            if not found:
+                raise ControlError(f"no capability reaches {pd!r} (unknown, or reaped)")
+            cap_id = found[0]
+        token = self.kernel.operator_token(cap_id)
+        answered = threading.Event()
+        answers: list[Any] = []
+
+        def on_reply(payload: Any) -> None:
+            answers.append(payload)
+            answered.set()
+        self.kernel.call(token.holder, token, {"op": "ping"}, on_reply=on_reply)
+        if not answered.wait(timeout):
+            raise ControlError(f"no reply through cap #{cap_id} within {timeout:g} s")
+        return answers[0]
