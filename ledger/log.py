@@ -45,7 +45,14 @@ from ledger.records import (
     frame,
     segment_header,
 )
-from ledger.scan import LedgerCorrupt, LogReader, ScanResult, TornTail, segment_name
+from ledger.scan import (
+    LedgerCorrupt,
+    LogReader,
+    ScanResult,
+    TornTail,
+    TrustedPrefix,
+    segment_name,
+)
 from ledger.seal import seal_segment
 from ledger.state import State, apply
 
@@ -151,11 +158,16 @@ class Ledger:
     @classmethod
     def open(cls, directory: Path, keys: NodeKeys, *, clock: Callable[[], int] = time.time_ns,
              options: Options = Options(), registry: EventRegistry = REGISTRY) -> Ledger:
-        """Open for writing: verify the whole log, truncate a torn tail, rebuild state."""
+        """Open for writing: check the log, truncate a torn tail, rebuild state.
+
+        Without a snapshot every record is verified (hash chain, Merkle tree,
+        signatures).  With the newest valid snapshot, the prefix it covers is only
+        checksummed and the rest is verified; ``ppn ledger verify`` audits it all.
+        """
         snap = _newest_snapshot(directory, keys.public_key)
         start = snap.tree_size if snap else 0
         state = snap.state.copy() if snap else State()
-        reader = LogReader(directory, registry=registry, decode_from=start,
+        reader = LogReader(directory, registry=registry, trusted=snap.prefix if snap else None,
                            pinned_key=keys.public_key)
         for e in reader.entries():
             if e.seq >= start:
@@ -340,11 +352,14 @@ class Ledger:
     def write_snapshot(self) -> Path:
         """Snapshot the state at the current size (a checkpoint boundary)."""
         with self._commit_lock:
-            path = snapshot.write(self.directory, self._keys, self._tree.size,
-                                  self._tree.root(), self._state)
+            path = snapshot.write(self.directory, self._keys, self._prefix(), self._state)
             snapshot.prune(self.directory, self.options.keep_snapshots)
             self._snap_size = self._tree.size
             return path
+
+    def _prefix(self) -> TrustedPrefix:
+        return TrustedPrefix(self._tree.size, self._tree.root(), self._tree.frontier(),
+                             self._prev, self._last_ts)
 
     def close(self) -> None:
         """Refuse new appends, let those already queued commit, then close the files."""
@@ -357,8 +372,7 @@ class Ledger:
             if self._failed is None:
                 self._write_anchor()
                 if self._tree.size - self._snap_size >= self.options.snapshot_every:
-                    snapshot.write(self.directory, self._keys, self._tree.size,
-                                   self._tree.root(), self._state)
+                    snapshot.write(self.directory, self._keys, self._prefix(), self._state)
                     snapshot.prune(self.directory, self.options.keep_snapshots)
         finally:
             if self._fd >= 0:

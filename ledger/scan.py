@@ -14,6 +14,7 @@ is wrong:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import re
 import zlib
@@ -135,10 +136,12 @@ class ScanResult:
     notes: NoteIndex = field(default_factory=NoteIndex)
     tail: TornTail | None = None
     leaves: list[bytes] | None = None
+    count: int = 0
+    """Committed records: those the last intact checkpoint covers."""
 
     @property
     def size(self) -> int:
-        return self.tree.size
+        return self.count
 
 
 class Entry(NamedTuple):
@@ -171,31 +174,53 @@ def verify_grant(public_key: bytes, event_bytes: bytes, signature: bytes) -> boo
     return True
 
 
+@dataclass(frozen=True)
+class TrustedPrefix:
+    """What a verified snapshot vouches for: the log up to ``size`` records.
+
+    A reader given one only checksums that prefix (no hashing, no decoding), takes
+    the Merkle frontier, last hash and timestamp from here, and checks that the
+    log's own signed checkpoint at ``size`` has this ``root``.
+    """
+
+    size: int
+    root: bytes
+    frontier: tuple[bytes, ...]
+    prev_hash: bytes
+    last_ts: int
+
+
 class LogReader:
     """One pass over a ledger directory.  Iterate :meth:`entries`, then read :attr:`result`.
 
-    ``decode_from``: events of records with seq >= this are fully decoded (strict);
-    earlier ones are checked for framing, chain, Merkle and signatures only.
+    ``verify=True`` (the default) checks everything: checksums, the hash chain,
+    the Merkle tree, every grant and checkpoint signature, and decodes every event
+    strictly.  ``verify=False`` is a replay: checksums, sequence and strict event
+    decoding, but no hashing or signatures (``ppn ledger verify`` is the audit).
+    ``trusted`` skips the work for a prefix a verified snapshot covers.
     ``pinned_key``: if given, the genesis record must name exactly this signer.
     """
 
     def __init__(self, directory: Path, *, registry: EventRegistry = REGISTRY,
-                 decode_from: int = 0, pinned_key: bytes | None = None,
-                 collect_leaves: bool = False,
+                 verify: bool = True, trusted: TrustedPrefix | None = None,
+                 pinned_key: bytes | None = None, collect_leaves: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> None:
+        if collect_leaves and (not verify or trusted is not None):
+            raise ValueError("leaf hashes are only collected by a full verifying pass")
         self.directory = directory
         self.registry = registry
-        self.decode_from = decode_from
+        self.verify = verify
+        self.trusted = trusted
         self.pinned_key = pinned_key
         self.progress = progress
         self.result = ScanResult(leaves=[] if collect_leaves else None)
         self._verifier: NoteVerifier | None = None
         self._key = b""
         # Working state: runs ahead of ``result`` by the records of the open batch.
+        self._n = 0
         self._tree = CompactTree()
         self._prev = ZERO_HASH
         self._ts = 0
-        self._signed_tags = {et.tag for et in registry if et.signed}
         self._signed_classes = {et.cls for et in registry if et.signed}
         self._done = self._total = 0
 
@@ -204,35 +229,46 @@ class LogReader:
         if not segs:
             raise LedgerCorrupt(str(self.directory), 0, None, "no segment files: not a ledger")
         self._total = sum(p.stat().st_size for _, p in segs)
-        for i, (first, path) in enumerate(segs):
-            data = path.read_bytes()
-            yield from self._segment(path, first, data, last=i == len(segs) - 1)
-            self._done += len(data)
-            if self.progress:
-                self.progress(self._done, self._total)
+        gc_was_on = gc.isenabled()
+        gc.disable()  # a scan allocates millions of short-lived, acyclic objects
+        try:
+            for i, (first, path) in enumerate(segs):
+                data = path.read_bytes()
+                yield from self._segment(path, first, data, last=i == len(segs) - 1)
+                self._done += len(data)
+                if self.progress:
+                    self.progress(self._done, self._total)
+        finally:
+            if gc_was_on:
+                gc.enable()
         if self.result.genesis is None:
             raise LedgerCorrupt(segs[0][1].name, SEGMENT_HEADER.size, 0,
                                 "no committed genesis record")
+        if self.trusted is not None and self.result.count < self.trusted.size:
+            raise LedgerCorrupt(segs[-1][1].name, 0, self.result.count,
+                                f"the log is shorter ({self.result.count} records) than its "
+                                f"snapshot ({self.trusted.size})")
 
     def _segment(self, path: Path, first: int, data: bytes, last: bool) -> Iterator[Entry]:
         res = self.result
         try:
             declared = parse_segment_header(data)
         except FrameError as exc:
-            if last and res.size > 0 and (len(data) < SEGMENT_HEADER.size or not any(data)):
+            if last and res.count > 0 and (len(data) < SEGMENT_HEADER.size or not any(data)):
                 res.tail = TornTail(path, 0, len(data), 0, f"torn segment header ({exc})")
                 res.segments.append(SegmentInfo(path, first, 0))
                 return
             raise LedgerCorrupt(path.name, 0, None, str(exc)) from None
-        if declared != first or first != res.size:
+        if declared != first or first != res.count:
             raise LedgerCorrupt(path.name, 0, first, f"segment starts at seq {declared} (name "
-                                f"says {first}); expected {res.size}: records are missing")
+                                f"says {first}); expected {res.count}: records are missing")
         info = SegmentInfo(path, first, SEGMENT_HEADER.size)
         res.segments.append(info)
         pending: list[Entry] = []
         off, end = SEGMENT_HEADER.size, len(data)
         view = memoryview(data)
         unpack_header, crc32 = FRAME_HEADER.unpack_from, zlib.crc32
+        skip_below = self.trusted.size if self.trusted is not None else 0
         while off < end:
             # Fast path: a sound frame; anything else goes to _frame_problem for the reason.
             length, crc = unpack_header(data, off) if end - off >= 9 else (0, 0)
@@ -241,29 +277,31 @@ class LogReader:
                     and crc32(view[off + 8:stop]) == crc):
                 reason, maybe_torn = _frame_problem(data, view, off)
                 if last and maybe_torn and not self._checkpoint_after(data, view, off):
-                    self._torn(info, len(data), len(pending), reason)
+                    self._torn(info, len(data), reason)
                     return
-                raise LedgerCorrupt(path.name, off, res.size + len(pending), reason)
+                raise LedgerCorrupt(path.name, off, self._n, reason)
             kind = data[off + 8]
             if kind == KIND_RECORD:
-                pending.append(self._record(path, off, view[off + 8:stop]))
-                if self.progress and not self._tree.size & 0xFFFF:
+                if 0 < self._n < skip_below:
+                    self._n += 1
+                else:
+                    pending.append(self._record(path, off, view[off + 8:stop]))
+                if self.progress and not self._n & 0xFFFF:
                     self.progress(self._done + off, self._total)
             elif kind == KIND_CHECKPOINT:
-                payload = data[off + 9:stop]
-                self._checkpoint(path, off, payload, len(pending))
+                self._checkpoint(path, off, data[off + 9:stop])
                 yield from pending
                 pending = []
-                info.committed_end = off + 8 + length
+                info.committed_end = stop
             else:
                 raise LedgerCorrupt(path.name, off, None, f"unknown frame kind {kind:#04x}")
-            off += 8 + length
-        if pending:
+            off = stop
+        if self._n != res.count:
             if last:
-                self._torn(info, len(data), len(pending), "records after the last checkpoint "
-                           "(a batch whose commit did not finish)")
+                self._torn(info, len(data), "records after the last checkpoint (a batch "
+                           "whose commit did not finish)")
                 return
-            raise LedgerCorrupt(path.name, info.committed_end, res.size,
+            raise LedgerCorrupt(path.name, info.committed_end, res.count,
                                 "sealed segment ends with records no checkpoint covers")
 
     def _checkpoint_after(self, data: bytes, view: memoryview, start: int) -> bool:
@@ -283,60 +321,64 @@ class LogReader:
             q = data.find(marker, q + 1)
         return False
 
-    def _torn(self, info: SegmentInfo, file_size: int, records: int, reason: str) -> None:
-        self.result.tail = TornTail(info.path, info.committed_end,
-                                    file_size - info.committed_end, records, reason)
-        if self.result.leaves is not None:
-            del self.result.leaves[self.result.size:]
+    def _torn(self, info: SegmentInfo, file_size: int, reason: str) -> None:
+        res = self.result
+        res.tail = TornTail(info.path, info.committed_end, file_size - info.committed_end,
+                            self._n - res.count, reason)
+        if res.leaves is not None:
+            del res.leaves[res.count:]
 
     def _record(self, path: Path, off: int, leaf_input: memoryview) -> Entry:
-        seq = self._tree.size
+        seq = self._n
         body = leaf_input[1:].tobytes()
         try:
-            rec, ev_obj = decode_record(body)
+            rec, ev_obj = decode_record(body, canonical=self.verify)
         except FrameError as exc:
             raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
         if rec.seq != seq:
             raise LedgerCorrupt(path.name, off, seq, f"record says seq {rec.seq}; "
                                 f"expected {seq} (gap, duplicate or reordering)")
+        try:
+            event = self.registry.from_obj(ev_obj, None)
+        except LedgerDataError as exc:
+            raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
+        if seq == 0:
+            self._genesis(path, off, event)
+        elif self.trusted is not None and seq == self.trusted.size:
+            t = self.trusted
+            self._tree = CompactTree(t.frontier, t.size)
+            self._prev, self._ts = t.prev_hash, t.last_ts
+        leaf = b""
+        if self.verify:
+            leaf = self._chain(path, off, rec, leaf_input, event)
+        self._n = seq + 1
+        return Entry(seq, rec.ts_ns, body, leaf, rec.event_bytes, rec.signature, event)
+
+    def _chain(self, path: Path, off: int, rec: Record, leaf_input: memoryview,
+               event: Any) -> bytes:
+        """The verifying part: hash chain, timestamps, signature, Merkle leaf."""
+        seq = rec.seq
         if rec.prev_hash != self._prev:
             raise LedgerCorrupt(path.name, off, seq, "hash chain broken: prev_hash is not "
                                 "the hash of the record before")
         if rec.ts_ns < self._ts:
             raise LedgerCorrupt(path.name, off, seq, "timestamp goes backwards")
-        event = self._event(path, off, seq, ev_obj, rec)
+        signed = type(event) in self._signed_classes
+        if signed != (rec.signature is not None):
+            tag = self.registry.type_of(event).tag
+            raise LedgerCorrupt(path.name, off, seq, f"{tag} record must "
+                                f"{'' if signed else 'not '}carry a signature")
+        if rec.signature is not None and not verify_grant(self._key, rec.event_bytes,
+                                                          rec.signature):
+            tag = self.registry.type_of(event).tag
+            raise LedgerCorrupt(path.name, off, seq, f"{tag}: signature does not verify "
+                                "with the ledger's key")
         leaf = hashlib.sha256(leaf_input).digest()
         self._tree.append(leaf)
         if self.result.leaves is not None:
             self.result.leaves.append(leaf)
         self._prev, self._ts = leaf, rec.ts_ns
-        return Entry(seq, rec.ts_ns, body, leaf, rec.event_bytes, rec.signature, event)
-
-    def _event(self, path: Path, off: int, seq: int, ev_obj: Any, rec: Record) -> Any:
-        event, sig = None, rec.signature
-        if seq >= self.decode_from or seq == 0:
-            try:
-                event = self.registry.from_obj(ev_obj, None)
-            except LedgerDataError as exc:
-                raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
-            if sig is None and type(event) not in self._signed_classes:
-                if seq == 0:
-                    self._genesis(path, off, event)
-                return event
-            tag = self.registry.type_of(event).tag
-        else:
-            tag = ev_obj[0] if ev_obj and type(ev_obj[0]) is str else ""
-            if self.registry.by_tag(tag) is None:
-                raise LedgerCorrupt(path.name, off, seq, f"unknown event type {tag!r}")
-        if seq == 0:
-            self._genesis(path, off, event)
-        if (tag in self._signed_tags) != (sig is not None):
-            raise LedgerCorrupt(path.name, off, seq, f"{tag} record must "
-                                f"{'' if tag in self._signed_tags else 'not '}carry a signature")
-        if sig is not None and not verify_grant(self._key, rec.event_bytes, sig):
-            raise LedgerCorrupt(path.name, off, seq, f"{tag}: signature does not verify "
-                                "with the ledger's key")
-        return event
+        return leaf
 
     def _genesis(self, path: Path, off: int, event: Any) -> None:
         if not isinstance(event, LedgerGenesis) or len(event.signing_key) != 32:
@@ -352,26 +394,45 @@ class LogReader:
         except NoteError as exc:
             raise LedgerCorrupt(path.name, off, 0, f"genesis origin unusable: {exc}") from None
 
-    def _checkpoint(self, path: Path, off: int, note: bytes, batch: int) -> None:
+    def _checkpoint(self, path: Path, off: int, note: bytes) -> None:
         res = self.result
+        size, batch = self._n, self._n - res.count
         if self._verifier is None or res.genesis is None:
             raise LedgerCorrupt(path.name, off, None, "checkpoint before the genesis record")
+        if batch == 0:
+            raise LedgerCorrupt(path.name, off, size - 1, "checkpoint covers no new records")
+        t = self.trusted
+        skipped = t is not None and size < t.size
+        if self.verify and not skipped:
+            self._check_note(path, off, note, size, batch)
+        res.count = size
+        if t is not None and size == t.size:
+            res.tree = CompactTree(t.frontier, t.size)
+            res.prev_hash, res.last_ts = t.prev_hash, t.last_ts
+        elif self.verify and not skipped:
+            res.tree, res.prev_hash, res.last_ts = self._tree.copy(), self._prev, self._ts
+        res.checkpoints += 1
+        res.last_note = note
+        res.notes.add(size, path, off)
+
+    def _check_note(self, path: Path, off: int, note: bytes, size: int, batch: int) -> None:
+        res = self.result
+        assert self._verifier is not None and res.genesis is not None
         try:
             cp: Checkpoint = open_checkpoint(note, self._verifier)
         except NoteError as exc:
             raise LedgerCorrupt(path.name, off, None, f"checkpoint: {exc}") from None
-        size = self._tree.size
-        if batch == 0 or cp.size != size or cp.origin != res.genesis.origin:
+        if cp.size != size or cp.origin != res.genesis.origin:
             raise LedgerCorrupt(path.name, off, size - 1, f"checkpoint for size {cp.size} "
                                 f"origin {cp.origin!r} where the log has {size} records "
                                 f"({batch} new)")
-        if cp.root_hash != self._tree.root():
+        if self.trusted is not None and size == self.trusted.size:
+            expected = self.trusted.root
+        else:
+            expected = self._tree.root()
+        if cp.root_hash != expected:
             raise LedgerCorrupt(path.name, off, size - 1, f"checkpoint root for size {size} "
                                 "does not match the records")
-        res.tree, res.prev_hash, res.last_ts = self._tree.copy(), self._prev, self._ts
-        res.checkpoints += 1
-        res.last_note = note
-        res.notes.add(size, path, off)
 
 
 def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:

@@ -1,10 +1,12 @@
 """Signed snapshots: the folded state at a checkpoint, so start-up skips the fold.
 
 A snapshot file holds ``msgpack([payload, signature])``; the payload is
-``msgpack(["ppn-snapshot", 1, tree_size, root, state])`` and the signature is the
-node key's Ed25519 signature over a context string and the payload.  A snapshot is
-trusted only if its signature verifies *and* its root equals the log's checkpoint
-root at the same size; replay from it must equal a full replay (verify checks).
+``msgpack(["ppn-snapshot", 1, size, root, frontier, prev_hash, last_ts, state])``
+and the signature is the node key's Ed25519 signature over a context string and
+the payload.  A snapshot is trusted only if its signature verifies, its frontier
+gives its root, and that root equals the log's own signed checkpoint at the same
+size.  Opening the ledger then only checksums the prefix it covers; a full replay
+must give the same state (``ppn ledger verify`` checks).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import nacl.exceptions
 
 from ledger.errors import LedgerDataError
 from ledger.keys import NodeKeys
+from ledger.merkle import CompactTree
 from ledger.nodes import atomic_write
+from ledger.scan import TrustedPrefix
 from ledger.state import State
 
 SNAPSHOT_DIR = "snapshots"
@@ -34,19 +38,28 @@ class SnapshotError(LedgerDataError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    tree_size: int
-    root: bytes
+    prefix: TrustedPrefix
     state: State
     path: Path
 
+    @property
+    def tree_size(self) -> int:
+        return self.prefix.size
 
-def write(directory: Path, keys: NodeKeys, tree_size: int, root: bytes, state: State) -> Path:
-    payload: bytes = msgpack.packb(["ppn-snapshot", 1, tree_size, root, state.to_obj()],
+    @property
+    def root(self) -> bytes:
+        return self.prefix.root
+
+
+def write(directory: Path, keys: NodeKeys, prefix: TrustedPrefix, state: State) -> Path:
+    p = prefix
+    payload: bytes = msgpack.packb(["ppn-snapshot", 1, p.size, p.root, list(p.frontier),
+                                    p.prev_hash, p.last_ts, state.to_obj()],
                                    use_bin_type=True)
     blob: bytes = msgpack.packb([payload, keys.sign(_CONTEXT + payload)], use_bin_type=True)
     sdir = directory / SNAPSHOT_DIR
     sdir.mkdir(mode=0o755, exist_ok=True)
-    path = sdir / f"snap-{tree_size:020d}.bin"
+    path = sdir / f"snap-{p.size:020d}.bin"
     atomic_write(path, blob, mode=0o444)
     return path
 
@@ -67,14 +80,17 @@ def load(path: Path, public_key: bytes) -> Snapshot:
         outer = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
         payload, sig = outer
         nacl.bindings.crypto_sign_open(sig + _CONTEXT + payload, public_key)
-        magic, fmt, size, root, obj = msgpack.unpackb(payload, raw=False,
-                                                      strict_map_key=False)
+        magic, fmt, size, root, frontier, prev, last_ts, obj = msgpack.unpackb(
+            payload, raw=False, strict_map_key=False)
         if magic != "ppn-snapshot" or fmt != 1:
             raise SnapshotError(f"{path.name}: not a version 1 snapshot")
         state = State.from_obj(obj)
         if f"snap-{size:020d}.bin" != path.name or state.seq != size - 1:
             raise SnapshotError(f"{path.name}: names size {size}, state at seq {state.seq}")
-        return Snapshot(size, bytes(root), state, path)
+        if CompactTree(frontier, size).root() != root or len(prev) != 32:
+            raise SnapshotError(f"{path.name}: frontier does not give the snapshot's root")
+        prefix = TrustedPrefix(size, bytes(root), tuple(frontier), bytes(prev), int(last_ts))
+        return Snapshot(prefix, state, path)
     except SnapshotError:
         raise
     except nacl.exceptions.BadSignatureError:

@@ -230,9 +230,10 @@ def apply(state: State, event: Any, seq: int, ts_ns: int, sig: bytes | None = No
     return state
 
 
-def fold(entries: Iterable[tuple[int, int, Any]], state: State | None = None) -> State:
-    """Fold ``(seq, ts_ns, event)`` entries, from ``state`` or from the empty state."""
+def fold(entries: Iterable[tuple[int, int, Any, bytes | None]],
+         state: State | None = None) -> State:
+    """Fold ``(seq, ts_ns, event, signature)`` entries, from ``state`` or from empty."""
     s = State() if state is None else state
-    for seq, ts, event in entries:
-        apply(s, event, seq, ts)
+    for seq, ts, event, sig in entries:
+        apply(s, event, seq, ts, sig)
     return s

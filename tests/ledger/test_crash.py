@@ -237,7 +237,7 @@ def check_after_crash(directory: Path, keys: NodeKeys, options: Options,
         assert len(entries) == ledger.size, context
         check_log(entries, acked, context)
         # Open started from a snapshot (when there is one): its state must equal a replay.
-        replay = fold((e.seq, e.ts_ns, e.event) for e in entries)
+        replay = fold((e.seq, e.ts_ns, e.event, e.signature) for e in entries)
         assert ledger.state.to_obj() == replay.to_obj(), f"{context}: state differs from replay"
         stats.timed("check", started)
         return ledger.size, entries

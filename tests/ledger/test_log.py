@@ -201,7 +201,7 @@ def test_forged_snapshot_state_is_caught_by_verify(tmp_path: Path) -> None:
     led.append(member(1))
     state = led.state.copy()
     state.pds["pd-backdoor"] = 1
-    snapshot.write(tmp_path / "l", keys, led.size, led.root(), state)
+    snapshot.write(tmp_path / "l", keys, led._prefix(), state)
     led.close()
     with pytest.raises(LedgerCorrupt, match="differs from replaying"):
         audit.verify(tmp_path / "l")
@@ -336,3 +336,37 @@ def test_close_under_load_lets_queued_appends_finish_and_refuses_new_ones(
     reopened = Ledger.open(tmp_path / "l", keys)
     assert reopened.size == max(done) + 1 == len(done) + 1
     reopened.close()
+
+
+def test_open_from_a_snapshot_still_checksums_the_prefix(tmp_path: Path) -> None:
+    led, keys = new_ledger(tmp_path / "l")
+    for e in sample_events(50):
+        led.append(e)
+    led.write_snapshot()
+    for e in sample_events(10):
+        led.append(e)
+    led.close()
+    seg = segments(tmp_path / "l")[0]
+    data = bytearray(seg.read_bytes())
+    data[400] ^= 0x01  # inside an early record, which the snapshot covers
+    seg.write_bytes(bytes(data))
+    with pytest.raises(LedgerCorrupt, match="checksum"):
+        Ledger.open(tmp_path / "l", keys)
+
+
+def test_a_snapshot_that_disagrees_with_the_log_is_refused(tmp_path: Path) -> None:
+    from ledger.merkle import CompactTree
+    from ledger.scan import TrustedPrefix
+    led, keys = new_ledger(tmp_path / "l")
+    for e in sample_events(20):
+        led.append(e)
+    real = led._prefix()
+    frontier = tuple(bytes([i]) * 32 for i in range(len(real.frontier)))
+    forged = TrustedPrefix(real.size, CompactTree(frontier, real.size).root(), frontier,
+                           real.prev_hash, real.last_ts)
+    snapshot.write(tmp_path / "l", keys, forged, led.state)  # signed, but a different tree
+    led.close()
+    with pytest.raises(LedgerCorrupt, match="does not match"):
+        Ledger.open(tmp_path / "l", keys)
+    with pytest.raises(LedgerCorrupt, match="snap-"):
+        audit.verify(tmp_path / "l")
