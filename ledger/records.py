@@ -113,6 +113,10 @@ def decode_record(body: bytes, canonical: bool = True) -> tuple[Record, Any]:
         raise FrameError("record event must be an array [tag, version, fields]")
     if canonical and pack(obj) != body:
         raise FrameError("record is not in canonical encoding")
+    return Record(seq, ts, prev, event_slice(body, seq, ts, sig is not None), sig), ev
+
+
+def event_slice(body: bytes, seq: int, ts: int, signed: bool) -> bytes:
+    """The event's own bytes inside canonical record bytes (what a grant signature covers)."""
     start = 1 + _uint_size(seq) + _uint_size(ts) + 34
-    end = len(body) - (1 if sig is None else 2 + SIGNATURE_SIZE)
-    return Record(seq, ts, prev, body[start:end], sig), ev
+    return body[start:len(body) - (2 + SIGNATURE_SIZE if signed else 1)]

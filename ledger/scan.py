@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgpack
 import nacl.bindings
 import nacl.exceptions
 
 from ledger.catalog import REGISTRY, LedgerGenesis
 from ledger.errors import LedgerDataError
-from ledger.events import EventRegistry
+from ledger.events import EventRegistry, pack
 from ledger.merkle import CompactTree
 from ledger.note import Checkpoint, NoteError, NoteVerifier, open_checkpoint, verifier_key
 from ledger.records import (
@@ -44,9 +45,11 @@ from ledger.records import (
     FrameError,
     Record,
     decode_record,
+    event_slice,
     parse_segment_header,
 )
 
+_unpackb = msgpack.unpackb
 SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
 
 
@@ -145,15 +148,18 @@ class ScanResult:
 
 
 class Entry(NamedTuple):
-    """A committed record as the reader yields it; ``event`` is None when not decoded."""
+    """A committed record as the reader yields it (``leaf`` is empty unless verifying)."""
 
     seq: int
     ts_ns: int
     body: bytes
     leaf: bytes
-    event_bytes: bytes
     signature: bytes | None
     event: Any
+
+    @property
+    def event_bytes(self) -> bytes:
+        return event_slice(self.body, self.seq, self.ts_ns, self.signature is not None)
 
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
@@ -331,12 +337,25 @@ class LogReader:
     def _record(self, path: Path, off: int, leaf_input: memoryview) -> Entry:
         seq = self._n
         body = leaf_input[1:].tobytes()
+        # Fast path: one unpack and inline checks; anything odd goes to decode_record,
+        # which says precisely what is wrong.
         try:
-            rec, ev_obj = decode_record(body, canonical=self.verify)
-        except FrameError as exc:
-            raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
-        if rec.seq != seq:
-            raise LedgerCorrupt(path.name, off, seq, f"record says seq {rec.seq}; "
+            obj = _unpackb(body, raw=False, use_list=False, strict_map_key=True)
+            r_seq, ts, prev, ev_obj, sig = obj
+            sound = (type(r_seq) is int and type(ts) is int and ts >= 0
+                     and type(prev) is bytes and len(prev) == 32 and type(ev_obj) is tuple
+                     and (sig is None or (type(sig) is bytes and len(sig) == 64))
+                     and (not self.verify or pack(obj) == body))
+        except Exception:  # msgpack raises several unrelated types; so does unpacking
+            sound = False
+        if not sound:
+            try:
+                decode_record(body, canonical=self.verify)
+            except FrameError as exc:
+                raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
+            raise AssertionError("decode_record accepted what the fast path refused")
+        if r_seq != seq:
+            raise LedgerCorrupt(path.name, off, seq, f"record says seq {r_seq}; "
                                 f"expected {seq} (gap, duplicate or reordering)")
         try:
             event = self.registry.from_obj(ev_obj, None)
@@ -350,11 +369,12 @@ class LogReader:
             self._prev, self._ts = t.prev_hash, t.last_ts
         leaf = b""
         if self.verify:
-            leaf = self._chain(path, off, rec, leaf_input, event)
+            leaf = self._chain(path, off, Record(seq, ts, prev, b"", sig), body, leaf_input,
+                               event)
         self._n = seq + 1
-        return Entry(seq, rec.ts_ns, body, leaf, rec.event_bytes, rec.signature, event)
+        return Entry(seq, ts, body, leaf, sig, event)
 
-    def _chain(self, path: Path, off: int, rec: Record, leaf_input: memoryview,
+    def _chain(self, path: Path, off: int, rec: Record, body: bytes, leaf_input: memoryview,
                event: Any) -> bytes:
         """The verifying part: hash chain, timestamps, signature, Merkle leaf."""
         seq = rec.seq
@@ -368,8 +388,8 @@ class LogReader:
             tag = self.registry.type_of(event).tag
             raise LedgerCorrupt(path.name, off, seq, f"{tag} record must "
                                 f"{'' if signed else 'not '}carry a signature")
-        if rec.signature is not None and not verify_grant(self._key, rec.event_bytes,
-                                                          rec.signature):
+        if rec.signature is not None and not verify_grant(
+                self._key, event_slice(body, seq, rec.ts_ns, True), rec.signature):
             tag = self.registry.type_of(event).tag
             raise LedgerCorrupt(path.name, off, seq, f"{tag}: signature does not verify "
                                 "with the ledger's key")
