@@ -50,6 +50,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/ledger_bench.py
+	$(PY) bench/kernel_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

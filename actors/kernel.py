@@ -63,6 +63,7 @@ class Kernel:
         self._ledger = ledger
         self._route: Route = route or _no_route
         self._ops = threading.Lock()  # one capability operation at a time
+        self._reply_lock = threading.Lock()
         self._replies: dict[int, tuple[str, str]] = {}  # reply id -> (caller, callee)
         self._answers: dict[int, Callable[[Any], None]] = {}  # reply id -> operator's callback
         self._reply_ids = itertools.count(1)
@@ -142,10 +143,12 @@ class Kernel:
 
     def reply(self, pd: str, reply: ReplyCap, payload: Any) -> None:
         """Answer a call, once, to the caller (who sees no badge, only the answer)."""
-        caller_callee = self._replies.pop(reply.reply_id, None)
-        if caller_callee is None or caller_callee != (reply.caller, pd):
-            raise self._refuse(CapRefused("bad-token", pd, None,
-                                          "reply cap unknown, used or not yours"))
+        with self._reply_lock:  # check, then consume: a wrong PD must not use it up
+            caller_callee = self._replies.get(reply.reply_id)
+            if caller_callee is None or caller_callee != (reply.caller, pd):
+                raise self._refuse(CapRefused("bad-token", pd, None,
+                                              "reply cap unknown, used or not yours"))
+            del self._replies[reply.reply_id]
         answer = self._answers.pop(reply.reply_id, None)
         if answer is not None:
             answer(payload)
