@@ -1,16 +1,17 @@
 """The deterministic host: the PD cores on one thread, in virtual time, with seeded latency.
 
-The node runtime runs each core in its own actor on the wall clock; this host runs
-the same cores from a single priority queue of ``(time, sequence, target, item)``.
-Nothing here reads the wall clock, the environment or an unseeded random source,
-so a seed fixes a run: the same events in the same order with the same timestamps,
-hence the same ledger bytes and the same Merkle root.
+The node host (``actors.host``) runs each core in its own actor on the wall clock;
+this host runs the same cores from a single priority queue of ``(time, sequence,
+target, item)``.  Nothing here reads the wall clock, the environment or an
+unseeded random source, so a seed fixes a run: the same events in the same order
+with the same timestamps, hence the same ledger bytes and the same Merkle root.
 
 The kernel's route pushes each delivery onto the queue after a seeded latency;
 :meth:`Host.step` pops the earliest item, moves the clock to its time, lets the
 kernel check it once more at the receiver (``kernel.accept``) and hands it to the
-core.  The actions the core returns are carried out journal first: its events are
-appended, then its sends, calls, replies and timers are done in order.
+core.  The actions the core returns are carried out as the node host does: its
+events are journalled first, then its sends, calls, replies and timers, in order.
+Supervision follows the node host's policy too, in virtual seconds.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.core import Action, Append, Call, Core, IoRequest, Reply, Send, SetTimer, make_core
+from actors.host import MAX_REASON, HostError
 from actors.kernel import Delivery, Kernel
 from ledger import caps
 from ledger.caps import CapRefused
-from ledger.catalog import PdFailed, PdRestarted
+from ledger.catalog import PdFailed, PdReaped, PdRestarted, PdSpawned
 from ledger.log import Ledger
 
 EPOCH_NS = 1_704_067_200 * 10**9
@@ -36,7 +38,7 @@ NS = 1_000_000_000
 
 
 class SimulationError(RuntimeError):
-    """The simulation cannot go on as asked (e.g. it never goes idle); a harness bug, not a PD's."""
+    """The run cannot go on as asked (it never goes idle): a scenario's bug, not a PD's."""
 
 
 class VirtualClock:
@@ -52,7 +54,7 @@ class VirtualClock:
         return EPOCH_NS + self.elapsed_ns
 
     def time(self) -> float:
-        """Seconds since the Unix epoch, as a core's ``now`` (the node passes wall time)."""
+        """Seconds since the Unix epoch: a core's ``now`` (the node host passes wall time)."""
         return (EPOCH_NS + self.elapsed_ns) / NS
 
     @property
@@ -63,7 +65,7 @@ class VirtualClock:
 
 @dataclass(frozen=True, slots=True)
 class Timer:
-    """A timer a core set; ``generation`` ties it to one incarnation of the core."""
+    """A timer a core set; stale once the core that set it was replaced."""
 
     name: str
     generation: int
@@ -71,7 +73,7 @@ class Timer:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A core's action that the kernel refused: the core's error, kept for tests to read."""
+    """An action of a core that the kernel refused (and counted); kept for tests to read."""
 
     time_ns: int
     pd: str
@@ -84,59 +86,97 @@ CoreFactory = Callable[[str], Core]
 
 
 class Host:
-    """Runs every PD's core from one queue in virtual time.
-
-    Supervision is simple: a core whose handler raises is restarted from the ledger
-    (``PdRestarted`` journaled, a fresh core started with the PD's tokens); after
-    ``max_restarts`` restarts the PD is stopped (``PdFailed``) and the kernel drops
-    what is sent to it.
-    """
+    """Runs every PD's core from one queue in virtual time; the kernel's only route."""
 
     def __init__(self, kernel: Kernel, ledger: Ledger, clock: VirtualClock,
-                 rng: random.Random, *,
-                 core_factory: CoreFactory = make_core,
+                 rng: random.Random, *, make_core: CoreFactory = make_core,
                  latency_ns: tuple[int, int] = (50_000, 2_000_000),
-                 max_restarts: int = 3) -> None:
-        self.kernel = kernel
-        self.ledger = ledger
-        self.clock = clock
-        self.rng = rng
+                 restart_limit: int = 3, restart_window: float = 60.0) -> None:
+        self.kernel, self.ledger, self.clock, self.rng = kernel, ledger, clock, rng
+        self.make_core = make_core
         self.latency_ns = latency_ns
-        self.max_restarts = max_restarts
-        self._factory = core_factory
+        self.restart_limit, self.restart_window = restart_limit, restart_window
+        self.cores: dict[str, Core] = {}
+        self.handled = 0  # deliveries and timers a core saw
+        self.refusals: list[Refusal] = []
+        self.io_requests: list[tuple[str, IoRequest]] = []
         self._queue: list[tuple[int, int, str, Item]] = []
         self._seq = itertools.count()
         self._last_arrival: dict[str, int] = {}
         self._generation: Counter[str] = Counter()
-        self.cores: dict[str, Core] = {}
-        self.restarts: Counter[str] = Counter()
-        self.handled = 0  # items a core saw (deliveries and timers)
-        self.refusals: list[Refusal] = []
-        self.io_requests: list[tuple[str, IoRequest]] = []
+        self._crashes: dict[str, deque[int]] = {}
         kernel.set_route(self.route)
 
-    # ----------------------------------------------------------------- set-up
-    def start(self, pds: Sequence[str] | None = None) -> None:
-        """Start a core for each running PD (all of them by default), in ledger order."""
+    # ----------------------------------------------------------------- lifecycle
+    def start_all(self) -> None:
+        """Start every PD the ledger says is running, highest priority first."""
         state = self.kernel.state
-        names = list(state.pds) if pds is None else list(pds)
-        for pd in names:
+        for pd in sorted(state.pds, key=lambda p: (-state.pds[p], p)):
             if state.pd_status.get(pd) == "running":
                 self._start(pd)
 
     def _start(self, pd: str) -> None:
-        core = self._factory(pd)
-        self.cores[pd] = core
+        self._crashes.pop(pd, None)
+        self._fresh_core(pd)
+
+    def _fresh_core(self, pd: str) -> None:
+        """A new core started from the ledger's state; a crash in ``start`` counts too."""
+        while True:
+            self._generation[pd] += 1  # timers the old core set are now stale
+            self.cores.pop(pd, None)
+            try:
+                core = self.make_core(pd)
+                state = self.kernel.state
+                actions = core.start(caps.tokens_of(state, pd), state, self.clock.time())
+                self.cores[pd] = core
+                self._carry_out(pd, actions)
+                return
+            except Exception as exc:
+                if not self._supervise(pd, exc):
+                    return
+
+    def reap(self, pd: str, reason: str) -> None:
+        """End a PD's work: its caps go (in the fold), its core stops, its queue is dropped."""
+        self._require(pd, "running", "reap")
+        self.kernel.journal(PdReaped(pd, reason))
+        self.cores.pop(pd, None)
         self._generation[pd] += 1
-        state = self.kernel.state
-        self._carry_out(pd, core.start(caps.tokens_of(state, pd), state, self.clock.time()))
+
+    def spawn(self, pd: str, reason: str) -> None:
+        """Run a reaped (or failed) PD again, with a fresh core."""
+        status = self.kernel.state.pd_status.get(pd)
+        if status not in ("reaped", "failed"):
+            raise HostError(f"cannot spawn {pd}: its status is {status or 'unknown'}, "
+                            "not reaped or failed")
+        self.kernel.journal(PdSpawned(pd, reason))
+        self._start(pd)
+
+    def _require(self, pd: str, status: str, what: str) -> None:
+        actual = self.kernel.state.pd_status.get(pd)
+        if actual != status:
+            raise HostError(f"cannot {what} {pd}: its status is {actual or 'unknown'}, "
+                            f"not {status}")
+
+    def _supervise(self, pd: str, exc: Exception) -> bool:
+        """Journal a crash; True if the PD may restart, False once it has failed."""
+        reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON]
+        now = self.clock.elapsed_ns
+        window = self._crashes.setdefault(pd, deque())
+        window.append(now)
+        while window and window[0] < now - round(self.restart_window * NS):
+            window.popleft()
+        failed = len(window) > self.restart_limit
+        self.cores.pop(pd, None)
+        self._generation[pd] += 1
+        self.kernel.journal(PdFailed(pd, reason) if failed else PdRestarted(pd, reason))
+        return not failed
 
     # ----------------------------------------------------------------- queue
     def route(self, target: str, d: Delivery) -> None:
         """The kernel's route: deliver ``d`` after a seeded latency, in order per receiver."""
         lo, hi = self.latency_ns
         at = self.clock.elapsed_ns + self.rng.randint(lo, hi)
-        at = max(at, self._last_arrival.get(target, 0))  # a mailbox is FIFO
+        at = max(at, self._last_arrival.get(target, 0))  # an inbox is FIFO
         self._last_arrival[target] = at
         self._push(at, target, d)
 
@@ -147,11 +187,6 @@ class Host:
     def pending(self) -> int:
         return len(self._queue)
 
-    def next_time(self) -> float | None:
-        """Virtual seconds of the earliest queued item, or None when idle."""
-        return self._queue[0][0] / NS if self._queue else None
-
-    # ----------------------------------------------------------------- running
     def step(self) -> bool:
         """Handle the earliest queued item; False when there was none."""
         if not self._queue:
@@ -159,18 +194,22 @@ class Host:
         at, _, target, item = heapq.heappop(self._queue)
         self.clock.elapsed_ns = max(self.clock.elapsed_ns, at)
         if isinstance(item, Timer):
-            if item.generation == self._generation[target] and target in self.cores:
+            if item.generation == self._generation[target]:
                 self._run(target, lambda core: core.timer(item.name, self.clock.time()))
             return True
-        delivered = self.kernel.accept(item)
-        if delivered is not None and target in self.cores:
-            self._run(target, lambda core: core.handle(delivered, self.clock.time()))
+        try:
+            d = self.kernel.accept(item)
+        except Exception as exc:  # journalling a transferred cap failed
+            if self._supervise(target, exc):
+                self._fresh_core(target)
+            return True
+        if d is not None:
+            self._run(target, lambda core: core.handle(d, self.clock.time()))
         return True
 
     def run_until(self, t: float) -> int:
-        """Handle everything due up to virtual second ``t``, then set the clock to ``t``."""
-        limit = round(t * NS)
-        n = 0
+        """Handle everything due by virtual second ``t``, then set the clock to ``t``."""
+        limit, n = round(t * NS), 0
         while self._queue and self._queue[0][0] <= limit:
             self.step()
             n += 1
@@ -181,7 +220,7 @@ class Host:
         return self.run_until(self.clock.elapsed + seconds)
 
     def run_until_idle(self, max_items: int = 1_000_000) -> int:
-        """Handle items until the queue is empty; refuses to spin past ``max_items``."""
+        """Handle items until none is left; refuses to spin past ``max_items``."""
         n = 0
         while self.step():
             n += 1
@@ -192,30 +231,19 @@ class Host:
 
     # ----------------------------------------------------------------- cores
     def _run(self, pd: str, handler: Callable[[Core], list[Action]]) -> None:
+        core = self.cores.get(pd)
+        if core is None:  # failed, reaped, or never started
+            return
         self.handled += 1
         try:
-            actions = handler(self.cores[pd])
-        except Exception as exc:  # a PD's bug: restart it, never stop the host
-            self._supervise(pd, exc)
-            return
-        self._carry_out(pd, actions)
-
-    def _supervise(self, pd: str, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
-        self.restarts[pd] += 1
-        self.cores.pop(pd, None)
-        self._generation[pd] += 1  # its pending timers die with it
-        if self.restarts[pd] > self.max_restarts:
-            self.ledger.append(PdFailed(pd, f"gave up after {self.max_restarts} restarts; "
-                                             f"last: {reason}"))
-            return
-        self.ledger.append(PdRestarted(pd, reason))
-        self._start(pd)
+            self._carry_out(pd, handler(core))
+        except Exception as exc:  # the PD's bug: restart it, the host runs on
+            if self._supervise(pd, exc):
+                self._fresh_core(pd)
 
     def _carry_out(self, pd: str, actions: list[Action]) -> None:
-        """Journal first: the core's events are durable before anything else happens."""
         events = [a.event for a in actions if isinstance(a, Append)]
-        if events:
+        if events:  # journal, then act
             self.ledger.append_many(events)
         port = self.kernel.port(pd)
         for a in actions:
@@ -231,5 +259,7 @@ class Host:
                     self._push(at, pd, Timer(a.name, self._generation[pd]))
                 elif isinstance(a, IoRequest):
                     self.io_requests.append((pd, a))  # no simulated backends yet
-            except CapRefused as exc:  # the kernel counted it; the core's error to see
+                elif not isinstance(a, Append):
+                    raise TypeError(f"{pd}: core returned {a!r}, not an action")
+            except CapRefused as exc:  # the kernel counted it; the PD lives on
                 self.refusals.append(Refusal(self.clock.ledger_ns(), pd, a, exc))

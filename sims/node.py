@@ -73,7 +73,7 @@ def build_node(directory: Path, seed: int, *, name: str = "sim-node", role: str 
     kernel = Kernel(ledger)
     host = Host(kernel, ledger, clock, random.Random(f"ppn-sim-host/{seed}"))
     if start:
-        host.start()
+        host.start_all()
     return SimNode(name, directory, keys, ledger, kernel, host)
 
 

@@ -95,7 +95,7 @@ class Scenario:
         host.run_until_idle()
         r = self.report
         r.dropped, r.handled = self.node.kernel.dropped, host.handled
-        r.restarts = sum(host.restarts.values())
+        r.restarts = sum(self.node.kernel.state.restarts.values())
         r.size, r.root = self.node.ledger.size, self.node.ledger.root()
         r.elapsed = host.clock.elapsed
         return r
