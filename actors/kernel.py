@@ -69,7 +69,6 @@ class Kernel:
         self._reply_ids = itertools.count(1)
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
         self.dropped = 0  # deliveries stopped at the receiver: cap revoked in flight
-        self._owners = self._serving_map()
 
     def set_route(self, route: Route) -> None:
         self._route = route
@@ -78,14 +77,10 @@ class Kernel:
     def state(self) -> State:
         return self._ledger.state
 
-    def _serving_map(self) -> dict[str, str]:
-        """Object -> PD serving it: the holder of its original (parentless) cap."""
-        return {c.obj: c.holder for c in self.state.caps.values() if c.parent is None}
-
     def owner(self, obj: str) -> str | None:
         if obj.startswith("endpoint:"):
             return obj.removeprefix("endpoint:")
-        return self._owners.get(obj)
+        return self.state.objects.get(obj)
 
     def port(self, pd: str) -> Port:
         """The only handle through which ``pd`` can act."""
@@ -125,13 +120,16 @@ class Kernel:
         ``on_reply`` is for the operator's calls (a :class:`Port` never passes it):
         the answer goes to it instead of being routed to ``pd``.
         """
-        cap = self.state.caps.get(token.cap_id)
-        if cap is not None and "grant" not in cap.rights and "grant-reply" not in cap.rights:
-            raise self._refuse(CapRefused("missing-right", pd, token.cap_id,
-                                          "a call needs grant or grant-reply", "grant-reply"))
+        try:  # the token first: a PD learns nothing of a cap it does not hold
+            cap = caps.check(self.state, pd, token, "write")
+            if "grant" not in cap.rights and "grant-reply" not in cap.rights:
+                raise CapRefused("missing-right", pd, token.cap_id,
+                                 "a call needs grant or grant-reply", "grant-reply")
+        except CapRefused as exc:
+            raise self._refuse(exc) from None
         reply = ReplyCap(next(self._reply_ids), pd)
         # Registered before sending: the callee may answer before send() returns.
-        self._replies[reply.reply_id] = (pd, self.owner(cap.obj) or "" if cap else "")
+        self._replies[reply.reply_id] = (pd, self.owner(cap.obj) or "")
         if on_reply is not None:
             self._answers[reply.reply_id] = on_reply
         try:
@@ -167,6 +165,10 @@ class Kernel:
         state = self.state
         if d.cap_id not in state.caps or state.pd_status.get(d.target) != "running":
             self.dropped += 1
+            if d.reply is not None:  # the call will never be answered: forget its reply cap
+                with self._reply_lock:
+                    self._replies.pop(d.reply.reply_id, None)
+                    self._answers.pop(d.reply.reply_id, None)
             return None
         if d.transfer is None:
             return d

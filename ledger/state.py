@@ -61,6 +61,8 @@ class State:
     pd_status: dict[str, str] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     next_cap_id: int = 1
+    objects: dict[str, str] = field(default_factory=dict)
+    """Object -> the PD serving it: whoever got its first original grant; never changes."""
     # Derived from ``caps`` (the derivation tree's edges); rebuilt, never stored.
     children: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -82,6 +84,7 @@ class State:
             "pd_status": dict(sorted(self.pd_status.items())),
             "restarts": dict(sorted(self.restarts.items())),
             "next_cap_id": self.next_cap_id,
+            "objects": dict(sorted(self.objects.items())),
         }
 
     @classmethod
@@ -93,7 +96,7 @@ class State:
                     pds=dict(obj["pds"]), members={m.name: m for m in members},
                     caps={k.cap_id: k for k in caps}, event_counts=dict(obj["event_counts"]),
                     pd_status=dict(obj["pd_status"]), restarts=dict(obj["restarts"]),
-                    next_cap_id=obj["next_cap_id"])
+                    next_cap_id=obj["next_cap_id"], objects=dict(obj["objects"]))
         for k in caps:
             if k.parent is not None:
                 state.children.setdefault(k.parent, []).append(k.cap_id)
@@ -146,6 +149,8 @@ def _cap_granted(s: State, e: c.CapGranted, seq: int, ts: int, sig: bytes | None
                            seq, sig)
     if e.parent is not None:
         s.children.setdefault(e.parent, []).append(e.cap_id)
+    else:
+        s.objects.setdefault(e.obj, e.holder)
     s.next_cap_id = max(s.next_cap_id, e.cap_id + 1)
 
 

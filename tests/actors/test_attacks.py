@@ -228,9 +228,6 @@ def test_a_guessed_reply_cap_cannot_cancel_a_call(node: SimNode) -> None:
 
 
 # --------------------------------------------------------------------- kernel bugs found here
-@pytest.mark.xfail(strict=True, reason="kernel.call checks the call right before the token: "
-                   "a stolen or forged token is refused as missing-right, revealing the "
-                   "rights of a cap the caller does not hold")
 def test_call_with_a_stolen_or_forged_token(node: SimNode) -> None:
     stolen = token(node, FLEET, "tunnel")  # read, write: no grant, no grant-reply
     forged = Token(stolen.cap_id, FLEET, bytes(64))
@@ -242,11 +239,20 @@ def test_call_with_a_stolen_or_forged_token(node: SimNode) -> None:
         assert node.kernel.refused[(pd, code)] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the kernel's object -> server map is rebuilt from "
-                   "parentless caps: after the original is deleted, a restarted kernel "
-                   "routes the object to the holder of a former child")
 def test_routing_is_the_same_after_a_kernel_restart(node: SimNode) -> None:
     net_driver = node.port("pd-net-driver")
     net_driver.delete(token(node, "pd-net-driver", "net"))
     assert node.kernel.owner("net") == "pd-net-driver"
     assert Kernel(node.ledger).owner("net") == "pd-net-driver"
+
+
+def test_a_call_dropped_in_flight_leaves_no_reply_cap_behind(node: SimNode) -> None:
+    wireguard, fleet = node.port("pd-wireguard"), node.port("pd-fleet")
+    original = token(node, "pd-wireguard", "tunnel")
+    callable_cap = wireguard.mint(original, ("write", "grant-reply"), to=FLEET)
+    fleet.call(callable_cap, {"op": "ping"})
+    wireguard.revoke(original)  # the call is still queued
+    before = node.kernel.dropped
+    node.host.run_until_idle()
+    assert node.kernel.dropped == before + 1
+    assert node.kernel._replies == {}
