@@ -121,7 +121,7 @@ class Kernel:
         the answer goes to it instead of being routed to ``pd``.
         """
         try:  # the token first: a PD learns nothing of a cap it does not hold
-            cap = caps.check(self.state, pd, token, "write")
+            cap = caps.check(self.state, pd, token)
             if "grant" not in cap.rights and "grant-reply" not in cap.rights:
                 raise CapRefused("missing-right", pd, token.cap_id,
                                  "a call needs grant or grant-reply", "grant-reply")

@@ -8,6 +8,7 @@ every queued event, and commits them as one batch while the others wait.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -51,6 +52,7 @@ from ledger.scan import (
     ScanResult,
     TornTail,
     TrustedPrefix,
+    list_segments,
     segment_name,
 )
 from ledger.seal import seal_segment
@@ -128,6 +130,7 @@ class Ledger:
         self._failed: BaseException | None = None
         self._closed = False
         self._fd = -1
+        self._lock_fd = -1
         self._segment_size = 0
         self.batches = 0
         self.recovered: TornTail | None = scan.tail
@@ -164,6 +167,18 @@ class Ledger:
         signatures).  With the newest valid snapshot, the prefix it covers is only
         checksummed and the rest is verified; ``ppn ledger verify`` audits it all.
         """
+        lock_fd = _lock_directory(directory)
+        try:
+            ledger = cls._open_locked(directory, keys, clock, options, registry)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        ledger._lock_fd = lock_fd
+        return ledger
+
+    @classmethod
+    def _open_locked(cls, directory: Path, keys: NodeKeys, clock: Callable[[], int],
+                     options: Options, registry: EventRegistry) -> Ledger:
         snap = _newest_snapshot(directory, keys.public_key)
         start = snap.tree_size if snap else 0
         state = snap.state.copy() if snap else State()
@@ -378,6 +393,9 @@ class Ledger:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the lock
+                self._lock_fd = -1
 
     def __enter__(self) -> Ledger:
         return self
@@ -418,6 +436,23 @@ def _truncate(tail: TornTail) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+LOCK_FILE = ".lock"
+
+
+def _lock_directory(directory: Path) -> int:
+    """Hold an exclusive lock on the ledger directory: one writer at a time."""
+    if not list_segments(directory):
+        raise LedgerCorrupt(str(directory), 0, None, "no segment files: not a ledger")
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LedgerUsageError(f"{directory} is open for writing in another process; "
+                               "stop that node first") from None
+    return fd
 
 
 def _newest_snapshot(directory: Path, public_key: bytes) -> snapshot.Snapshot | None:

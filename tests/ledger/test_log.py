@@ -370,3 +370,12 @@ def test_a_snapshot_that_disagrees_with_the_log_is_refused(tmp_path: Path) -> No
         Ledger.open(tmp_path / "l", keys)
     with pytest.raises(LedgerCorrupt, match="snap-"):
         audit.verify(tmp_path / "l")
+
+
+def test_one_writer_at_a_time(tmp_path: Path) -> None:
+    led, keys = new_ledger(tmp_path / "l")
+    with pytest.raises(LedgerUsageError, match="another process"):
+        Ledger.open(tmp_path / "l", keys)
+    led.close()
+    Ledger.open(tmp_path / "l", keys).close()  # free again once closed
+    audit.verify(tmp_path / "l")  # readers never need the lock
