@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from actors import control
-from actors.host import HostError
+from actors.lifecycle import HostError
 from actors.logs import configure_logging
 from actors.runtime import LEDGER_SUBDIR, Node, cap_json
 from actors.system import SystemDescriptionError, load_default

@@ -22,7 +22,6 @@ import heapq
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,20 +31,15 @@ import structlog
 
 from actors.core import Action, Append, Call, Core, IoRequest, Reply, Send, SetTimer, make_core
 from actors.kernel import Delivery, Kernel
+from actors.lifecycle import CrashWindow, HostError, require_spawnable, require_status
 from ledger import caps
 from ledger.caps import CapRefused
-from ledger.catalog import PdFailed, PdReaped, PdRestarted, PdSpawned
+from ledger.catalog import PdFailed, PdReaped, PdSpawned
 from ledger.log import Ledger
 
 log = structlog.get_logger("host")
 
 CoreFactory = Callable[[str], Core]
-MAX_REASON = 300  # characters of an exception message kept in a lifecycle event
-
-
-class HostError(Exception):
-    """A lifecycle request the host cannot honour (unknown PD, wrong status)."""
-
 
 @dataclass(frozen=True, slots=True)
 class _Tick:
@@ -213,9 +207,8 @@ class Host:
                  restart_limit: int = 3, restart_window: float = 60.0) -> None:
         self.ledger, self.kernel, self.make_core, self.clock = ledger, kernel, make_core, clock
         self._monotonic = monotonic
-        self.restart_limit, self.restart_window = restart_limit, restart_window
         self._refs: dict[str, pykka.ActorRef[PdActor]] = {}
-        self._crashes: dict[str, deque[float]] = {}
+        self._crashes = CrashWindow(restart_limit, restart_window)
         self._lock = threading.Lock()  # guards _refs and _crashes
         self.timers = Timers(monotonic)
         kernel.set_route(self.route)
@@ -256,7 +249,7 @@ class Host:
 
     def _start(self, pd: str) -> None:
         with self._lock:
-            self._crashes.pop(pd, None)
+            self._crashes.forget(pd)
             if pd in self._refs and self._refs[pd].is_alive():
                 raise HostError(f"{pd} is already running")
         ref = PdActor.start(self, pd)
@@ -294,40 +287,27 @@ class Host:
         Does not wait for the actor (a PD may ask for this from its handler); messages
         still queued for it are dropped by ``kernel.accept``, as its status is reaped.
         """
-        self._require(pd, "running", "reap")
+        require_status(self.ledger.state, pd, "running", "reap")
         self.kernel.journal(PdReaped(pd, reason))
         self._stop_actor(pd)
         log.info("host.pd_reaped", pd=pd, reason=reason)
 
     def spawn(self, pd: str, reason: str) -> None:
         """Run a reaped (or failed) PD again, with a fresh core."""
-        status = self.ledger.state.pd_status.get(pd)
-        if status not in ("reaped", "failed"):
-            raise HostError(f"cannot spawn {pd}: its status is {status or 'unknown'}, "
-                            "not reaped or failed")
+        require_spawnable(self.ledger.state, pd)
         self.kernel.journal(PdSpawned(pd, reason))
         self._start(pd)
 
-    def _require(self, pd: str, status: str, what: str) -> None:
-        actual = self.ledger.state.pd_status.get(pd)
-        if actual != status:
-            raise HostError(f"cannot {what} {pd}: its status is {actual or 'unknown'}, "
-                            f"not {status}")
-
     def supervise(self, pd: str, exc: Exception) -> bool:
         """Journal a crash of ``pd``'s handler; True if the PD may restart, False if failed."""
-        reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON]
-        now = self._monotonic()
         with self._lock:
-            window = self._crashes.setdefault(pd, deque())
-            window.append(now)
-            while window and window[0] < now - self.restart_window:
-                window.popleft()
-            failed = len(window) > self.restart_limit
+            event = self._crashes.crash(pd, exc, self._monotonic())
+            failed = isinstance(event, PdFailed)
             if failed:
                 self._refs.pop(pd, None)
+        reason = event.reason
         try:
-            self.kernel.journal(PdFailed(pd, reason) if failed else PdRestarted(pd, reason))
+            self.kernel.journal(event)
         except Exception as journal_exc:  # the ledger is broken: stop the PD, unjournalled
             log.critical("host.supervision_unjournalled", pd=pd, reason=reason,
                          error=repr(journal_exc))

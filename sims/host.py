@@ -19,16 +19,16 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.core import Action, Append, Call, Core, IoRequest, Reply, Send, SetTimer, make_core
-from actors.host import MAX_REASON, HostError
 from actors.kernel import Delivery, Kernel
+from actors.lifecycle import CrashWindow, require_spawnable, require_status
 from ledger import caps
 from ledger.caps import CapRefused
-from ledger.catalog import PdFailed, PdReaped, PdRestarted, PdSpawned
+from ledger.catalog import PdFailed, PdReaped, PdSpawned
 from ledger.log import Ledger
 
 EPOCH_NS = 1_704_067_200 * 10**9
@@ -95,7 +95,6 @@ class Host:
         self.kernel, self.ledger, self.clock, self.rng = kernel, ledger, clock, rng
         self.make_core = make_core
         self.latency_ns = latency_ns
-        self.restart_limit, self.restart_window = restart_limit, restart_window
         self.cores: dict[str, Core] = {}
         self.handled = 0  # deliveries and timers a core saw
         self.refusals: list[Refusal] = []
@@ -104,7 +103,7 @@ class Host:
         self._seq = itertools.count()
         self._last_arrival: dict[str, int] = {}
         self._generation: Counter[str] = Counter()
-        self._crashes: dict[str, deque[int]] = {}
+        self._crashes = CrashWindow(restart_limit, restart_window)
         kernel.set_route(self.route)
 
     # ----------------------------------------------------------------- lifecycle
@@ -116,7 +115,7 @@ class Host:
                 self._start(pd)
 
     def _start(self, pd: str) -> None:
-        self._crashes.pop(pd, None)
+        self._crashes.forget(pd)
         self._fresh_core(pd)
 
     def _fresh_core(self, pd: str) -> None:
@@ -137,39 +136,24 @@ class Host:
 
     def reap(self, pd: str, reason: str) -> None:
         """End a PD's work: its caps go (in the fold), its core stops, its queue is dropped."""
-        self._require(pd, "running", "reap")
+        require_status(self.kernel.state, pd, "running", "reap")
         self.kernel.journal(PdReaped(pd, reason))
         self.cores.pop(pd, None)
         self._generation[pd] += 1
 
     def spawn(self, pd: str, reason: str) -> None:
         """Run a reaped (or failed) PD again, with a fresh core."""
-        status = self.kernel.state.pd_status.get(pd)
-        if status not in ("reaped", "failed"):
-            raise HostError(f"cannot spawn {pd}: its status is {status or 'unknown'}, "
-                            "not reaped or failed")
+        require_spawnable(self.kernel.state, pd)
         self.kernel.journal(PdSpawned(pd, reason))
         self._start(pd)
 
-    def _require(self, pd: str, status: str, what: str) -> None:
-        actual = self.kernel.state.pd_status.get(pd)
-        if actual != status:
-            raise HostError(f"cannot {what} {pd}: its status is {actual or 'unknown'}, "
-                            f"not {status}")
-
     def _supervise(self, pd: str, exc: Exception) -> bool:
         """Journal a crash; True if the PD may restart, False once it has failed."""
-        reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON]
-        now = self.clock.elapsed_ns
-        window = self._crashes.setdefault(pd, deque())
-        window.append(now)
-        while window and window[0] < now - round(self.restart_window * NS):
-            window.popleft()
-        failed = len(window) > self.restart_limit
+        event = self._crashes.crash(pd, exc, self.clock.elapsed)
         self.cores.pop(pd, None)
         self._generation[pd] += 1
-        self.kernel.journal(PdFailed(pd, reason) if failed else PdRestarted(pd, reason))
-        return not failed
+        self.kernel.journal(event)
+        return not isinstance(event, PdFailed)
 
     # ----------------------------------------------------------------- queue
     def route(self, target: str, d: Delivery) -> None:

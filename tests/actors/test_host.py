@@ -27,8 +27,8 @@ from actors.control import (
     request,
 )
 from actors.core import Action, Append, Call, Core, Send, SetTimer
-from actors.host import HostError
 from actors.kernel import Delivery, Kernel
+from actors.lifecycle import HostError
 from actors.runtime import Node
 from ledger import caps
 from ledger.caps import CapRefused, Token

@@ -10,8 +10,8 @@ import pytest
 import structlog.testing
 
 from actors.core import Action, Append, Core, Send, SetTimer
-from actors.host import HostError
 from actors.kernel import Delivery
+from actors.lifecycle import HostError
 from ledger.caps import CapRefused
 from ledger.catalog import PdFailed, PdRestarted, PdSpawned
 from ledger.scan import LogReader
