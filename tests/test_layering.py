@@ -35,3 +35,10 @@ def test_ledger_has_no_threads_or_sockets() -> None:
         mods = _imports(f)
         assert not mods & {"socket", "asyncio", "selectors", "pykka"}, f
         assert "threading.Thread" not in f.read_text(), f
+
+
+def test_no_ambient_authority_through_pykka_registry() -> None:
+    """No code finds an actor by name: PDs reach each other only through the kernel."""
+    for package in ("actors", "sims", "ledger"):
+        for f in sorted((ROOT / package).rglob("*.py")):
+            assert "ActorRegistry" not in f.read_text(), f
