@@ -1,0 +1,978 @@
+#!/usr/bin/env python3
+"""Kernel benchmark: messages and round trips through the capability kernel, revocation of
+a large subtree, and the idle memory of ``ppn node run``.
+
+Every figure is printed beside a baseline measured in the same run: raw pykka ``tell`` and
+``ask`` between plain actors, a single durable append, and bare Python processes.  Nothing
+here asserts a timing: it prints figures and the goals they are meant to meet.  See
+bench/README.md for what each figure means.
+
+    .venv/bin/python bench/kernel_bench.py [--quick] [--messages N] [--round-trips N]
+    .venv/bin/python bench/kernel_bench.py --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import pykka
+import structlog
+from ledger_bench import clear_flags, cpu_ticks, load, print_table
+
+from actors.core import Action, Call, Core, Send
+from actors.host import PdActor
+from actors.kernel import Delivery
+from actors.logs import configure_logging
+from actors.runtime import Node
+from ledger import caps
+from ledger.caps import Token
+from ledger.catalog import CapGranted, PdDeclared
+from ledger.keys import NodeKeys
+from ledger.log import Ledger, Options
+from ledger.state import apply
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+OUT_DIR = BENCH_DIR / "out"
+
+TELL_GOAL = 0.7  # kernel messages/s as a share of raw pykka tell
+ASK_GOAL = 0.8  # kernel round trips/s as a share of raw pykka ask().get()
+PHASE2_IDLE_MB = 48  # the seed's resource targets, RAM idle
+PHASE1_IDLE_MB = 400
+SUBTREE = 10_000  # descendants revoked at once
+FANOUT = 100  # the subtree: 100 children of the revoked cap, each with 99 children
+QUEUED_CAPS = 8  # descendants messages are queued under while the receiver is blocked
+QUEUED_EACH = 250
+KEPT_MESSAGES = 100  # queued under the revoked cap itself, which revoke keeps
+SETTLE = 3.0  # seconds a process idles before its memory is read
+
+# Payloads are compared by identity, so every receiver does the same (tiny) work.
+MSG: dict[str, Any] = {"op": "bench", "n": 0}
+QUEUED: dict[str, Any] = {"op": "queued"}
+KEPT: dict[str, Any] = {"op": "kept"}
+PING: dict[str, Any] = {"op": "ping"}
+RAW_PONG: dict[str, Any] = {"op": "pong", "badge": None, "from": "raw"}
+PROFILE_ON: dict[str, Any] = {"op": "profile-on"}
+PROFILE_OFF: dict[str, Any] = {"op": "profile-off"}
+
+
+# --------------------------------------------------------------------------- shared counters
+class Tally:
+    """Counts arrivals in a receiver's thread; notes the time of the ``target``-th."""
+
+    def __init__(self) -> None:
+        self.reset(0)
+
+    def reset(self, target: int) -> None:
+        self.count = 0
+        self.target = target
+        self.last = 0.0
+        self.cpu_first = self.cpu_last = 0.0  # the receiving thread's CPU time
+        self.done = threading.Event()
+
+    def hit(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.cpu_first = time.thread_time()
+        if self.count == self.target:
+            self.last = time.perf_counter()
+            self.cpu_last = time.thread_time()
+            self.done.set()
+
+    def wait(self, timeout: float) -> None:
+        if not self.done.wait(timeout):
+            raise RuntimeError(f"only {self.count:,} of {self.target:,} arrived in {timeout:g} s")
+
+
+@dataclass
+class Shared:
+    """What the bench's cores share with the bench: tallies, a gate, profilers."""
+
+    tally: Tally = field(default_factory=Tally)
+    arrived: Counter[str] = field(default_factory=Counter)  # part 3, by payload kind
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+    profiles: dict[str, cProfile.Profile] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the PD core
+@dataclass
+class BenchCore(Core):
+    """The stock core plus what the bench needs; ping still gets the stock pong.
+
+    * ``MSG``: counted (part 1's receiver), nothing returned;
+    * a reply (a pong coming back): counted, and the next ping is called until the tally
+      is full (part 2's PD-to-PD loop);
+    * ``{"op": "burst"}``: return ``n`` Send actions (part 1, sender inside a PD);
+    * ``{"op": "calls"}``: start the ping loop under the given token (part 2);
+    * ``{"op": "block"}``: wait on the gate (part 3's blocked receiver);
+    * ``QUEUED`` / ``KEPT``: counted by kind (part 3);
+    * ``PROFILE_ON`` / ``PROFILE_OFF``: cProfile this PD's thread (``--profile``).
+    """
+
+    shared: Shared | None = None
+    calls_under: Token | None = None
+
+    def handle(self, d: Delivery, now: float) -> list[Action]:
+        p, sh = d.payload, self.shared
+        assert sh is not None
+        if p is MSG:
+            sh.tally.hit()
+            return []
+        if d.obj == "reply":
+            sh.tally.hit()
+            if sh.tally.count < sh.tally.target and self.calls_under is not None:
+                return [Call(self.calls_under, PING)]
+            return []
+        if p is QUEUED or p is KEPT:
+            sh.arrived[p["op"]] += 1
+            return []
+        if p is PROFILE_ON:
+            sh.profiles[self.name] = prof = cProfile.Profile()
+            prof.enable()
+            return []
+        if p is PROFILE_OFF:
+            sh.profiles[self.name].disable()
+            return []
+        op = p.get("op") if isinstance(p, dict) else None
+        if op == "burst":
+            return [Send(p["token"], MSG)] * p["n"]
+        if op == "calls":
+            self.calls_under = p["token"]
+            return [Call(p["token"], PING)]
+        if op == "block":
+            sh.entered.set()
+            sh.gate.wait(120)
+            return []
+        return super().handle(d, now)
+
+
+# --------------------------------------------------------------------------- raw pykka
+class RawActor(pykka.ThreadingActor):
+    """A plain pykka actor doing what BenchCore does, with no kernel and no host."""
+
+    use_daemon_thread = True
+
+    def __init__(self, tally: Tally, peer: pykka.ActorRef[Any] | None = None) -> None:
+        super().__init__()
+        self.tally, self.peer = tally, peer
+
+    def on_receive(self, message: Any) -> Any:
+        if message is MSG:
+            self.tally.hit()
+            return None
+        if message is PING:  # ask: the answer goes back through pykka's future
+            return RAW_PONG
+        if message is RAW_PONG:  # tell ping-pong: the answer came back
+            self.tally.hit()
+            if self.tally.count < self.tally.target and self.peer is not None:
+                self.peer.tell((PING, self.actor_ref))
+            return None
+        if type(message) is tuple:  # (PING, reply_to): answer with a tell
+            message[1].tell(RAW_PONG)
+            return None
+        if message.get("op") == "burst":
+            tell = message["to"].tell
+            for _ in range(message["n"]):
+                tell(MSG)
+        elif message.get("op") == "calls":
+            assert self.peer is not None
+            self.peer.tell((PING, self.actor_ref))
+        return None
+
+
+@contextlib.contextmanager
+def raw_actors(*tallies: Tally) -> Iterator[list[pykka.ActorRef[Any]]]:
+    refs: list[pykka.ActorRef[Any]] = []
+    try:
+        for t in tallies:
+            refs.append(RawActor.start(t))
+        yield refs
+    finally:
+        for r in refs:
+            with contextlib.suppress(pykka.ActorDeadError):
+                r.stop()
+
+
+# --------------------------------------------------------------------------- helpers
+@dataclass(frozen=True)
+class Run:
+    """``n`` items between the first send and the last receipt."""
+
+    n: int
+    wall: float  # first send -> last receipt
+    sent: float  # first send -> the sender's loop returned
+    cpu: float  # this process's CPU time over the run (all threads)
+    sender_cpu: float = 0.0  # the bench thread's CPU time in ``start``
+    receiver_cpu: float = 0.0  # the counting thread's, first arrival to last
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.wall
+
+
+def timed(n: int, tally: Tally, start: Callable[[], None], timeout: float = 600.0) -> Run:
+    """Reset ``tally`` to ``n``, call ``start`` (which sends), wait for the ``n``-th arrival."""
+    tally.reset(n)
+    cpu0, own0 = time.process_time(), time.thread_time()
+    t0 = time.perf_counter()
+    start()
+    sent = time.perf_counter() - t0
+    own = time.thread_time() - own0
+    tally.wait(timeout)
+    return Run(n, tally.last - t0, sent, time.process_time() - cpu0, own,
+               tally.cpu_last - tally.cpu_first)
+
+
+def best(repeat: int, fn: Callable[[], Run], spread: list[str] | None = None,
+         name: str = "") -> Run:
+    """The fastest of ``repeat`` runs (other processes only ever slow a run down);
+    every run's rate is noted in ``spread``."""
+    runs = [fn() for _ in range(repeat)]
+    if spread is not None:
+        spread.append(f"{name} " + " / ".join(fmt(r.rate) for r in runs))
+    return min(runs, key=lambda r: r.wall)
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def verdict(ratio: float, goal: float) -> str:
+    return f"{'meets' if ratio >= goal else 'misses'} the goal (>= {goal:.2f})"
+
+
+def code_version() -> str:
+    """The commit measured, and whether actors/ or ledger/ differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "actors", "ledger"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + (" + uncommitted changes in actors/ or ledger/" if dirty else "")
+
+
+def ppn_command() -> list[str]:
+    """The installed ``ppn`` entry point beside this interpreter, else ``python -m``."""
+    script = Path(sys.executable).parent / "ppn"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "actors.cli"]
+
+
+def ppn(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ppn_command(), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def node_init(state_dir: Path, name: str) -> None:
+    out = ppn("node", "init", "--state-dir", str(state_dir), "--name", name)
+    if out.returncode != 0:
+        raise RuntimeError(f"ppn node init failed: {out.stderr.strip()}")
+
+
+def log_like_the_node(logfile: TextIO) -> None:
+    """The node's own logging set-up (INFO, JSON lines), written to a file, not the screen."""
+    configure_logging()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=logfile))
+    logging.basicConfig(level=logging.WARNING, stream=logfile, force=True)
+
+
+def cap_of(node: Node, holder: str, obj: str, *, original: bool = False) -> Token:
+    """The token of ``holder``'s first cap on ``obj`` (its original one if ``original``)."""
+    state = node.ledger.state
+    for c in sorted(state.caps.values(), key=lambda c: c.cap_id):
+        if c.holder == holder and c.obj == obj and (c.parent is None) == original:
+            return caps.token_for(c)
+    raise LookupError(f"{holder} holds no {'original ' if original else ''}cap on {obj}")
+
+
+def as_self(node: Node, pd: str, payload: Any) -> None:
+    """Send ``payload`` to ``pd`` under its own endpoint cap, through its own port."""
+    node.kernel.port(pd).send(cap_of(node, pd, f"endpoint:{pd}", original=True), payload)
+
+
+def sync(node: Node, pd: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Wait until ``pd`` has handled everything queued before this call."""
+    status = node.host.core_status(pd, timeout=timeout)
+    if status is None:
+        raise RuntimeError(f"{pd} did not answer a status query within {timeout:g} s")
+    return status
+
+
+# --------------------------------------------------------------------------- part 1
+def part_messages(node: Node, sh: Shared, n: int, repeat: int) -> None:
+    print(f"\n== 1. One-way messages between two PDs: {n:,} messages, the receiver counts "
+          f"(best of {repeat}) ==")
+    sender, receiver = "pd-fleet", "pd-ledger"
+    token = cap_of(node, sender, f"endpoint:{receiver}")
+    cap = node.ledger.state.caps[token.cap_id]
+    print(f"   kernel: {sender} -> {receiver} under cap #{cap.cap_id} (system.toml's "
+          f"endpoint cap, rights {','.join(cap.rights)}, badge {cap.badge}); the receiving "
+          "PD runs the real host (kernel.accept, core.handle, actions) with a counting core")
+    port = node.kernel.port(sender)
+
+    def kernel_main() -> None:
+        send = port.send
+        for _ in range(n):
+            send(token, MSG)
+
+    def kernel_in_pd() -> None:
+        as_self(node, sender, {"op": "burst", "n": n, "token": token})
+
+    spread: list[str] = []
+    k_main = best(repeat, lambda: timed(n, sh.tally, kernel_main), spread, "kernel/bench thread")
+    k_pd = best(repeat, lambda: timed(n, sh.tally, kernel_in_pd), spread, "kernel/PD")
+
+    raw_tally = Tally()
+    with raw_actors(raw_tally, Tally()) as (rx, tx):
+        def raw_main() -> None:
+            tell = rx.tell
+            for _ in range(n):
+                tell(MSG)
+
+        def raw_in_actor() -> None:
+            tx.tell({"op": "burst", "n": n, "to": rx})
+
+        r_main = best(repeat, lambda: timed(n, raw_tally, raw_main), spread, "raw/bench thread")
+        r_actor = best(repeat, lambda: timed(n, raw_tally, raw_in_actor), spread, "raw/actor")
+
+    def us(seconds: float, k: int) -> str:
+        return f"{seconds / k * 1e6:.2f}"
+
+    rows = []
+    for what, k, r, own in (("the bench thread: Port.send / ref.tell", k_main, r_main, True),
+                            ("a PD's handler: core returns Send actions / on_receive "
+                             "tells", k_pd, r_actor, False)):
+        rows.append([what, fmt(k.rate), fmt(r.rate), f"{k.rate / r.rate:.2f}",
+                     f"{us(k.sender_cpu, n)} / {us(r.sender_cpu, n)}" if own else "-",
+                     f"{us(k.receiver_cpu, n)} / {us(r.receiver_cpu, n)}",
+                     f"{us(k.cpu, n)} / {us(r.cpu, n)}",
+                     f"{k.sent:.2f} / {r.sent:.2f}", f"{k.wall:.2f} / {r.wall:.2f}"])
+    print_table(["sender", "kernel msgs/s", "raw tell msgs/s", "ratio",
+                 "sender CPU us/msg (k / raw)", "receiver CPU us/msg", "process CPU us/msg",
+                 "send loop s", "last receipt s"], rows)
+    if repeat > 1:
+        print(f"   every run, msgs/s: {'; '.join(spread)}")
+    ratio = k_main.rate / r_main.rate
+    print(f"   kernel vs raw tell: {ratio:.2f} -> {verdict(ratio, TELL_GOAL)} "
+          f"(first row; the second row's ratio is {k_pd.rate / r_actor.rate:.2f})")
+
+
+# --------------------------------------------------------------------------- part 2
+def part_round_trips(node: Node, sh: Shared, n: int, repeat: int) -> None:
+    print(f"\n== 2. Sequential request/reply round trips: {n:,} (best of {repeat}) ==")
+    caller, callee = "pd-fleet", "pd-vmm"
+    endpoint = cap_of(node, callee, f"endpoint:{callee}", original=True)
+    new_id = node.mint(endpoint.cap_id, ["write", "grant-reply"], caller, badge=6)
+    token = node.kernel.operator_token(new_id)
+    print(f"   kernel: {caller} calls {callee} under cap #{new_id} (minted by the operator "
+          f"from #{endpoint.cap_id}: write,grant-reply, badge 6); {callee}'s core answers "
+          "with the stock Core's pong")
+
+    def pd_loop() -> None:
+        as_self(node, caller, {"op": "calls", "token": token})
+
+    spread: list[str] = []
+    k_pd = best(repeat, lambda: timed(n, sh.tally, pd_loop), spread, "kernel PD->PD")
+
+    def operator_calls() -> Run:
+        kernel = node.kernel
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            answered = threading.Event()
+
+            def on_reply(_payload: Any, e: threading.Event = answered) -> None:
+                e.set()
+            kernel.call(caller, token, PING, on_reply=on_reply)
+            if not answered.wait(10):
+                raise RuntimeError("no pong within 10 s")
+        wall = time.perf_counter() - t0
+        return Run(n, wall, wall, time.process_time() - cpu0)
+
+    k_op = best(repeat, operator_calls, spread, "kernel.call")
+
+    m = max(1, n // 10)
+
+    def node_pings() -> Run:
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(m):
+            node.ping(cap_id=new_id)
+        wall = time.perf_counter() - t0
+        return Run(m, wall, wall, time.process_time() - cpu0)
+
+    k_ping = best(repeat, node_pings)
+
+    with raw_actors(Tally()) as (server,):
+        def raw_ask() -> Run:
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            ask = server.ask
+            for _ in range(n):
+                ask(PING, block=False).get(timeout=10)
+            wall = time.perf_counter() - t0
+            return Run(n, wall, wall, time.process_time() - cpu0)
+
+        r_ask = best(repeat, raw_ask, spread, "raw ask")
+
+    loop_tally = Tally()
+    with raw_actors(Tally()) as (callee_ref,):
+        client = RawActor.start(loop_tally, callee_ref)
+        try:
+            r_loop = best(repeat, lambda: timed(n, loop_tally,
+                                                lambda: client.tell({"op": "calls"})),
+                          spread, "raw ping-pong")
+        finally:
+            client.stop()
+
+    rows = [
+        ["PD -> PD: Call, stock pong Reply, reply routed to the caller PD", fmt(k_pd.rate),
+         fmt(r_ask.rate), f"{k_pd.rate / r_ask.rate:.2f}", fmt(r_loop.rate),
+         f"{k_pd.rate / r_loop.rate:.2f}"],
+        ["bench thread: kernel.call(on_reply=...) + Event.wait", fmt(k_op.rate),
+         fmt(r_ask.rate), f"{k_op.rate / r_ask.rate:.2f}", "", ""],
+        [f"bench thread: Node.ping(cap) ({m:,} of them)", fmt(k_ping.rate), fmt(r_ask.rate),
+         f"{k_ping.rate / r_ask.rate:.2f}", "", ""],
+    ]
+    print_table(["kernel path", "kernel trips/s", "raw ask().get() trips/s", "ratio",
+                 "raw tell ping-pong trips/s", "ratio"], rows)
+    if repeat > 1:
+        print(f"   every run, trips/s: {'; '.join(spread)}")
+    ratio = k_pd.rate / r_ask.rate
+    print(f"   kernel PD->PD vs raw ask().get(): {ratio:.2f} -> {verdict(ratio, ASK_GOAL)}; "
+          f"bench-thread call vs ask: {k_op.rate / r_ask.rate:.2f}")
+    print(f"   CPU s per run: PD->PD {k_pd.cpu:.2f}, kernel.call {k_op.cpu:.2f}, "
+          f"raw ask {r_ask.cpu:.2f}, raw tell ping-pong {r_loop.cpu:.2f}")
+
+
+# --------------------------------------------------------------------------- part 3
+def build_subtree(node: Node, root: int, holders: Sequence[str]) -> list[int]:
+    """SUBTREE descendants of cap ``root``, appended as CapGranted events in one batch.
+
+    Bypasses the kernel (setup speed): FANOUT children of ``root`` with write,grant, each
+    with FANOUT - 1 write-only children, held in turn by ``holders``.
+    """
+    state = node.ledger.state
+    parent = state.caps[root]
+    next_id = state.next_cap_id
+    events: list[CapGranted] = []
+    for i in range(FANOUT):
+        mid = next_id
+        next_id += 1
+        events.append(CapGranted(mid, holders[i % len(holders)], parent.obj,
+                                 ("write", "grant"), parent.badge, root, "mint"))
+        for j in range(FANOUT - 1):
+            events.append(CapGranted(next_id, holders[(i + j + 1) % len(holders)], parent.obj,
+                                     ("write",), parent.badge, mid, "copy"))
+            next_id += 1
+    assert len(events) == SUBTREE
+    node.ledger.append_many(events)
+    return [e.cap_id for e in events]
+
+
+@dataclass
+class RevokeRun:
+    setup: float
+    command: float  # caps.revoke alone: counting the descendants, making the event
+    fold: float  # apply(CapRevoked) alone, on a copy of the state
+    revoke: float
+    revoked: int
+    records: int  # ledger records the revoke added
+    queued: int
+    arrived: int
+    kept_sent: int
+    kept_arrived: int
+    dropped: int
+    drain: float  # unblock -> every queued message handled (dropped or delivered)
+    caps_left: int
+
+
+def revoke_once(node: Node, sh: Shared, root: Token, receiver: str) -> RevokeRun:
+    kernel, ledger = node.kernel, node.ledger
+    holders = ("pd-fleet", "pd-network-admin")
+    t0 = time.perf_counter()
+    ids = build_subtree(node, root.cap_id, holders)
+    setup = time.perf_counter() - t0
+    caps_before = len(ledger.state.caps)
+
+    sh.gate.clear()
+    sh.entered.clear()
+    sh.arrived.clear()
+    as_self(node, receiver, {"op": "block"})
+    if not sh.entered.wait(10):
+        raise RuntimeError(f"{receiver} did not block")
+    step = len(ids) // QUEUED_CAPS
+    chosen = [ids[0], *(ids[i * step + step // 2] for i in range(1, QUEUED_CAPS))]
+    queued = 0
+    for cap_id in chosen:
+        cap = ledger.state.caps[cap_id]
+        port, token = kernel.port(cap.holder), caps.token_for(cap)
+        for _ in range(QUEUED_EACH):
+            port.send(token, QUEUED)
+            queued += 1
+    root_port = kernel.port(root.holder)
+    for _ in range(KEPT_MESSAGES):
+        root_port.send(root, KEPT)
+    dropped0, size0 = kernel.dropped, ledger.size
+
+    c0 = time.perf_counter()
+    event = caps.revoke(ledger.state, root.holder, root)
+    command = time.perf_counter() - c0
+    scratch = ledger.state.copy()
+    f0 = time.perf_counter()
+    apply(scratch, event, scratch.seq + 1, 0)
+    fold = time.perf_counter() - f0
+    del scratch
+    r0 = time.perf_counter()
+    revoked = root_port.revoke(root)
+    revoke = time.perf_counter() - r0
+    assert event.descendants == revoked
+    records = ledger.size - size0
+
+    d0 = time.perf_counter()
+    sh.gate.set()
+    sync(node, receiver)
+    drain = time.perf_counter() - d0
+    return RevokeRun(setup, command, fold, revoke, revoked, records, queued, sh.arrived["queued"],
+                     KEPT_MESSAGES, sh.arrived["kept"], kernel.dropped - dropped0, drain,
+                     caps_before - len(ledger.state.caps))
+
+
+def durable_baselines(node: Node, scratch: Path, keys: NodeKeys, k: int) -> dict[str, float]:
+    """Median seconds of single durable appends: through the kernel, and on a bare ledger."""
+    port = node.kernel.port("pd-fleet")
+    source = cap_of(node, "pd-fleet", "endpoint:pd-ledger")
+    mints, deletes, plain = [], [], []
+    for _ in range(k):
+        t0 = time.perf_counter()
+        leaf = port.mint(source, ("write",))
+        mints.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        port.delete(leaf)
+        deletes.append(time.perf_counter() - t0)
+    options = Options(set_append_only_flag=False, snapshot_every=1 << 62)
+    with Ledger.create(scratch, keys, "bench.ppn.example/scratch", options=options) as led:
+        for i in range(k):
+            t0 = time.perf_counter()
+            led.append(PdDeclared(f"pd-scratch-{i}", 1))
+            plain.append(time.perf_counter() - t0)
+    return {"mint": statistics.median(mints), "delete": statistics.median(deletes),
+            "plain": statistics.median(plain)}
+
+
+def part_revoke(node: Node, sh: Shared, root_dir: Path, repeat: int) -> None:
+    print(f"\n== 3. Revoke a {SUBTREE:,}-cap subtree with {QUEUED_CAPS * QUEUED_EACH:,} "
+          f"messages queued under it at a blocked receiver ({repeat} run(s)) ==")
+    receiver = "pd-vmm"
+    endpoint = cap_of(node, receiver, f"endpoint:{receiver}", original=True)
+    root_id = node.mint(endpoint.cap_id, ["write", "grant"], "pd-fleet", badge=6)
+    root = node.kernel.operator_token(root_id)
+    print(f"   revoked cap: #{root_id} (pd-fleet, endpoint:{receiver}, write,grant, badge 6); "
+          f"subtree: {FANOUT} children x {FANOUT - 1} grandchildren, held alternately by "
+          "pd-fleet and pd-network-admin, set up with ledger.append_many of CapGranted "
+          "events (not through the kernel)")
+    print(f"   queued: {QUEUED_EACH} messages under each of {QUEUED_CAPS} descendants "
+          f"(through the holder's Port.send) + {KEPT_MESSAGES} under #{root_id} itself "
+          f"(revoke keeps it), while {receiver}'s handler waits on a gate")
+    runs = [revoke_once(node, sh, root, receiver) for _ in range(repeat)]
+    base = durable_baselines(node, root_dir / "scratch-ledger", NodeKeys.generate(), 21)
+
+    rows = []
+    for i, r in enumerate(runs, 1):
+        rows.append([str(i), ms(r.revoke), ms(r.command), ms(r.fold), f"{r.revoked:,}",
+                     str(r.records), f"{r.caps_left:,}", f"{r.arrived} of {r.queued:,}",
+                     f"+{r.dropped:,}", f"{r.kept_arrived} of {r.kept_sent}",
+                     f"{r.drain:.3f} s ({fmt(r.queued / r.drain)}/s)", f"{r.setup:.2f} s"])
+    print_table(["run", "kernel.revoke", "caps.revoke alone", "fold alone", "descendants",
+                 "ledger records", "caps gone", "queued that reached the core",
+                 "kernel.dropped", "kept-cap msgs arrived", "drain after unblock",
+                 "setup (append_many)"], rows)
+    med = statistics.median(r.revoke for r in runs)
+    print(f"   baseline, single durable appends (median of 21): kernel.delete of a leaf cap "
+          f"{ms(base['delete'])}, kernel.mint of a leaf cap (signed) {ms(base['mint'])}, "
+          f"ledger.append(PdDeclared) on a bare ledger {ms(base['plain'])}")
+    print(f"   revoke of {SUBTREE:,} (median {ms(med)}) = {med / base['delete']:.1f}x one "
+          f"kernel.delete, {med / base['plain']:.1f}x one bare append")
+    ok = all(r.arrived == 0 and r.dropped == r.queued and r.kept_arrived == r.kept_sent
+             and r.records == 1 and r.revoked == SUBTREE for r in runs)
+    print(f"   every run: one record, {SUBTREE:,} descendants, 0 queued messages reached the "
+          f"core, dropped rose by the number queued, kept-cap messages arrived: "
+          f"{'yes' if ok else 'NO (see the table)'}")
+
+
+# --------------------------------------------------------------------------- part 4
+@dataclass
+class Memory:
+    rss: int  # bytes
+    hwm: int
+    pss: int | None
+    anon: int
+    threads: int
+
+
+def read_memory(pid: int) -> Memory:
+    fields: dict[str, str] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+
+    def kib(key: str) -> int:
+        return int(fields.get(key, "0 kB").split()[0]) * 1024
+
+    pss: int | None = None
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+    return Memory(kib("VmRSS"), kib("VmHWM"), pss, kib("RssAnon"), int(fields["Threads"]))
+
+
+def mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def third_party_modules() -> list[str]:
+    """Every non-stdlib module the node's code loads (the packages it imports, in full)."""
+    probe = ("import json, sys, actors.cli, actors.runtime\n"
+             "own = {'actors', 'ledger', '__main__'}\n"
+             "mods = [m for m in sys.modules if m.split('.')[0] not in sys.stdlib_module_names\n"
+             "        and m.split('.')[0] not in own and not m.startswith('_')\n"
+             "        and getattr(sys.modules[m], '__spec__', None) is not None]\n"
+             "print(json.dumps(sorted(mods)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    mods: list[str] = json.loads(out.stdout)
+    return mods
+
+
+def importer(mods: Sequence[str]) -> list[str]:
+    """argv of a Python that imports ``mods``, says ready, and sleeps."""
+    code = ("import importlib, time\n"
+            f"for m in {list(mods)!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    return [sys.executable, "-c", code]
+
+
+def idle_process(argv: list[str], ready: str | None) -> Memory:
+    """Start ``argv``, wait for its ``ready`` line (if any), idle SETTLE s, read its memory."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=REPO)
+    try:
+        if ready is not None:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            if line != ready:
+                raise RuntimeError(f"{argv[:3]}...: expected {ready!r}, got {line!r}")
+        time.sleep(SETTLE)
+        return read_memory(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def part_memory(root: Path) -> None:
+    print(f"\n== 4. Idle memory: `ppn node run` with all seven PDs, read after {SETTLE:g} s "
+          "idle ==")
+    state_dir = root / "idle-node"
+    node_init(state_dir, "bench-idle")
+    log_path = root / "idle-node.log"
+    cmd = [*ppn_command(), "node", "run", "--state-dir", str(state_dir)]
+    with open(log_path, "w") as log_file:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=log_file, cwd=REPO)
+        try:
+            status = wait_for_status(state_dir, proc)
+            up = time.perf_counter() - t0
+            time.sleep(SETTLE)
+            node_mem = read_memory(proc.pid)
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                measured = f.read().replace(b"\0", b" ").decode().strip()
+        finally:
+            s0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code: int | None = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                code = None
+            stop = time.perf_counter() - s0
+    alive = sorted(pd for pd, v in status["pds"].items() if v["alive"])
+    print(f"   measured: pid {proc.pid} `{measured}`; control socket answered `ppn node "
+          f"status` {up:.2f} s after start; {len(alive)} PDs alive ({', '.join(alive)})")
+
+    mods = third_party_modules()
+    tops = sorted({m.split(".")[0] for m in mods})
+    bare = idle_process([sys.executable, "-c", "import time; time.sleep(60)"], None)
+    third = idle_process(importer(mods), "ready")
+    alone = {top: idle_process(importer([m for m in mods if m.split(".")[0] == top]), "ready")
+             for top in tops}
+    own = idle_process([sys.executable, "-c", "import time, actors.cli, actors.runtime; "
+                        "print('ready', flush=True); time.sleep(60)"], "ready")
+    rows = [[f"ppn node run (7 PDs, {node_mem.threads} threads)", mb(node_mem.rss),
+             mb(node_mem.hwm), mb(node_mem.pss), mb(node_mem.anon)]]
+    for name, m in ((f"python -c 'time.sleep' (bare, {bare.threads} thread)", bare),
+                    (f"python importing {', '.join(tops)} ({len(mods)} modules)", third),
+                    ("python importing actors.cli + actors.runtime (not running)", own)):
+        rows.append([name, mb(m.rss), mb(m.hwm), mb(m.pss), mb(m.anon)])
+    print_table(["process", "VmRSS", "VmHWM", "PSS", "RssAnon"], rows)
+    print("   each package imported alone, VmRSS over bare Python: " + ", ".join(
+        f"{top} +{mb(m.rss - bare.rss)}" for top, m in alone.items()))
+    print(f"   targets (the seed's RAM idle, whole node): Phase 2 {PHASE2_IDLE_MB} MB goal -> "
+          f"node VmRSS is {node_mem.rss / 1e6 / PHASE2_IDLE_MB:.2f}x of it; Phase 1 "
+          f"~{PHASE1_IDLE_MB} MB -> {node_mem.rss / 1e6 / PHASE1_IDLE_MB:.2f}x")
+    print(f"   on top of bare Python: {mb(node_mem.rss - bare.rss)}; on top of the same "
+          f"imports: {mb(node_mem.rss - own.rss)} (running: ledger, kernel, actors, socket)")
+    ok = "exit 0 (clean)" if code == 0 else f"exit {code} (NOT clean; see {log_path})"
+    print(f"   SIGTERM -> {ok} in {stop:.2f} s")
+    if code != 0:
+        print(log_path.read_text()[-2000:])
+
+
+def wait_for_status(state_dir: Path, proc: subprocess.Popen[bytes],
+                    timeout: float = 30.0) -> dict[str, Any]:
+    """Poll `ppn node status --json` until the control socket answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ppn node run exited with {proc.returncode} before answering")
+        out = ppn("node", "status", "--state-dir", str(state_dir), "--json")
+        if out.returncode == 0:
+            status: dict[str, Any] = json.loads(out.stdout)
+            return status
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no answer from the control socket: {out.stderr.strip()}")
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- profile
+def print_profile(title: str, prof: cProfile.Profile, top: int = 15) -> None:
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    print(f"\n-- {title} --")
+    print(out.getvalue().strip())
+
+
+def part_profile(node: Node, sh: Shared, n: int, trips: int) -> None:
+    """cProfile each thread of the kernel paths of parts 1 and 2 (the bench thread and the
+    PD threads, each profiled in its own thread)."""
+    sender, receiver = "pd-fleet", "pd-ledger"
+    token = cap_of(node, sender, f"endpoint:{receiver}")
+    port = node.kernel.port(sender)
+    as_self(node, receiver, PROFILE_ON)
+    sync(node, receiver)
+    main = cProfile.Profile()
+
+    def send_all() -> None:
+        main.enable()
+        for _ in range(n):
+            port.send(token, MSG)
+        main.disable()
+
+    run = timed(n, sh.tally, send_all)
+    as_self(node, receiver, PROFILE_OFF)
+    sync(node, receiver)
+    print(f"\n== profile: part 1, bench thread -> {receiver}, {n:,} messages, "
+          f"{run.rate:,.0f} msgs/s under cProfile ==")
+    print_profile("sender: the bench thread (Port.send -> kernel.send -> host.route -> tell)",
+                  main)
+    print_profile(f"receiver: {receiver}'s actor thread", sh.profiles[receiver])
+
+    caller, callee = "pd-fleet", "pd-vmm"
+    endpoint = cap_of(node, callee, f"endpoint:{callee}", original=True)
+    tok = node.kernel.operator_token(
+        node.mint(endpoint.cap_id, ["write", "grant-reply"], caller, badge=6))
+    for pd in (caller, callee):
+        as_self(node, pd, PROFILE_ON)
+        sync(node, pd)
+    run = timed(trips, sh.tally, lambda: as_self(node, caller, {"op": "calls", "token": tok}))
+    for pd in (caller, callee):
+        as_self(node, pd, PROFILE_OFF)
+        sync(node, pd)
+    print(f"\n== profile: part 2, {caller} calls {callee}, {trips:,} round trips, "
+          f"{run.rate:,.0f}/s under cProfile ==")
+    print_profile(f"caller: {caller}'s actor thread", sh.profiles[caller])
+    print_profile(f"callee: {callee}'s actor thread", sh.profiles[callee])
+
+
+def stage_costs(node: Node, k: int, repeat: int = 3) -> None:
+    """Per-message cost of each stage of part 1's two paths, run in one thread.
+
+    The sink is a RawActor that is never started (its inbox only fills and is then
+    drained) and the PdActor is never started either: its handler is called directly, as
+    its thread would.  Each stage runs ``k`` times, best of ``repeat``, with the garbage
+    collector paused (a filling inbox otherwise makes collections grow with it).
+    """
+    kernel, host = node.kernel, node.host
+    token = cap_of(node, "pd-fleet", "endpoint:pd-ledger")
+    port = kernel.port("pd-fleet")
+    d = Delivery("pd-ledger", "endpoint:pd-ledger", 6, MSG, token.cap_id)
+    sink = RawActor(Tally())
+    sink.tally.reset(1 << 62)
+    sink_ref, inbox = sink.actor_ref, sink.actor_inbox
+    pd = PdActor(host, "pd-ledger")
+    pd.on_start()
+    assert isinstance(pd._core, BenchCore) and pd._core.shared is not None
+    pd._core.shared.tally.reset(1 << 62)
+    state = node.ledger.state
+
+    def once(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        return (time.perf_counter() - t0) / k * 1e6
+
+    def per_msg(fn: Callable[[], object]) -> float:
+        return min(once(fn) for _ in range(repeat))
+
+    def tell_then_get(send: Callable[[], object]) -> tuple[float, float]:
+        """(send, inbox.get) us/msg: fill the sink's inbox, then drain it."""
+        pairs = [(once(send), once(inbox.get)) for _ in range(repeat)]
+        return min(p[0] for p in pairs), min(p[1] for p in pairs)
+
+    def route_extra() -> None:  # what host.route does before its tell
+        with host._lock:
+            host._refs.get("pd-ledger")
+
+    gc.collect()
+    gc.disable()
+    try:
+        raw_tell, raw_get = tell_then_get(lambda: sink_ref.tell(MSG))
+        raw_rx = per_msg(lambda: sink._handle_receive(MSG))
+        try:
+            kernel.set_route(lambda _t, dl: sink_ref.tell(dl))
+            k_send, k_get = tell_then_get(lambda: port.send(token, MSG))
+            kernel.set_route(lambda _t, _d: None)
+            k_checks = per_msg(lambda: port.send(token, MSG))
+        finally:
+            kernel.set_route(host.route)
+        check = per_msg(lambda: caps.check(state, "pd-fleet", token, "write"))
+        make = per_msg(lambda: Delivery("pd-ledger", "endpoint:pd-ledger", 6, MSG, 19))
+        extra = per_msg(route_extra)
+        k_rx = per_msg(lambda: pd._handle_receive(d))
+        accept = per_msg(lambda: kernel.accept(d))
+    finally:
+        gc.enable()
+    rows = [
+        ("raw: ref.tell(msg) (Envelope + queue.put)", raw_tell),
+        ("raw: inbox.get()", raw_get),
+        ("raw: actor._handle_receive(msg) (pykka dispatch + on_receive)", raw_rx),
+        ("kernel: Port.send, route = a bare tell", k_send),
+        ("kernel:   of which Port.send with a no-op route", k_checks),
+        ("kernel:     of which caps.check", check),
+        ("kernel:     of which Delivery(...) (a frozen slots dataclass)", make),
+        ("kernel: host.route's extra: its lock + dict lookup", extra),
+        ("kernel: inbox.get()", k_get),
+        ("kernel: PdActor._handle_receive(delivery) (pykka dispatch + host + core)", k_rx),
+        ("kernel:   of which kernel.accept", accept),
+    ]
+    print(f"\n== single-thread cost per message of each stage of part 1 ({k:,} each, best of "
+          f"{repeat}, GC paused) ==")
+    print_table(["stage", "us/msg"], [[name, f"{v:.2f}"] for name, v in rows])
+    raw = raw_tell + raw_get + raw_rx
+    kern = k_send + extra + k_get + k_rx
+    print(f"   sums: raw {raw:.2f} us/msg (-> {1e6 / raw:,.0f} msgs/s if the two threads "
+          f"never overlapped); kernel {kern:.2f} us/msg (-> {1e6 / kern:,.0f}); "
+          f"ratio {raw / kern:.2f}")
+
+
+# --------------------------------------------------------------------------- main
+@contextlib.contextmanager
+def running_node(root: Path, sh: Shared) -> Iterator[Node]:
+    state_dir = root / "node"
+    node_init(state_dir, "bench-kernel")
+    node = Node(state_dir, make_core=lambda pd: BenchCore(pd, shared=sh),
+                serve_control=False).start()
+    try:
+        yield node
+    finally:
+        sh.gate.set()
+        node.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="50,000 messages, 5,000 round trips, one run each")
+    ap.add_argument("--messages", type=int, default=None,
+                    help="messages in part 1 (default 200,000; --quick: 50,000)")
+    ap.add_argument("--round-trips", type=int, default=None,
+                    help="round trips in part 2 (default 20,000; --quick: 5,000)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="runs of each measurement, the fastest kept (default 3; --quick: 1)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print per-stage costs and cProfile tops of parts 1 and 2 instead")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = ap.parse_args(argv)
+    n = args.messages or (50_000 if args.quick else 200_000)
+    trips = args.round_trips or (5_000 if args.quick else 20_000)
+    repeat = max(1, args.repeat or (1 if args.quick else 3))
+
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="kernel-bench-", dir=OUT_DIR))
+    print(f"kernel bench: Python {platform.python_version()}, pykka "
+          f"{importlib.metadata.version('pykka')}, {os.cpu_count()} CPUs, "
+          f"{platform.system()} {platform.release()}, GIL switch interval "
+          f"{sys.getswitchinterval() * 1e3:g} ms")
+    print(f"code: {code_version()}")
+    print(f"work dir: {root}; node logs (INFO, JSON, as `ppn node run` logs) go to "
+          f"{root / 'bench.log'}; load average at start: {load()}")
+    steal0, total0 = cpu_ticks()
+    sh = Shared()
+    try:
+        with open(root / "bench.log", "w") as logfile:
+            log_like_the_node(logfile)
+            with running_node(root, sh) as node:
+                if args.profile:
+                    stage_costs(node, 100_000)
+                    part_profile(node, sh, n, trips)
+                else:
+                    part_messages(node, sh, n, repeat)
+                    part_round_trips(node, sh, trips, repeat)
+                    part_revoke(node, sh, root, repeat)
+        if not args.profile:
+            part_memory(root)
+        steal1, total1 = cpu_ticks()
+        steal = (steal1 - steal0) / max(1, total1 - total0)
+        print(f"\nload average at end: {load()}; CPU time stolen by the hypervisor during the "
+              f"run: {steal:.1%} (other processes share this machine)")
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            clear_flags(root)
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
