@@ -77,8 +77,9 @@ class EventType:
     validators: tuple[Validator, ...]
     type_names: tuple[str, ...]
     upcasters: dict[int, Upcaster]
-    check: Callable[[FieldMap], bool]
-    """Fast all-fields type check of a current-version field map (no messages)."""
+    build: Callable[[FieldMap], Any]
+    """Fast path: a current-version field map to an event, or None (then the slow
+    path explains what is wrong)."""
 
 
 def _check_expr(tp: Any, var: str, env: dict[str, Any]) -> str:
@@ -95,14 +96,28 @@ def _check_expr(tp: Any, var: str, env: dict[str, Any]) -> str:
     return f"{name}({var})"
 
 
-def _compile_check(names: tuple[str, ...], hints: dict[str, Any]) -> Callable[[FieldMap], bool]:
-    """One generated function checking every field, so decoding pays one call per event."""
-    env: dict[str, Any] = {}
-    conds = [_check_expr(hints[n], f"f[{n!r}]", env) for n in names] or ["True"]
-    src = "def check(f):\n    return " + " and ".join(conds) + "\n"
-    exec(compile(src, "<event-check>", "exec"), env)  # source built from our own annotations
-    check: Callable[[FieldMap], bool] = env["check"]
-    return check
+def _compile_builder(cls: type[Any], names: tuple[str, ...],
+                     hints: dict[str, Any]) -> Callable[[FieldMap], Any]:
+    """A generated function: field map -> event, or None if anything is off.
+
+    One call per event instead of a check per field plus ``__init__``: it tests the
+    keys (and their canonical order) and every type inline, then fills the frozen
+    instance's slots as the dataclass ``__init__`` would.  The source is built from
+    our own annotations, never from data.
+    """
+    env: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "_cls": cls,
+                           "_names": names}
+    lines = ["def build(f):", "    if tuple(f) != _names:", "        return None"]
+    for i, n in enumerate(names):
+        lines.append(f"    v{i} = f[{n!r}]")
+    conds = [_check_expr(hints[n], f"v{i}", env) for i, n in enumerate(names)] or ["True"]
+    lines += ["    if not (" + " and ".join(conds) + "):", "        return None",
+              "    o = _new(_cls)"]
+    lines += [f"    _set(o, {n!r}, v{i})" for i, n in enumerate(names)]
+    lines.append("    return o")
+    exec(compile("\n".join(lines) + "\n", "<event-builder>", "exec"), env)
+    build: Callable[[FieldMap], Any] = env["build"]
+    return build
 
 
 def _validator(tp: Any) -> tuple[Validator, str]:
@@ -162,6 +177,9 @@ class EventRegistry:
              upcasters: dict[int, Upcaster]) -> None:
         if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
             raise EventTypeError(f"{cls.__name__}: an event must be a frozen dataclass")
+        if "__post_init__" in vars(cls):
+            raise EventTypeError(f"{cls.__name__}: events take no __post_init__; validate in "
+                                 "the command that makes the event (replay must not fail)")
         if not tag or tag in self._by_tag:
             raise EventTypeError(f"event tag {tag!r} is empty or already registered")
         if version < 1 or sorted(upcasters) != list(range(1, version)):
@@ -172,7 +190,8 @@ class EventRegistry:
         names = tuple(f.name for f in dataclasses.fields(cls))
         checks = [_validator(hints[n]) for n in names]
         et = EventType(tag, version, cls, signed, names, tuple(c[0] for c in checks),
-                       tuple(c[1] for c in checks), upcasters, _compile_check(names, hints))
+                       tuple(c[1] for c in checks), upcasters,
+                       _compile_builder(cls, names, hints))
         self._by_tag[tag] = et
         self._by_cls[cls] = et
 
@@ -218,10 +237,10 @@ class EventRegistry:
         # types, canonical bytes.  Anything else takes the slow path for a precise error.
         if type(obj) is tuple and len(obj) == 3 and type(obj[0]) is str:
             et = self._by_tag.get(obj[0])
-            if (et is not None and obj[1] == et.version and type(obj[2]) is dict
-                    and tuple(obj[2]) == et.fields and et.check(obj[2])
-                    and (data is None or pack(obj) == data)):
-                return et.cls(*obj[2].values())
+            if et is not None and obj[1] == et.version and type(obj[2]) is dict:
+                event = et.build(obj[2])
+                if event is not None and (data is None or pack(obj) == data):
+                    return event
         return self._decode_slow(_shape(obj), data)
 
     def _decode_slow(self, obj: tuple[str, int, FieldMap], data: bytes | None) -> Any:

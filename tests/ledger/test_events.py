@@ -142,3 +142,16 @@ def test_registration_rules() -> None:
         x: int
     with pytest.raises(EventTypeError, match="already registered"):
         reg.register("d")(Fine)
+
+
+def test_events_may_not_validate_while_decoding() -> None:
+    reg = EventRegistry()
+    with pytest.raises(EventTypeError, match="__post_init__"):
+        @reg.register("v")
+        @dataclass(frozen=True)
+        class Validating:
+            x: int
+
+            def __post_init__(self) -> None:
+                if self.x < 0:
+                    raise ValueError("negative")
