@@ -22,6 +22,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,55 @@ class _Tick:
 
 class _CoreStatus:
     """Query: the core's own status (answered in the actor's thread, in queue order)."""
+
+
+class _Drain:
+    """Tells an actor its mailbox has deliveries; one is in flight per burst, not per message."""
+
+
+_DRAIN = _Drain()
+
+
+class _Mailbox:
+    """A PD's queue of deliveries, beside pykka's inbox.
+
+    The kernel's messages go here; the actor is told once per burst and takes the
+    whole burst at a time, so a message costs a deque append, not a pykka envelope
+    and a queue hand-off.  Order is kept, and every delivery is still checked by
+    ``kernel.accept`` when the actor takes it, so revocation stays immediate.
+    """
+
+    __slots__ = ("lock", "queue", "ref", "scheduled")
+
+    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
+        self.ref = ref
+        self.queue: deque[Delivery] = deque()
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, d: Delivery) -> None:
+        with self.lock:
+            self.queue.append(d)
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.ref.tell(_DRAIN)
+
+    def take(self) -> deque[Delivery]:
+        """Everything queued; the actor is told again if more arrives after."""
+        with self.lock:
+            batch, self.queue = self.queue, deque()
+            if not batch:
+                self.scheduled = False
+            return batch
+
+    def settle(self) -> bool:
+        """After a burst: True if more arrived meanwhile (another drain is due)."""
+        with self.lock:
+            if self.queue:
+                return True
+            self.scheduled = False
+            return False
 
 
 class Timers:
@@ -114,19 +164,33 @@ class PdActor(pykka.ThreadingActor):
             self._crashed(exc)
 
     def on_receive(self, message: Any) -> Any:
-        if type(message) is Delivery:
+        if message is _DRAIN:
+            self._drain()
+        elif type(message) is Delivery:
             self._deliver(message)
         elif isinstance(message, _Tick):
             if message.generation == self._generation and self._core is not None:
                 name = message.name
                 self._step(lambda core, now: core.timer(name, now))
         elif isinstance(message, _CoreStatus):
+            # Deliveries posted before the query are answered for first: a status
+            # query is a barrier, as it would be in a single FIFO inbox.
+            self._drain()
             return None if self._core is None else self._core.status()
         else:
             log.warning("pd.unknown_message", pd=self.pd, kind=type(message).__name__)
         return None
 
     # ----------------------------------------------------------------- handling
+    def _drain(self) -> None:
+        mailbox = self._host.mailbox(self.pd)
+        if mailbox is None:
+            return
+        for d in mailbox.take():
+            self._deliver(d)
+        if mailbox.settle():  # more came in: go round pykka's inbox again, so timers and
+            self.actor_ref.tell(_DRAIN)  # status queries are not starved by a flood
+
     def _deliver(self, message: Delivery) -> None:
         try:
             d = self._host.kernel.accept(message)
@@ -216,25 +280,35 @@ class Host:
         self.ledger, self.kernel, self.make_core, self.clock = ledger, kernel, make_core, clock
         self._monotonic = monotonic
         self._refs: dict[str, pykka.ActorRef[PdActor]] = {}
+        self._mailboxes: dict[str, _Mailbox] = {}
         self._crashes = CrashWindow(restart_limit, restart_window)
         self._lock = threading.Lock()  # guards _refs and _crashes
         self.timers = Timers(monotonic)
         kernel.set_route(self.route)
 
     # ----------------------------------------------------------------- routing
-    def route(self, target: str, delivery: Any) -> None:
-        """The kernel's one way to reach a PD: a ``tell`` to the actor the host started."""
-        ref = self._refs.get(target)  # one dict read: atomic, no lock on the hot path
+    def route(self, target: str, delivery: Delivery) -> None:
+        """The kernel's one way to reach a PD: its mailbox, then its actor is told."""
+        mailbox = self._mailboxes.get(target)  # one dict read: atomic, no lock needed
         try:
-            if ref is None:
+            if mailbox is None:
                 raise pykka.ActorDeadError(target)
-            ref.tell(delivery)
+            mailbox.post(delivery)
         except pykka.ActorDeadError:
             self.kernel.dropped += 1
             log.info("host.no_actor", pd=target)
 
+    def mailbox(self, pd: str) -> _Mailbox | None:
+        return self._mailboxes.get(pd)
+
+    def _tell(self, pd: str, message: Any) -> None:
+        ref = self._refs.get(pd)
+        with contextlib.suppress(pykka.ActorDeadError):
+            if ref is not None:
+                ref.tell(message)
+
     def set_timer(self, pd: str, name: str, delay: float, generation: int) -> None:
-        self.timers.schedule(delay, lambda: self.route(pd, _Tick(name, generation)))
+        self.timers.schedule(delay, lambda: self._tell(pd, _Tick(name, generation)))
 
     def io_request(self, pd: str, request: IoRequest) -> None:
         """PD adapters arrive with later issues; until then a request is only logged."""
@@ -262,12 +336,14 @@ class Host:
         ref = PdActor.start(self, pd)
         with self._lock:
             self._refs[pd] = ref
+            self._mailboxes[pd] = _Mailbox(ref)
         log.info("host.pd_started", pd=pd)
 
     def _stop_actor(self, pd: str) -> None:
         """Ask ``pd``'s actor to stop, without waiting (the caller may be a PD's handler)."""
         with self._lock:
             ref = self._refs.pop(pd, None)
+            self._mailboxes.pop(pd, None)
         if ref is not None:
             with contextlib.suppress(pykka.ActorDeadError):
                 ref.stop(block=False)
@@ -277,6 +353,7 @@ class Host:
         self.timers.stop()
         with self._lock:
             refs, self._refs = self._refs, {}
+            self._mailboxes = {}
         stopping = []
         for pd, ref in sorted(refs.items()):
             with contextlib.suppress(pykka.ActorDeadError):
@@ -312,6 +389,7 @@ class Host:
             failed = isinstance(event, PdFailed)
             if failed:
                 self._refs.pop(pd, None)
+                self._mailboxes.pop(pd, None)
         reason = event.reason
         try:
             self.kernel.journal(event)
@@ -320,6 +398,7 @@ class Host:
                          error=repr(journal_exc))
             with self._lock:
                 self._refs.pop(pd, None)
+                self._mailboxes.pop(pd, None)
             return False
         log.error("host.pd_failed" if failed else "host.pd_restarted", pd=pd, reason=reason,
                   exc_info=exc)

@@ -311,3 +311,29 @@ def test_control_socket_in_process(state_dir: Path, probe: Probe) -> None:
     with pytest.raises(ControlError, match="not a socket"):
         listen(path)
     assert path.read_text() == "not a socket"
+
+
+def test_a_burst_arrives_whole_and_in_order_and_a_status_query_waits_for_it(
+        node: Node, probe: Probe) -> None:
+    """Deliveries go through the PD's mailbox; the actor takes them a burst at a time."""
+    as_holder(node, VMM_ENDPOINT, {"op": "block"})  # hold pd-vmm while the burst queues
+    assert probe.entered.wait(5)
+    seen: list[int] = []
+    core = node.host.core_status  # the query is answered after what was queued before it
+    original = ProbeCore.handle
+
+    def recording(self: ProbeCore, d: Delivery, now: float) -> list[Action]:
+        if isinstance(d.payload, dict) and d.payload.get("op") == "n":
+            seen.append(d.payload["i"])
+        return original(self, d, now)
+
+    ProbeCore.handle = recording  # type: ignore[method-assign]
+    try:
+        for i in range(2_000):
+            as_holder(node, VMM_ENDPOINT, {"op": "n", "i": i})
+        probe.gate.set()
+        status = core("pd-vmm")
+        assert status is not None and status["received"]["n"] == 2_000
+        assert seen == list(range(2_000))
+    finally:
+        ProbeCore.handle = original  # type: ignore[method-assign]
