@@ -15,6 +15,7 @@ import os
 import stat
 from pathlib import Path
 
+import nacl.bindings
 import nacl.public
 import nacl.signing
 
@@ -69,7 +70,9 @@ class NodeKeys:
 
     def sign(self, message: bytes) -> bytes:
         """A detached Ed25519 signature (64 bytes)."""
-        return bytes(self._signing.sign(message).signature)
+        secret = nacl.bindings.crypto_sign_seed_keypair(bytes(self._signing))[1]
+        signed: bytes = nacl.bindings.crypto_sign(message, secret)
+        return signed[:64]
 
     def __repr__(self) -> str:
         return (f"NodeKeys(ed25519={base64.b64encode(self.public_key).decode()}, "
