@@ -1,9 +1,9 @@
 """The node runtime: ledger, kernel, PD actors and the control socket, started as one.
 
-``Node(state_dir).start()`` locks the state directory (one node per directory),
-opens the ledger (which replays it and truncates a torn tail), builds the kernel
-and the host, starts every PD the ledger says is running and serves the control
-socket.  ``stop()`` undoes that in reverse order and closes the ledger.
+``Node(state_dir).start()`` opens the ledger (which locks it, so one node per
+directory, replays it and truncates a torn tail), builds the kernel and the host,
+starts every PD the ledger says is running and serves the control socket.
+``stop()`` undoes that in reverse order and closes the ledger.
 
 The operator's commands (what the control socket serves) are methods here; each
 acts with the operator's authority (``kernel.operator_token``), and every
@@ -13,7 +13,6 @@ like any other.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 import time
@@ -50,7 +49,6 @@ class Node:
         self.state_dir = Path(state_dir)
         self._make_core = make_core
         self._serve_control = serve_control
-        self._lock_fd = -1
         self._ledger: Ledger | None = None
         self._kernel: Kernel | None = None
         self._host: Host | None = None
@@ -60,7 +58,8 @@ class Node:
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> Node:
         try:
-            self._lock_state_dir()
+            if not self.state_dir.is_dir():
+                raise LedgerUsageError(f"{self.state_dir}: no such state directory")
             ledger_dir = self.state_dir / LEDGER_SUBDIR
             if not ledger_dir.is_dir():
                 raise LedgerUsageError(f"{ledger_dir}: no ledger; run `ppn node init` first")
@@ -80,7 +79,7 @@ class Node:
         return self
 
     def stop(self) -> None:
-        """Stop serving, stop every PD, close the ledger, release the lock (idempotent)."""
+        """Stop serving, stop every PD, close the ledger (and its lock); idempotent."""
         if self._control is not None:
             self._control.stop()
             self._control = None
@@ -92,29 +91,12 @@ class Node:
             self._ledger.close()
             self._ledger = None
             log.info("node.stopped", records=size)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
 
     def __enter__(self) -> Node:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _lock_state_dir(self) -> None:
-        """flock the state directory: two nodes on one ledger would corrupt it."""
-        try:
-            fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            raise LedgerUsageError(f"{self.state_dir}: no such state directory") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LedgerUsageError(f"{self.state_dir}: another node is running on this "
-                                   "state directory") from None
-        self._lock_fd = fd
 
     # ----------------------------------------------------------------- parts
     @property

@@ -247,7 +247,7 @@ def test_reap_and_spawn(state_dir: Path, probe: Probe) -> None:
 
 
 def test_one_node_per_state_directory(node: Node) -> None:
-    with pytest.raises(Exception, match="another node is running"):
+    with pytest.raises(Exception, match="open for writing in another process"):
         Node(node.state_dir, serve_control=False).start()
 
 
