@@ -99,7 +99,10 @@ class _Pending:
         self.done = False
         self.error: BaseException | None = None
         self.receipts: list[Receipt] = []
-        self.wake = threading.Event()
+        # A plain lock used as a one-shot semaphore: taken now, released to wake the
+        # owner.  Cheaper than an Event, which builds a Condition per wait.
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class Ledger:
@@ -228,9 +231,9 @@ class Ledger:
                 self._leading = True
                 self._idle.clear()
         if not leader:
-            p.wake.wait()  # woken when our batch is done, or to lead the next one
+            p.wake.acquire()  # released when our batch is done, or to lead the next one
         if not p.done:
-            self._lead()
+            self._lead(p)
         if p.error is not None:
             raise LedgerFailed(f"append failed: {p.error}; reopen the ledger to recover")
         return p.receipts
@@ -241,7 +244,7 @@ class Ledger:
         sig = self._keys.sign(GRANT_SIGNING_CONTEXT + data) if et.signed else None
         return event, data, sig
 
-    def _lead(self) -> None:
+    def _lead(self, me: _Pending) -> None:
         """Commit one batch from the head of the queue, then hand over or go idle."""
         with self._lock:
             batch, taken = [], 0
@@ -273,9 +276,10 @@ class Ledger:
                 self._leading = False
                 self._idle.set()
         for p in batch:
-            p.wake.set()
+            if p is not me:  # the leader is awake; each waiter is released exactly once
+                p.wake.release()
         if successor is not None:
-            successor.wake.set()  # it finds itself not done, and leads
+            successor.wake.release()  # it finds itself not done, and leads
 
     def _commit(self, batch: list[_Pending]) -> list[tuple[Any, int, int, bytes | None]]:
         """Write and fsync one batch; returns (event, seq, ts) of what is now durable."""
