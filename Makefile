@@ -29,7 +29,8 @@ system-deps:
 		fi; \
 	fi
 
-# The main job so far: initialise a node in a fresh state directory, audit and print its ledger.
+# The main job so far: initialise a node in a fresh state directory, audit and print its ledger,
+# then run it: its seven PDs answer through the capability kernel, and SIGTERM stops it cleanly.
 # RUN_DIR=... keeps it somewhere of your choosing.
 run: $(STAMP)
 	@set -e; dir="$${RUN_DIR:-$$(mktemp -d -t ppn-run-XXXXXX)}"; ppn=$(VENV)/bin/ppn; \
@@ -39,7 +40,15 @@ run: $(STAMP)
 	$$ppn ledger show "$$dir/node/ledger"; \
 	$$ppn ledger state "$$dir/node/ledger"; \
 	$$ppn ledger checkpoint "$$dir/node/ledger"; \
-	{ set +x; } 2>/dev/null; echo "state directory kept at $$dir/node"
+	{ set +x; } 2>/dev/null; \
+	$$ppn node run --state-dir "$$dir/node" 2>"$$dir/node.log" & pid=$$!; \
+	for i in $$(seq 50); do [ -S "$$dir/node/control.sock" ] && break; sleep 0.1; done; \
+	set -x; \
+	$$ppn node status --state-dir "$$dir/node"; \
+	$$ppn node ping --state-dir "$$dir/node" pd-vmm; \
+	$$ppn caps tree --state-dir "$$dir/node"; \
+	kill -TERM $$pid; wait $$pid; \
+	{ set +x; } 2>/dev/null; echo "state directory kept at $$dir/node (node log: $$dir/node.log)"
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
