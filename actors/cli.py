@@ -30,6 +30,7 @@ from ledger.errors import LedgerDataError, LedgerError, LedgerUsageError
 from ledger.keys import NodeKeys
 from ledger.log import Ledger
 from ledger.scan import LedgerCorrupt
+from ledger.state import jsonable
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MESH = ipaddress.ip_network("10.8.0.0/24")
@@ -95,14 +96,6 @@ def _ledger_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _iso(ts_ns: int) -> str:
     return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat(timespec="milliseconds")
 
@@ -117,7 +110,7 @@ def _ledger_show(args: argparse.Namespace) -> int:
         if e.seq < args.from_ or (args.type and tag != args.type
                                   and not tag.startswith(args.type + ".")):
             continue
-        fields = {k: _jsonable(getattr(e.event, k)) for k in et.fields}
+        fields = {k: jsonable(getattr(e.event, k)) for k in et.fields}
         if args.json:
             out.write(json.dumps({
                 "seq": e.seq, "ts_ns": e.ts_ns, "time": _iso(e.ts_ns), "type": tag,

@@ -14,7 +14,7 @@ from typing import Any
 
 from ledger import merkle, nodes, snapshot
 from ledger.errors import LedgerDataError, LedgerUsageError
-from ledger.log import check_anchor, read_note_at
+from ledger.log import check_anchor, note_checkpoint, read_note_at
 from ledger.note import Checkpoint, NoteVerifier, open_checkpoint, verifier_key
 from ledger.scan import Entry, LedgerCorrupt, LogReader, ScanResult
 from ledger.state import State, apply
@@ -84,7 +84,7 @@ def _verify_snapshots(scan: ScanResult, snaps: dict[int, Path],
         except snapshot.SnapshotError as exc:
             raise LedgerCorrupt(path.name, 0, size - 1, str(exc)) from None
         where = scan.notes.get(size)
-        if where is None or _checkpoint(read_note_at(where), scan).root_hash != snap.root:
+        if where is None or note_checkpoint(read_note_at(where), scan).root_hash != snap.root:
             raise LedgerCorrupt(path.name, 0, size - 1,
                                 "snapshot root matches no checkpoint of the log")
         if states.get(size) != snap.state.to_obj():
@@ -110,10 +110,6 @@ def _verify_nodes(directory: Path, state: State) -> None:
             raise LedgerCorrupt(nodes.NODES_FILE, off, None,
                                 f"line {i + 1} does not match the log: has {a[:80]!r}, "
                                 f"log gives {x[:80]!r}")
-
-
-def _checkpoint(note: bytes, scan: ScanResult) -> Checkpoint:
-    return open_checkpoint(note, NoteVerifier.from_string(_vkey(scan)))
 
 
 def entries(directory: Path) -> Iterator[Entry]:

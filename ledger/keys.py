@@ -33,10 +33,11 @@ class KeyFileError(LedgerDataError):
 class NodeKeys:
     """The secret keys of one node.  Its ``repr`` shows public halves only."""
 
-    __slots__ = ("_signing", "_wireguard")
+    __slots__ = ("_secret", "_signing", "_wireguard")
 
     def __init__(self, signing: nacl.signing.SigningKey, wireguard: nacl.public.PrivateKey):
         self._signing = signing
+        self._secret = nacl.bindings.crypto_sign_seed_keypair(bytes(signing))[1]
         self._wireguard = wireguard
 
     @classmethod
@@ -70,8 +71,7 @@ class NodeKeys:
 
     def sign(self, message: bytes) -> bytes:
         """A detached Ed25519 signature (64 bytes)."""
-        secret = nacl.bindings.crypto_sign_seed_keypair(bytes(self._signing))[1]
-        signed: bytes = nacl.bindings.crypto_sign(message, secret)
+        signed: bytes = nacl.bindings.crypto_sign(message, self._secret)
         return signed[:64]
 
     def __repr__(self) -> str:

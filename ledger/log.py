@@ -9,7 +9,6 @@ every queued event, and commits them as one batch while the others wait.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import threading
 import time
@@ -26,7 +25,7 @@ from ledger.catalog import REGISTRY, LedgerGenesis, MemberAdded, MemberRemoved
 from ledger.errors import LedgerUsageError
 from ledger.events import EventRegistry
 from ledger.keys import NodeKeys
-from ledger.merkle import CompactTree
+from ledger.merkle import CompactTree, leaf_hash
 from ledger.note import (
     Checkpoint,
     NoteError,
@@ -153,7 +152,7 @@ class Ledger:
         ts = clock()
         body = Record(0, ts, ZERO_HASH, registry.encode(genesis), None).body()
         tree = CompactTree()
-        leaf = _leaf(body)
+        leaf = leaf_hash(body)
         tree.append(leaf)
         note = sign_checkpoint(Checkpoint(origin, 1, tree.root()),
                                NoteSigner(origin, keys.signing_key))
@@ -291,7 +290,7 @@ class Ledger:
                 seq = tree.size
                 ts = max(ts, self._clock())
                 body = Record(seq, ts, prev, data, sig).body()
-                prev = _leaf(body)
+                prev = leaf_hash(body)
                 tree.append(prev)
                 chunks.append(frame(KIND_RECORD, body))
                 p.receipts.append(Receipt(seq, ts, prev))
@@ -408,10 +407,6 @@ class Ledger:
         self.close()
 
 
-def _leaf(body: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + body).digest()
-
-
 def _write_all(fd: int, buf: bytes) -> None:
     view = memoryview(buf)
     while view:
@@ -478,7 +473,8 @@ def read_note_at(where: tuple[Path, int]) -> bytes:
     return payload[1:]
 
 
-def _note_checkpoint(note: bytes, scan: ScanResult) -> Checkpoint:
+def note_checkpoint(note: bytes, scan: ScanResult) -> Checkpoint:
+    """Open a checkpoint note with the signer the scanned ledger's genesis names."""
     assert scan.genesis is not None
     verifier = NoteVerifier.from_string(verifier_key(scan.genesis.origin,
                                                      scan.genesis.signing_key))
@@ -493,7 +489,7 @@ def _check_snapshot(scan: ScanResult, snap: snapshot.Snapshot | None) -> None:
         raise LedgerCorrupt(snap.path.name, 0, snap.tree_size - 1,
                             f"snapshot at size {snap.tree_size} matches no checkpoint in the "
                             f"log (committed size {scan.size})")
-    if _note_checkpoint(read_note_at(where), scan).root_hash != snap.root:
+    if note_checkpoint(read_note_at(where), scan).root_hash != snap.root:
         raise LedgerCorrupt(snap.path.name, 0, snap.tree_size - 1,
                             "snapshot root differs from the log's checkpoint at that size")
 
@@ -505,7 +501,7 @@ def check_anchor(directory: Path, scan: ScanResult) -> None:
     except FileNotFoundError:
         return
     try:
-        cp = _note_checkpoint(anchor, scan)
+        cp = note_checkpoint(anchor, scan)
     except NoteError as exc:
         raise LedgerCorrupt(ANCHOR_FILE, 0, None, f"stored checkpoint: {exc}") from None
     where = scan.notes.get(cp.size)

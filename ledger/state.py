@@ -104,17 +104,18 @@ class State:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly view: bytes as base64."""
-        out: dict[str, Any] = _jsonable(self.to_obj())
+        out: dict[str, Any] = jsonable(self.to_obj())
         return out
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """Plain data as JSON can hold it: bytes as base64, tuples as lists."""
     if isinstance(obj, bytes):
         return base64.b64encode(obj).decode()
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 
