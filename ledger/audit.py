@@ -6,18 +6,23 @@ Everything here reads; nothing writes.  Every function takes a ledger directory
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ledger import merkle, nodes, snapshot
+import structlog
+
+from ledger import merkle, nodes, snapshot, verifier
 from ledger.errors import LedgerDataError, LedgerUsageError
 from ledger.log import check_anchor, note_checkpoint, read_note_at
 from ledger.note import Checkpoint, NoteVerifier, open_checkpoint, verifier_key
 from ledger.scan import Entry, LedgerCorrupt, LogReader, ScanResult
 from ledger.state import State, apply
+
+log = structlog.get_logger("ledger")
 
 
 @dataclass(frozen=True)
@@ -45,23 +50,54 @@ def _vkey(scan: ScanResult) -> str:
 
 
 def verify(directory: Path, *, pinned_key: bytes | None = None,
-           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+           progress: Callable[[int, int], None] | None = None,
+           jobs: int | None = None) -> VerifyReport:
     """Check every record, signature, checkpoint, snapshot and nodes.jsonl.
 
     Raises :class:`LedgerCorrupt` naming the first failure.  A torn tail -- which
     opening for writing would truncate -- is a failure here: verify audits what is
-    on disk.
+    on disk.  ``jobs`` (default: the CPU count) above 1 lets a large log's
+    cryptographic checks run in a second process (:mod:`ledger.verifier`).
     """
     started = time.perf_counter()
     snaps = {int(p.name[5:25]): p for p in snapshot.listing(directory)}
     snap_states: dict[int, dict[str, Any]] = {}
-    reader = LogReader(directory, pinned_key=pinned_key, progress=progress)
+    limits = verifier.segment_limits(directory)
+    parallel = ((jobs or os.cpu_count() or 1) > 1
+                and sum(limits.values()) >= verifier.PARALLEL_MIN_BYTES)
+    worker = verifier.CryptoWorker(directory, limits, pinned_key) if parallel else None
+    reader = LogReader(directory, verify=not parallel, canonical=True, pinned_key=pinned_key,
+                       progress=progress, limits=limits)
     state = State()
-    for e in reader.entries():
-        apply(state, e.event, e.seq, e.ts_ns, e.signature)
-        if e.seq + 1 in snaps:
-            snap_states[e.seq + 1] = state.to_obj()
+
+    def committed(size: int) -> None:
+        if size in snaps:
+            snap_states[size] = state.to_obj()
+
+    failure: LedgerCorrupt | None = None
+    try:
+        reader.fold(state, apply, on_commit=committed)
+    except LedgerCorrupt as exc:
+        failure = exc
+    except BaseException:
+        if worker is not None:
+            worker.kill()
+        raise
     scan = reader.result
+    root = scan.tree.root()
+    if worker is not None:
+        crypto = worker.result()
+        if worker.fell_back:
+            log.warning("ledger.verify_worker_fell_back", detail=worker.fell_back)
+        failure = _first_failure(list(limits), failure, crypto.failure)
+        if failure is None and (crypto.count, crypto.checkpoints) != (scan.count,
+                                                                      scan.checkpoints):
+            raise LedgerCorrupt(str(directory), 0, None, f"the two verify passes disagree: "
+                                f"{scan.count} records and {scan.checkpoints} checkpoints "
+                                f"against {crypto.count} and {crypto.checkpoints}")
+        root = crypto.root
+    if failure is not None:
+        raise failure
     if scan.tail is not None:
         t = scan.tail
         raise LedgerCorrupt(t.segment.name, t.offset, scan.size,
@@ -71,8 +107,21 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     _verify_snapshots(scan, snaps, snap_states)
     _verify_nodes(directory, state)
     return VerifyReport(scan.size, scan.checkpoints, len(scan.segments), len(snaps),
-                        len(state.members), scan.tree.root(), _vkey(scan),
+                        len(state.members), root, _vkey(scan),
                         time.perf_counter() - started)
+
+
+def _first_failure(segments: list[str], a: LedgerCorrupt | None,
+                   b: LedgerCorrupt | None) -> LedgerCorrupt | None:
+    """The earlier of two failures by place in the log; ``a`` (the replay half) on a tie,
+    as a combined pass decodes a record before it checks its chain and signature."""
+    if a is None or b is None:
+        return a or b
+
+    def place(f: LedgerCorrupt) -> tuple[int, int]:
+        return (segments.index(f.segment) if f.segment in segments else -1, f.offset)
+
+    return b if place(b) < place(a) else a
 
 
 def _verify_snapshots(scan: ScanResult, snaps: dict[int, Path],
@@ -131,8 +180,7 @@ def state_at(directory: Path, seq: int | None = None) -> State:
 
 def _scan_all(directory: Path, collect_leaves: bool = False) -> LogReader:
     reader = LogReader(directory, collect_leaves=collect_leaves)
-    for _ in reader.entries():
-        pass
+    reader.run()
     return reader
 
 

@@ -28,16 +28,21 @@ from ledger.errors import LedgerDataError, LedgerUsageError
 _local = threading.local()
 
 
+def packer() -> Callable[[object], bytes]:
+    """This thread's ``pack`` function, for loops that pack many objects."""
+    p = getattr(_local, "packer", None)
+    if p is None:
+        p = _local.packer = msgpack.Packer(use_bin_type=True)
+    fn: Callable[[object], bytes] = p.pack
+    return fn
+
+
 def pack(obj: object) -> bytes:
     """msgpack bytes of ``obj`` as the ledger writes them (bin type, minimal ints).
 
     One Packer per thread: making a Packer per call costs more than packing.
     """
-    packer = getattr(_local, "packer", None)
-    if packer is None:
-        packer = _local.packer = msgpack.Packer(use_bin_type=True)
-    out: bytes = packer.pack(obj)
-    return out
+    return packer()(obj)
 
 
 MAX_EVENT_BYTES = 256 * 1024

@@ -186,9 +186,7 @@ class Ledger:
         state = snap.state.copy() if snap else State()
         reader = LogReader(directory, registry=registry, trusted=snap.prefix if snap else None,
                            pinned_key=keys.public_key)
-        for e in reader.entries():
-            if e.seq >= start:
-                apply(state, e.event, e.seq, e.ts_ns, e.signature)
+        reader.fold(state, apply, start=start)
         scan = reader.result
         _check_snapshot(scan, snap)
         check_anchor(directory, scan)

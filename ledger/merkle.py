@@ -120,6 +120,43 @@ class CompactTree:
             size >>= 1
         frontier.append(digest)
 
+    def extend(self, leaf_hashes: Sequence[bytes]) -> None:
+        """Append many leaf hashes at once: the same tree as appending each, level by level.
+
+        At each height the pending left node (if the size has that bit set) joins the
+        new nodes, pairs are hashed in one comprehension, and an odd last node stays
+        in the frontier.  Lengths are the caller's contract (see the module note).
+        """
+        if not leaf_hashes:
+            return
+        sha, prefix = _sha256, _NODE_PREFIX
+        old = self._size
+        # frontier hashes of the old tree by height: the i-th set bit from the top.
+        by_height = {h: d for h, d in zip(
+            (h for h in range(old.bit_length() - 1, -1, -1) if old >> h & 1),
+            self._frontier, strict=True)}
+        level = list(leaf_hashes)
+        pos = old  # index, at this height, of level[0]
+        keep: dict[int, bytes] = {}
+        height = 0
+        while level:
+            if pos & 1:  # a left sibling waits in the frontier
+                level.insert(0, by_height[height])
+                pos -= 1
+            if len(level) & 1:
+                keep[height] = level.pop()
+            pairs = iter(level)
+            level = [sha(prefix + a + b).digest() for a, b in zip(pairs, pairs, strict=True)]
+            pos >>= 1
+            height += 1
+        new = old + len(leaf_hashes)
+        # heights above the new nodes keep their old frontier hashes.
+        for h, d in by_height.items():
+            if h >= height:
+                keep[h] = d
+        self._frontier = [keep[h] for h in range(new.bit_length() - 1, -1, -1) if new >> h & 1]
+        self._size = new
+
     @property
     def size(self) -> int:
         """Number of leaves appended so far."""

@@ -31,7 +31,7 @@ import nacl.exceptions
 
 from ledger.catalog import REGISTRY, LedgerGenesis
 from ledger.errors import LedgerDataError
-from ledger.events import EventRegistry, pack
+from ledger.events import EventRegistry, packer
 from ledger.merkle import CompactTree
 from ledger.note import Checkpoint, NoteError, NoteVerifier, open_checkpoint, verifier_key
 from ledger.records import (
@@ -196,29 +196,56 @@ class TrustedPrefix:
     last_ts: int
 
 
+class _Batch(NamedTuple):
+    """The records one checkpoint commits, as the inner loop leaves them."""
+
+    data: bytes
+    items: list[tuple[int, int, Any, bytes | None, int, int]]
+    """(seq, ts_ns, event, signature, body start, body end) per record."""
+    leaves: list[bytes]
+    """Leaf hashes, one per item, when verifying; else empty."""
+    size: int
+    """Tree size after this batch."""
+
+
 class LogReader:
-    """One pass over a ledger directory.  Iterate :meth:`entries`, then read :attr:`result`.
+    """One pass over a ledger directory: iterate :meth:`entries` (or call :meth:`fold`),
+    then read :attr:`result`.
 
     ``verify=True`` (the default) checks everything: checksums, the hash chain,
     the Merkle tree, every grant and checkpoint signature, and decodes every event
     strictly.  ``verify=False`` is a replay: checksums, sequence and strict event
     decoding, but no hashing or signatures (``ppn ledger verify`` is the audit).
+    ``decode=False`` (with ``verify``) skips building events -- the cryptographic
+    half of a parallel audit (:mod:`ledger.verifier`); entries then carry
+    ``event=None`` except the genesis record.
+    ``canonical`` (default: ``verify``) checks that each record is in canonical
+    encoding; the two halves of a parallel audit split the checks between them.
     ``trusted`` skips the work for a prefix a verified snapshot covers.
     ``pinned_key``: if given, the genesis record must name exactly this signer.
+    ``limits``: read only this many bytes of the named segments (what a parallel
+    pass agreed on; a segment beyond them is not read).
     """
 
     def __init__(self, directory: Path, *, registry: EventRegistry = REGISTRY,
-                 verify: bool = True, trusted: TrustedPrefix | None = None,
+                 verify: bool = True, decode: bool = True, canonical: bool | None = None,
+                 trusted: TrustedPrefix | None = None,
                  pinned_key: bytes | None = None, collect_leaves: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 limits: dict[str, int] | None = None) -> None:
         if collect_leaves and (not verify or trusted is not None):
             raise ValueError("leaf hashes are only collected by a full verifying pass")
+        if not decode and not verify:
+            raise ValueError("a pass that neither decodes nor verifies checks nothing")
         self.directory = directory
         self.registry = registry
         self.verify = verify
+        self.decode = decode
+        self.canonical = verify if canonical is None else canonical
         self.trusted = trusted
         self.pinned_key = pinned_key
         self.progress = progress
+        self.limits = limits
         self.result = ScanResult(leaves=[] if collect_leaves else None)
         self._verifier: NoteVerifier | None = None
         self._key = b""
@@ -228,18 +255,58 @@ class LogReader:
         self._prev = ZERO_HASH
         self._ts = 0
         self._signed_classes = {et.cls for et in registry if et.signed}
+        # tag -> (current version, generated builder, signed?) for the inner loop.
+        self._fast = {et.tag: (et.version, et.build, et.signed) for et in registry}
         self._done = self._total = 0
 
-    def entries(self) -> Iterator[Entry]:
+    def segments(self) -> list[tuple[int, Path, int]]:
+        """(first seq, path, bytes to read) of the segments this pass reads."""
         segs = list_segments(self.directory)
+        if self.limits is None:
+            return [(first, p, p.stat().st_size) for first, p in segs]
+        return [(first, p, self.limits[p.name]) for first, p in segs if p.name in self.limits]
+
+    def entries(self) -> Iterator[Entry]:
+        """Committed records, in order (each batch once its checkpoint has been read)."""
+        for batch in self._batches():
+            data, leaves = batch.data, batch.leaves
+            for i, (seq, ts, event, sig, a, b) in enumerate(batch.items):
+                yield Entry(seq, ts, data[a:b], leaves[i] if leaves else b"", sig, event)
+
+    def fold(self, state: Any, apply: Callable[[Any, Any, int, int, bytes | None], Any],
+             start: int = 0, on_commit: Callable[[int], None] | None = None) -> int:
+        """Apply every committed record from seq ``start`` on; returns how many.
+
+        The same pass as :meth:`entries` without making an :class:`Entry` per record.
+        ``on_commit(size)`` is called after each committed batch is applied.
+        """
+        n = 0
+        for batch in self._batches():
+            for seq, ts, event, sig, _a, _b in batch.items:
+                if seq >= start:
+                    apply(state, event, seq, ts, sig)
+                    n += 1
+            if on_commit is not None:
+                on_commit(batch.size)
+        return n
+
+    def run(self) -> ScanResult:
+        """The whole pass, for its :attr:`result` only."""
+        for _ in self._batches():
+            pass
+        return self.result
+
+    def _batches(self) -> Iterator[_Batch]:
+        segs = self.segments()
         if not segs:
             raise LedgerCorrupt(str(self.directory), 0, None, "no segment files: not a ledger")
-        self._total = sum(p.stat().st_size for _, p in segs)
+        self._total = sum(size for _, _, size in segs)
         gc_was_on = gc.isenabled()
         gc.disable()  # a scan allocates millions of short-lived, acyclic objects
         try:
-            for i, (first, path) in enumerate(segs):
-                data = path.read_bytes()
+            for i, (first, path, size) in enumerate(segs):
+                with path.open("rb") as f:
+                    data = f.read(size)
                 yield from self._segment(path, first, data, last=i == len(segs) - 1)
                 self._done += len(data)
                 if self.progress:
@@ -255,7 +322,7 @@ class LogReader:
                                 f"the log is shorter ({self.result.count} records) than its "
                                 f"snapshot ({self.trusted.size})")
 
-    def _segment(self, path: Path, first: int, data: bytes, last: bool) -> Iterator[Entry]:
+    def _segment(self, path: Path, first: int, data: bytes, last: bool) -> Iterator[_Batch]:
         res = self.result
         try:
             declared = parse_segment_header(data)
@@ -270,39 +337,98 @@ class LogReader:
                                 f"says {first}); expected {res.count}: records are missing")
         info = SegmentInfo(path, first, SEGMENT_HEADER.size)
         res.segments.append(info)
-        pending: list[Entry] = []
+        items: list[tuple[int, int, Any, bytes | None, int, int]] = []
+        leaves: list[bytes] = []
         off, end = SEGMENT_HEADER.size, len(data)
         view = memoryview(data)
-        unpack_header, crc32 = FRAME_HEADER.unpack_from, zlib.crc32
+        unpack_header, crc32, unpackb = FRAME_HEADER.unpack_from, zlib.crc32, _unpackb
+        sha256 = hashlib.sha256
+        pack = packer()
+        fast = self._fast
+        verify, decode, canonical = self.verify, self.decode, self.canonical
         skip_below = self.trusted.size if self.trusted is not None else 0
+        progress = self.progress
+        key = self._key
+        # The inner loop keeps the chain in locals; _sync hands them back before any
+        # slow path (which reads them) and at each checkpoint.
+        n, prev, last_ts = self._n, self._prev, self._ts
         while off < end:
             # Fast path: a sound frame; anything else goes to _frame_problem for the reason.
             length, crc = unpack_header(data, off) if end - off >= 9 else (0, 0)
             stop = off + 8 + length
             if not (0 < length <= MAX_FRAME and stop <= end
                     and crc32(view[off + 8:stop]) == crc):
+                self._n, self._prev, self._ts = n, prev, last_ts
                 reason, maybe_torn = _frame_problem(data, view, off)
                 if last and maybe_torn and not self._checkpoint_after(data, view, off):
                     self._torn(info, len(data), reason)
                     return
-                raise LedgerCorrupt(path.name, off, self._n, reason)
+                raise LedgerCorrupt(path.name, off, n, reason)
             kind = data[off + 8]
             if kind == KIND_RECORD:
-                if 0 < self._n < skip_below:
-                    self._n += 1
+                if 0 < n < skip_below:
+                    n += 1
+                    off = stop
+                    continue
+                # Fast path: one unpack and inline checks of a current-version record;
+                # anything else (an old version to upcast, or something wrong) takes
+                # _record, which decodes step by step and says precisely what is wrong.
+                event: Any = None
+                ok = False
+                try:
+                    rec = unpackb(view[off + 9:stop], raw=False, use_list=False,
+                                  strict_map_key=True)
+                    r_seq, ts, prev_h, ev, sig = rec
+                    tag, version, fields = ev
+                    version_now, build, signed = fast[tag]
+                    ok = (type(r_seq) is int and r_seq == n and type(ts) is int and ts >= 0
+                          and type(prev_h) is bytes and len(prev_h) == 32
+                          and (sig is None or (type(sig) is bytes and len(sig) == 64))
+                          and type(ev) is tuple and version == version_now
+                          and type(fields) is dict and n > skip_below)
+                    if ok and decode:
+                        event = build(fields)
+                        ok = event is not None
+                    if ok and canonical:
+                        ok = pack(rec) == data[off + 9:stop]
+                    if ok and verify:
+                        ok = (prev_h == prev and ts >= last_ts and signed == (sig is not None)
+                              and (sig is None or verify_grant(
+                                  key, event_slice(data[off + 9:stop], n, ts, True), sig)))
+                except Exception:  # msgpack raises several unrelated types; so does unpacking
+                    ok = False
+                if ok:
+                    if verify:
+                        prev = sha256(view[off + 8:stop]).digest()
+                        leaves.append(prev)
+                        last_ts = ts
+                    items.append((n, ts, event, sig, off + 9, stop))
                 else:
-                    pending.append(self._record(path, off, view[off + 8:stop]))
-                if self.progress and not self._n & 0xFFFF:
-                    self.progress(self._done + off, self._total)
+                    self._n, self._prev, self._ts = n, prev, last_ts
+                    item, leaf = self._record(path, off, view[off + 8:stop])
+                    key = self._key  # the genesis record sets it
+                    if verify:
+                        prev, last_ts = leaf, item[1]
+                        leaves.append(leaf)
+                    items.append(item)
+                n += 1
+                if progress and not n & 0xFFFF:
+                    progress(self._done + off, self._total)
             elif kind == KIND_CHECKPOINT:
+                self._n, self._prev, self._ts = n, prev, last_ts
+                if verify and leaves:
+                    self._tree.extend(leaves)
                 self._checkpoint(path, off, data[off + 9:stop])
-                yield from pending
-                pending = []
+                if res.leaves is not None:
+                    res.leaves.extend(leaves)
                 info.committed_end = stop
+                yield _Batch(data, items, leaves, n)
+                items, leaves = [], []
             else:
                 raise LedgerCorrupt(path.name, off, None, f"unknown frame kind {kind:#04x}")
             off = stop
-        if self._n != res.count:
+        self._n, self._prev, self._ts = n, prev, last_ts
+        if n != res.count:
             if last:
                 self._torn(info, len(data), "records after the last checkpoint (a batch "
                            "whose commit did not finish)")
@@ -331,36 +457,29 @@ class LogReader:
         res = self.result
         res.tail = TornTail(info.path, info.committed_end, file_size - info.committed_end,
                             self._n - res.count, reason)
-        if res.leaves is not None:
-            del res.leaves[res.count:]
 
-    def _record(self, path: Path, off: int, leaf_input: memoryview) -> Entry:
+    def _record(self, path: Path, off: int, leaf_input: memoryview
+                ) -> tuple[tuple[int, int, Any, bytes | None, int, int], bytes]:
+        """The careful path for one record: an item and its leaf hash, or LedgerCorrupt.
+
+        Decodes step by step in the order the checks are specified, so the error
+        names the first thing wrong; also upcasts events of older versions.
+        """
         seq = self._n
         body = leaf_input[1:].tobytes()
-        # Fast path: one unpack and inline checks; anything odd goes to decode_record,
-        # which says precisely what is wrong.
         try:
-            obj = _unpackb(body, raw=False, use_list=False, strict_map_key=True)
-            r_seq, ts, prev, ev_obj, sig = obj
-            sound = (type(r_seq) is int and type(ts) is int and ts >= 0
-                     and type(prev) is bytes and len(prev) == 32 and type(ev_obj) is tuple
-                     and (sig is None or (type(sig) is bytes and len(sig) == 64))
-                     and (not self.verify or pack(obj) == body))
-        except Exception:  # msgpack raises several unrelated types; so does unpacking
-            sound = False
-        if not sound:
-            try:
-                decode_record(body, canonical=self.verify)
-            except FrameError as exc:
-                raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
-            raise AssertionError("decode_record accepted what the fast path refused")
-        if r_seq != seq:
-            raise LedgerCorrupt(path.name, off, seq, f"record says seq {r_seq}; "
-                                f"expected {seq} (gap, duplicate or reordering)")
-        try:
-            event = self.registry.from_obj(ev_obj, None)
-        except LedgerDataError as exc:
+            rec, ev_obj = decode_record(body, canonical=self.canonical)
+        except FrameError as exc:
             raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
+        if rec.seq != seq:
+            raise LedgerCorrupt(path.name, off, seq, f"record says seq {rec.seq}; "
+                                f"expected {seq} (gap, duplicate or reordering)")
+        event: Any = None
+        if self.decode or seq == 0:
+            try:
+                event = self.registry.from_obj(ev_obj, None)
+            except LedgerDataError as exc:
+                raise LedgerCorrupt(path.name, off, seq, str(exc)) from None
         if seq == 0:
             self._genesis(path, off, event)
         elif self.trusted is not None and seq == self.trusted.size:
@@ -369,13 +488,12 @@ class LogReader:
             self._prev, self._ts = t.prev_hash, t.last_ts
         leaf = b""
         if self.verify:
-            leaf = self._chain(path, off, Record(seq, ts, prev, b"", sig), body, leaf_input,
-                               event)
-        self._n = seq + 1
-        return Entry(seq, ts, body, leaf, sig, event)
+            leaf = self._chain(path, off, rec, body, leaf_input, ev_obj)
+        start = off + 9
+        return (seq, rec.ts_ns, event, rec.signature, start, start + len(body)), leaf
 
     def _chain(self, path: Path, off: int, rec: Record, body: bytes, leaf_input: memoryview,
-               event: Any) -> bytes:
+               ev_obj: Any) -> bytes:
         """The verifying part: hash chain, timestamps, signature, Merkle leaf."""
         seq = rec.seq
         if rec.prev_hash != self._prev:
@@ -383,22 +501,17 @@ class LogReader:
                                 "the hash of the record before")
         if rec.ts_ns < self._ts:
             raise LedgerCorrupt(path.name, off, seq, "timestamp goes backwards")
-        signed = type(event) in self._signed_classes
+        tag = ev_obj[0] if type(ev_obj) is tuple and ev_obj else None
+        fast = self._fast.get(tag) if type(tag) is str else None
+        signed = fast is not None and fast[2]
         if signed != (rec.signature is not None):
-            tag = self.registry.type_of(event).tag
             raise LedgerCorrupt(path.name, off, seq, f"{tag} record must "
                                 f"{'' if signed else 'not '}carry a signature")
         if rec.signature is not None and not verify_grant(
                 self._key, event_slice(body, seq, rec.ts_ns, True), rec.signature):
-            tag = self.registry.type_of(event).tag
             raise LedgerCorrupt(path.name, off, seq, f"{tag}: signature does not verify "
                                 "with the ledger's key")
-        leaf = hashlib.sha256(leaf_input).digest()
-        self._tree.append(leaf)
-        if self.result.leaves is not None:
-            self.result.leaves.append(leaf)
-        self._prev, self._ts = leaf, rec.ts_ns
-        return leaf
+        return hashlib.sha256(leaf_input).digest()
 
     def _genesis(self, path: Path, off: int, event: Any) -> None:
         if not isinstance(event, LedgerGenesis) or len(event.signing_key) != 32:

@@ -1,0 +1,198 @@
+"""The parallel audit (ledger.verifier) gives the answer a single combined pass gives.
+
+The replay half runs here and the cryptographic half in a child process; each stops
+at its first failure and the earlier one is reported.  The property tests run the
+cryptographic half in-process (same code, no process start-up per example); the
+other tests start the real child.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import member, new_ledger, sample_events, segments, unseal_all
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_properties import (
+    Tamper,
+    _frames,
+    _reframe,
+    events,
+    flip_byte,
+    resign,
+    swap_records,
+    truncate_middle,
+)
+
+from ledger import audit, verifier
+from ledger.catalog import PdDeclared
+from ledger.log import Options
+from ledger.records import KIND_RECORD, decode_record
+from ledger.scan import LedgerCorrupt
+
+SMALL_SEGMENTS = Options(segment_bytes=1500, set_append_only_flag=False)
+
+
+class InProcessWorker:
+    """CryptoWorker's contract, computed in this process when the result is asked for."""
+
+    def __init__(self, directory: Path, limits: dict[str, int],
+                 pinned_key: bytes | None) -> None:
+        self.args = directory, limits, pinned_key
+        self.fell_back = None
+
+    def result(self) -> verifier.CryptoResult:
+        return verifier.crypto_pass(*self.args)
+
+    def kill(self) -> None:
+        pass
+
+
+@pytest.fixture
+def always_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verifier, "PARALLEL_MIN_BYTES", 0)
+
+
+def _outcome(directory: Path, jobs: int) -> tuple[Any, ...]:
+    try:
+        r = audit.verify(directory, jobs=jobs)
+    except LedgerCorrupt as exc:
+        return ("corrupt", exc.segment, exc.offset)
+    return ("ok", r.records, r.checkpoints, r.segments, r.members, r.root, r.verifier_key)
+
+
+@pytest.mark.parametrize("tamper", [flip_byte, truncate_middle, swap_records, resign])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bs=st.lists(st.lists(events, min_size=1, max_size=5), min_size=2, max_size=6),
+       data=st.data())
+def test_parallel_finds_the_same_first_failure(tamper: Tamper, bs: list[list[Any]],
+                                               data: st.DataObject,
+                                               always_parallel: None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verifier, "CryptoWorker", InProcessWorker)
+    work = Path(tempfile.mkdtemp(prefix="ppn-par-"))
+    try:
+        led, _ = new_ledger(work / "l", options=SMALL_SEGMENTS)
+        for b in bs:
+            led.append_many(b)
+        led.close()
+        unseal_all(work / "l")
+        intact = _outcome(work / "l", jobs=1)
+        assert intact[0] == "ok"
+        assert _outcome(work / "l", jobs=2) == intact
+        segs = segments(work / "l")
+        seg = segs[data.draw(st.integers(0, len(segs) - 1))]
+        original = seg.read_bytes()
+        damaged = tamper(original, data)
+        if damaged is None or damaged == original:
+            return
+        seg.write_bytes(damaged)
+        single = _outcome(work / "l", jobs=1)
+        assert single[0] == "corrupt"
+        assert _outcome(work / "l", jobs=2) == single
+    finally:
+        shutil.rmtree(work)
+
+
+def _ledger(tmp_path: Path, n: int = 400) -> Path:
+    led, _ = new_ledger(tmp_path / "l", options=SMALL_SEGMENTS)
+    evs = list(sample_events(n))
+    for i in range(0, n, 7):
+        led.append_many(evs[i:i + 7])
+    led.close()
+    unseal_all(tmp_path / "l")
+    return tmp_path / "l"
+
+
+def test_real_worker_agrees_with_a_single_pass(tmp_path: Path, always_parallel: None) -> None:
+    d = _ledger(tmp_path)
+    single = audit.verify(d, jobs=1)
+    both = audit.verify(d, jobs=2)
+    assert (both.records, both.checkpoints, both.segments, both.members, both.root) == (
+        single.records, single.checkpoints, single.segments, single.members, single.root)
+    assert both.records == 401
+
+
+def _damage_grant_signature(d: Path) -> tuple[str, int]:
+    """Flip a bit of the first grant signature, keeping the frame checksum valid."""
+    for seg in segments(d):
+        data = seg.read_bytes()
+        for off, length, kind in _frames(data):
+            if kind != KIND_RECORD:
+                continue
+            rec, _ = decode_record(data[off + 9:off + length])
+            if rec.signature is None:
+                continue
+            bad = bytes([rec.signature[0] ^ 1]) + rec.signature[1:]
+            seg.write_bytes(data[:off] + _reframe(KIND_RECORD, rec._replace(
+                signature=bad).body()) + data[off + length:])
+            return seg.name, off
+    raise AssertionError("no signed record")
+
+
+def test_real_worker_reports_what_only_it_checks(tmp_path: Path, always_parallel: None) -> None:
+    """A bad grant signature is found by the child's half; the report names it."""
+    d = _ledger(tmp_path)
+    where = _damage_grant_signature(d)
+    with pytest.raises(LedgerCorrupt) as single:
+        audit.verify(d, jobs=1)
+    with pytest.raises(LedgerCorrupt) as both:
+        audit.verify(d, jobs=2)
+    assert (single.value.segment, single.value.offset) == where
+    assert (both.value.segment, both.value.offset, both.value.seq) == (
+        single.value.segment, single.value.offset, single.value.seq)
+    assert "signature does not verify" in str(both.value)
+
+
+def test_earlier_failure_wins_across_halves(tmp_path: Path, always_parallel: None) -> None:
+    """The child's failure in an early segment beats the replay half's in a later one."""
+    d = _ledger(tmp_path)
+    early = _damage_grant_signature(d)
+    last = segments(d)[-1]
+    data = last.read_bytes()
+    off, length, _kind = next(f for f in _frames(data) if f[2] == KIND_RECORD)
+    rec, _ = decode_record(data[off + 9:off + length])
+    # a valid frame whose event is of an unknown type: only the replay half decodes events
+    bogus = rec._replace(event_bytes=b"\x93\xa3zzz\x01\x80").body()
+    last.write_bytes(data[:off] + _reframe(KIND_RECORD, bogus) + data[off + length:])
+    assert early[0] != last.name
+    with pytest.raises(LedgerCorrupt) as both:
+        audit.verify(d, jobs=2)
+    assert (both.value.segment, both.value.offset) == early
+
+
+@pytest.mark.parametrize("executable", ["/nonexistent/python", "/bin/true"])
+def test_a_broken_worker_falls_back_to_this_process(tmp_path: Path, always_parallel: None,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     executable: str) -> None:
+    d = _ledger(tmp_path)
+    expected = audit.verify(d, jobs=1)
+    monkeypatch.setattr(verifier.sys, "executable", executable)
+    assert audit.verify(d, jobs=2).root == expected.root
+    _damage_grant_signature(d)
+    with pytest.raises(LedgerCorrupt, match="signature does not verify"):
+        audit.verify(d, jobs=2)
+
+
+def test_small_logs_use_one_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[Path] = []
+
+    class Spy(InProcessWorker):
+        def __init__(self, directory: Path, *args: Any) -> None:
+            started.append(directory)
+            super().__init__(directory, *args)
+
+    monkeypatch.setattr(verifier, "CryptoWorker", Spy)
+    led, _ = new_ledger(tmp_path / "l")
+    led.append_many([member(1), PdDeclared("pd-x", 3)])
+    led.close()
+    assert audit.verify(tmp_path / "l", jobs=2).records == 3
+    assert started == []
+    monkeypatch.setattr(verifier, "PARALLEL_MIN_BYTES", 0)
+    assert audit.verify(tmp_path / "l", jobs=2).records == 3
+    assert started == [tmp_path / "l"]
