@@ -66,7 +66,8 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     parallel = ((jobs or os.cpu_count() or 1) > 1
                 and sum(limits.values()) >= verifier.PARALLEL_MIN_BYTES)
     worker = verifier.CryptoWorker(directory, limits, pinned_key) if parallel else None
-    reader = LogReader(directory, verify=not parallel, canonical=True, pinned_key=pinned_key,
+    reader = LogReader(directory, verify=not parallel, canonical=True, grants=True,
+                       pinned_key=pinned_key,
                        progress=progress, limits=limits)
     state = State()
 
@@ -169,8 +170,11 @@ def entries(directory: Path) -> Iterator[Entry]:
 def state_at(directory: Path, seq: int | None = None) -> State:
     """The state folded up to and including record ``seq`` (default: the end)."""
     state = State()
+    if seq is None:
+        LogReader(directory, verify=False).fold(state, apply)
+        return state
     for e in entries(directory):
-        if seq is not None and e.seq > seq:
+        if e.seq > seq:
             break
         apply(state, e.event, e.seq, e.ts_ns, e.signature)
     if seq is not None and state.seq < seq:

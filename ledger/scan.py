@@ -49,7 +49,6 @@ from ledger.records import (
     parse_segment_header,
 )
 
-_unpackb = msgpack.unpackb
 SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
 
 
@@ -219,8 +218,9 @@ class LogReader:
     ``decode=False`` (with ``verify``) skips building events -- the cryptographic
     half of a parallel audit (:mod:`ledger.verifier`); entries then carry
     ``event=None`` except the genesis record.
-    ``canonical`` (default: ``verify``) checks that each record is in canonical
-    encoding; the two halves of a parallel audit split the checks between them.
+    ``canonical`` and ``grants`` (both default to ``verify``) check that each record
+    is in canonical encoding, and that exactly the signed event types carry a grant
+    signature and it verifies; the halves of a parallel audit split the checks.
     ``trusted`` skips the work for a prefix a verified snapshot covers.
     ``pinned_key``: if given, the genesis record must name exactly this signer.
     ``limits``: read only this many bytes of the named segments (what a parallel
@@ -229,6 +229,7 @@ class LogReader:
 
     def __init__(self, directory: Path, *, registry: EventRegistry = REGISTRY,
                  verify: bool = True, decode: bool = True, canonical: bool | None = None,
+                 grants: bool | None = None,
                  trusted: TrustedPrefix | None = None,
                  pinned_key: bytes | None = None, collect_leaves: bool = False,
                  progress: Callable[[int, int], None] | None = None,
@@ -242,6 +243,7 @@ class LogReader:
         self.verify = verify
         self.decode = decode
         self.canonical = verify if canonical is None else canonical
+        self.grants = verify if grants is None else grants
         self.trusted = trusted
         self.pinned_key = pinned_key
         self.progress = progress
@@ -254,7 +256,6 @@ class LogReader:
         self._tree = CompactTree()
         self._prev = ZERO_HASH
         self._ts = 0
-        self._signed_classes = {et.cls for et in registry if et.signed}
         # tag -> (current version, generated builder, signed?) for the inner loop.
         self._fast = {et.tag: (et.version, et.build, et.signed) for et in registry}
         self._done = self._total = 0
@@ -341,11 +342,16 @@ class LogReader:
         leaves: list[bytes] = []
         off, end = SEGMENT_HEADER.size, len(data)
         view = memoryview(data)
-        unpack_header, crc32, unpackb = FRAME_HEADER.unpack_from, zlib.crc32, _unpackb
+        unpack_header, crc32 = FRAME_HEADER.unpack_from, zlib.crc32
+        # One streaming unpacker per segment, kept at ``off`` between frames: cheaper
+        # per record than an unpackb call (which parses its options every time).
+        stream = _stream(view, off)
+        read, unpack_next, tell = stream.read_bytes, stream.unpack, stream.tell
+        base = off
         sha256 = hashlib.sha256
         pack = packer()
         fast = self._fast
-        verify, decode, canonical = self.verify, self.decode, self.canonical
+        verify, decode, canonical, grants = self.verify, self.decode, self.canonical, self.grants
         skip_below = self.trusted.size if self.trusted is not None else 0
         progress = self.progress
         key = self._key
@@ -367,6 +373,7 @@ class LogReader:
             kind = data[off + 8]
             if kind == KIND_RECORD:
                 if 0 < n < skip_below:
+                    read(stop - off)
                     n += 1
                     off = stop
                     continue
@@ -375,9 +382,11 @@ class LogReader:
                 # _record, which decodes step by step and says precisely what is wrong.
                 event: Any = None
                 ok = False
+                at = -1
                 try:
-                    rec = unpackb(view[off + 9:stop], raw=False, use_list=False,
-                                  strict_map_key=True)
+                    read(9)
+                    rec = unpack_next()
+                    at = base + tell()
                     r_seq, ts, prev_h, ev, sig = rec
                     tag, version, fields = ev
                     version_now, build, signed = fast[tag]
@@ -385,16 +394,17 @@ class LogReader:
                           and type(prev_h) is bytes and len(prev_h) == 32
                           and (sig is None or (type(sig) is bytes and len(sig) == 64))
                           and type(ev) is tuple and version == version_now
-                          and type(fields) is dict and n > skip_below)
+                          and type(fields) is dict and n > skip_below and at == stop)
                     if ok and decode:
                         event = build(fields)
                         ok = event is not None
                     if ok and canonical:
                         ok = pack(rec) == data[off + 9:stop]
                     if ok and verify:
-                        ok = (prev_h == prev and ts >= last_ts and signed == (sig is not None)
-                              and (sig is None or verify_grant(
-                                  key, event_slice(data[off + 9:stop], n, ts, True), sig)))
+                        ok = prev_h == prev and ts >= last_ts
+                    if ok and grants:
+                        ok = signed == (sig is not None) and (sig is None or verify_grant(
+                            key, event_slice(data[off + 9:stop], n, ts, True), sig))
                 except Exception:  # msgpack raises several unrelated types; so does unpacking
                     ok = False
                 if ok:
@@ -411,10 +421,15 @@ class LogReader:
                         prev, last_ts = leaf, item[1]
                         leaves.append(leaf)
                     items.append(item)
+                    if at != stop:  # the record was not one msgpack object: resynchronise
+                        stream = _stream(view, stop)
+                        read, unpack_next, tell = stream.read_bytes, stream.unpack, stream.tell
+                        base = stop
                 n += 1
                 if progress and not n & 0xFFFF:
                     progress(self._done + off, self._total)
             elif kind == KIND_CHECKPOINT:
+                read(stop - off)
                 self._n, self._prev, self._ts = n, prev, last_ts
                 if verify and leaves:
                     self._tree.extend(leaves)
@@ -488,19 +503,24 @@ class LogReader:
             self._prev, self._ts = t.prev_hash, t.last_ts
         leaf = b""
         if self.verify:
-            leaf = self._chain(path, off, rec, body, leaf_input, ev_obj)
+            leaf = self._chain(path, off, rec, leaf_input)
+        if self.grants:
+            self._grant(path, off, rec, body, ev_obj)
         start = off + 9
         return (seq, rec.ts_ns, event, rec.signature, start, start + len(body)), leaf
 
-    def _chain(self, path: Path, off: int, rec: Record, body: bytes, leaf_input: memoryview,
-               ev_obj: Any) -> bytes:
-        """The verifying part: hash chain, timestamps, signature, Merkle leaf."""
-        seq = rec.seq
+    def _chain(self, path: Path, off: int, rec: Record, leaf_input: memoryview) -> bytes:
+        """Hash chain and timestamps; the Merkle leaf."""
         if rec.prev_hash != self._prev:
-            raise LedgerCorrupt(path.name, off, seq, "hash chain broken: prev_hash is not "
-                                "the hash of the record before")
+            raise LedgerCorrupt(path.name, off, rec.seq, "hash chain broken: prev_hash is "
+                                "not the hash of the record before")
         if rec.ts_ns < self._ts:
-            raise LedgerCorrupt(path.name, off, seq, "timestamp goes backwards")
+            raise LedgerCorrupt(path.name, off, rec.seq, "timestamp goes backwards")
+        return hashlib.sha256(leaf_input).digest()
+
+    def _grant(self, path: Path, off: int, rec: Record, body: bytes, ev_obj: Any) -> None:
+        """Exactly the signed event types carry a signature, and it verifies."""
+        seq = rec.seq
         tag = ev_obj[0] if type(ev_obj) is tuple and ev_obj else None
         fast = self._fast.get(tag) if type(tag) is str else None
         signed = fast is not None and fast[2]
@@ -511,7 +531,6 @@ class LogReader:
                 self._key, event_slice(body, seq, rec.ts_ns, True), rec.signature):
             raise LedgerCorrupt(path.name, off, seq, f"{tag}: signature does not verify "
                                 "with the ledger's key")
-        return hashlib.sha256(leaf_input).digest()
 
     def _genesis(self, path: Path, off: int, event: Any) -> None:
         if not isinstance(event, LedgerGenesis) or len(event.signing_key) != 32:
@@ -566,6 +585,14 @@ class LogReader:
         if cp.root_hash != expected:
             raise LedgerCorrupt(path.name, off, size - 1, f"checkpoint root for size {size} "
                                 "does not match the records")
+
+
+def _stream(view: memoryview, start: int) -> msgpack.Unpacker:
+    """An unpacker over ``view[start:]``, with the options records are decoded with."""
+    stream = msgpack.Unpacker(None, raw=False, use_list=False, strict_map_key=True,
+                              max_buffer_size=max(len(view) - start, 1))
+    stream.feed(view[start:])
+    return stream
 
 
 def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:

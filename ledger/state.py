@@ -222,16 +222,21 @@ APPLIERS: dict[type[Any], Applier] = {
     c.PdReaped: _pd_reaped,
     c.PdSpawned: _pd_spawned,
 }
-_TAGS = {et.cls: et.tag for et in c.REGISTRY}
+def _ignore(s: State, e: Any, seq: int, ts: int, sig: bytes | None) -> None:
+    pass
+
+
+_DISPATCH: dict[type[Any], tuple[Applier, str]] = {
+    et.cls: (APPLIERS.get(et.cls, _ignore), et.tag) for et in c.REGISTRY}
+"""Per event class: its applier and its tag (one lookup per event on replay)."""
 
 
 def apply(state: State, event: Any, seq: int, ts_ns: int, sig: bytes | None = None) -> State:
     """Fold one event (record ``seq``, its grant signature ``sig``) into ``state``."""
-    handler = APPLIERS.get(type(event))
-    if handler is not None:
-        handler(state, event, seq, ts_ns, sig)
-    tag = _TAGS.get(type(event), type(event).__name__)
-    state.event_counts[tag] = state.event_counts.get(tag, 0) + 1
+    handler, tag = _DISPATCH.get(type(event)) or (_ignore, type(event).__name__)
+    handler(state, event, seq, ts_ns, sig)
+    counts = state.event_counts
+    counts[tag] = counts.get(tag, 0) + 1
     state.seq = seq
     return state
 

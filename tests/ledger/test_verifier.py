@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
 import pytest
 from helpers import member, new_ledger, sample_events, segments, unseal_all
 from hypothesis import HealthCheck, given, settings
@@ -31,7 +32,8 @@ from test_properties import (
 from ledger import audit, verifier
 from ledger.catalog import PdDeclared
 from ledger.log import Options
-from ledger.records import KIND_RECORD, decode_record
+from ledger.note import NoteSigner, sign_note
+from ledger.records import KIND_CHECKPOINT, KIND_RECORD, decode_record
 from ledger.scan import LedgerCorrupt
 
 SMALL_SEGMENTS = Options(segment_bytes=1500, set_append_only_flag=False)
@@ -118,27 +120,23 @@ def test_real_worker_agrees_with_a_single_pass(tmp_path: Path, always_parallel: 
     assert both.records == 401
 
 
-def _damage_grant_signature(d: Path) -> tuple[str, int]:
-    """Flip a bit of the first grant signature, keeping the frame checksum valid."""
-    for seg in segments(d):
-        data = seg.read_bytes()
-        for off, length, kind in _frames(data):
-            if kind != KIND_RECORD:
-                continue
-            rec, _ = decode_record(data[off + 9:off + length])
-            if rec.signature is None:
-                continue
-            bad = bytes([rec.signature[0] ^ 1]) + rec.signature[1:]
-            seg.write_bytes(data[:off] + _reframe(KIND_RECORD, rec._replace(
-                signature=bad).body()) + data[off + length:])
-            return seg.name, off
-    raise AssertionError("no signed record")
+def _damage_checkpoint(d: Path) -> tuple[str, int]:
+    """Re-sign the second checkpoint with another key, keeping the frame checksum valid."""
+    seg = segments(d)[0]
+    data = seg.read_bytes()
+    off, length, _ = [f for f in _frames(data) if f[2] == KIND_CHECKPOINT][1]
+    payload = data[off + 9:off + length]
+    text = payload[:payload.index(b"\n\n") + 1]
+    signer = NoteSigner(text.split(b"\n")[0].decode(), nacl.signing.SigningKey.generate())
+    seg.write_bytes(data[:off] + _reframe(KIND_CHECKPOINT, sign_note(text, [signer]))
+                    + data[off + length:])
+    return seg.name, off
 
 
 def test_real_worker_reports_what_only_it_checks(tmp_path: Path, always_parallel: None) -> None:
-    """A bad grant signature is found by the child's half; the report names it."""
+    """A checkpoint signed by another key is found by the child's half; the report names it."""
     d = _ledger(tmp_path)
-    where = _damage_grant_signature(d)
+    where = _damage_checkpoint(d)
     with pytest.raises(LedgerCorrupt) as single:
         audit.verify(d, jobs=1)
     with pytest.raises(LedgerCorrupt) as both:
@@ -146,13 +144,13 @@ def test_real_worker_reports_what_only_it_checks(tmp_path: Path, always_parallel
     assert (single.value.segment, single.value.offset) == where
     assert (both.value.segment, both.value.offset, both.value.seq) == (
         single.value.segment, single.value.offset, single.value.seq)
-    assert "signature does not verify" in str(both.value)
+    assert "checkpoint" in str(both.value)
 
 
 def test_earlier_failure_wins_across_halves(tmp_path: Path, always_parallel: None) -> None:
     """The child's failure in an early segment beats the replay half's in a later one."""
     d = _ledger(tmp_path)
-    early = _damage_grant_signature(d)
+    early = _damage_checkpoint(d)
     last = segments(d)[-1]
     data = last.read_bytes()
     off, length, _kind = next(f for f in _frames(data) if f[2] == KIND_RECORD)
@@ -174,8 +172,8 @@ def test_a_broken_worker_falls_back_to_this_process(tmp_path: Path, always_paral
     expected = audit.verify(d, jobs=1)
     monkeypatch.setattr(verifier.sys, "executable", executable)
     assert audit.verify(d, jobs=2).root == expected.root
-    _damage_grant_signature(d)
-    with pytest.raises(LedgerCorrupt, match="signature does not verify"):
+    _damage_checkpoint(d)
+    with pytest.raises(LedgerCorrupt, match="checkpoint"):
         audit.verify(d, jobs=2)
 
 
