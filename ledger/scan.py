@@ -328,7 +328,8 @@ class LogReader:
         try:
             declared = parse_segment_header(data)
         except FrameError as exc:
-            if last and res.count > 0 and (len(data) < SEGMENT_HEADER.size or not any(data)):
+            if last and res.count > 0 and (len(data) < SEGMENT_HEADER.size
+                                           or data.count(0) == len(data)):
                 res.tail = TornTail(path, 0, len(data), 0, f"torn segment header ({exc})")
                 res.segments.append(SegmentInfo(path, first, 0))
                 return
@@ -365,6 +366,8 @@ class LogReader:
             if not (0 < length <= MAX_FRAME and stop <= end
                     and crc32(view[off + 8:stop]) == crc):
                 self._n, self._prev, self._ts = n, prev, last_ts
+                if last and data.count(0, off) == end - off:
+                    break  # space reserved ahead of the writes: no data from here on
                 reason, maybe_torn = _frame_problem(data, view, off)
                 if last and maybe_torn and not self._checkpoint_after(data, view, off):
                     self._torn(info, len(data), reason)
@@ -596,15 +599,24 @@ def _stream(view: memoryview, start: int) -> msgpack.Unpacker:
 
 
 def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:
-    """Why the frame at ``off`` is unsound, and whether a torn write could explain it."""
-    rest = len(data) - off
+    """Why the frame at ``off`` is unsound, and whether a torn write could explain it.
+
+    The end of the written bytes is where the trailing zeros begin: a segment may
+    have space reserved ahead of its writes, and a write torn there is followed by
+    zeros rather than by the end of the file.
+    """
+    written = len(data.rstrip(b"\x00"))
+    if written <= off:
+        return "zero-filled bytes after the last frame", True
+    rest = written - off
     if rest < 9:
         return f"{rest} stray bytes where a frame header should be", True
     length = FRAME_HEADER.unpack_from(data, off)[0]
-    if length == 0 and not any(view[off:]):
-        return "zero-filled bytes after the last frame", True
     if length < 1 or length > MAX_FRAME:
         return f"frame length {length} out of range", length > rest - 8
-    if length > rest - 8:
+    if off + 8 + length > len(data):
         return f"frame of {length} bytes runs past the end of the file", True
-    return "frame checksum mismatch", off + 8 + length == len(data)
+    if length > rest - 8:
+        return (f"frame of {length} bytes runs past the end of the written bytes "
+                "(zeros follow)"), True
+    return "frame checksum mismatch", off + 8 + length >= written

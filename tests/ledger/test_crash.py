@@ -404,14 +404,17 @@ def _torn_bytes(case: str, entries: list[Entry]) -> tuple[bytes, int, str]:
         return _record_frame(entries, 1) + note[:-40], 2, "runs past the end"
     if case == "record-with-bad-checksum":
         return rec[:-1] + bytes((rec[-1] ^ 0x01,)), 0, "checksum mismatch"
-    if case == "zero-filled":
-        return bytes(4096), 0, "zero-filled"
+    if case.endswith("-then-reserved-space"):  # torn inside space reserved ahead of writes
+        torn, records, reason = _torn_bytes(case.removesuffix("-then-reserved-space"), entries)
+        return torn + bytes(4096), records, reason
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case", [
     "garbage", "stray-bytes", "partial-frame", "record-without-checkpoint",
-    "records-and-partial-checkpoint", "record-with-bad-checksum", "zero-filled",
+    "records-and-partial-checkpoint", "record-with-bad-checksum",
+    "partial-frame-then-reserved-space", "record-without-checkpoint-then-reserved-space",
+    "record-with-bad-checksum-then-reserved-space", "stray-bytes-then-reserved-space",
     "empty-new-segment", "partial-new-segment-header",
 ])
 def test_torn_tail_is_truncated(tmp_path: Path, case: str) -> None:

@@ -379,3 +379,62 @@ def test_one_writer_at_a_time(tmp_path: Path) -> None:
     led.close()
     Ledger.open(tmp_path / "l", keys).close()  # free again once closed
     audit.verify(tmp_path / "l")  # readers never need the lock
+
+
+# ----------------------------------------------------------------- reserved space
+def _written(seg: Path) -> int:
+    return len(seg.read_bytes().rstrip(b"\x00"))
+
+
+def test_the_active_segment_grows_ahead_of_writes_and_is_trimmed(tmp_path: Path) -> None:
+    import shutil
+
+    opts = Options(set_append_only_flag=False, preallocate=64 << 10)
+    keys = NodeKeys.generate()
+    led = Ledger.create(tmp_path / "l", keys, "t.ppn/ledger", options=opts)
+    led.append(PdDeclared("a", 1))
+    seg = sorted((tmp_path / "l").glob("seg-*.log"))[-1]
+    assert seg.stat().st_size >= _written(seg) + (60 << 10)  # space reserved, reads as zeros
+    assert audit.verify(tmp_path / "l").records == 2  # reserved space is not a torn tail
+    # A crash now leaves the reserved space behind: the copy opens without a repair,
+    # writes over the zeros at the committed end, and trims on close.
+    shutil.copytree(tmp_path / "l", tmp_path / "crashed")
+    (tmp_path / "crashed" / ".lock").unlink()
+    with Ledger.open(tmp_path / "crashed", keys, options=opts) as again:
+        assert again.recovered is None and again.size == 2
+        assert again.append(PdDeclared("b", 2)).seq == 2
+    copy = sorted((tmp_path / "crashed").glob("seg-*.log"))[-1]
+    assert copy.stat().st_size == _written(copy)
+    assert audit.verify(tmp_path / "crashed").records == 3
+    led.append_many([PdDeclared(f"p{i}", i) for i in range(2000)])  # past the first chunk
+    assert audit.verify(tmp_path / "l").records == 2002
+    led.close()
+    assert all(p.stat().st_size == _written(p) for p in (tmp_path / "l").glob("seg-*.log"))
+    assert audit.verify(tmp_path / "l").records == 2002
+
+
+def test_segments_are_trimmed_before_sealing(tmp_path: Path) -> None:
+    opts = Options(set_append_only_flag=False, preallocate=64 << 10, segment_bytes=4096)
+    led, _ = new_ledger(tmp_path / "l", options=opts)
+    for i in range(200):
+        led.append(PdDeclared(f"p{i}", i))
+    segs = sorted((tmp_path / "l").glob("seg-*.log"))
+    assert len(segs) > 3
+    assert all(p.stat().st_size == _written(p) for p in segs[:-1])
+    led.close()
+    assert audit.verify(tmp_path / "l").records == 201
+
+
+def test_no_preallocation_where_the_filesystem_refuses(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    led, _ = new_ledger(tmp_path / "l")
+    for i in range(5):
+        led.append(PdDeclared(f"p{i}", i))
+    seg = sorted((tmp_path / "l").glob("seg-*.log"))[-1]
+    assert seg.stat().st_size == _written(seg)
+    led.close()
+    assert audit.verify(tmp_path / "l").records == 6
