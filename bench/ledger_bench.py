@@ -40,7 +40,7 @@ from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
 from ledger.scan import LogReader, list_segments
 from ledger.seal import clear_append_only
-from ledger.state import State, apply
+from ledger.state import State, apply, apply_items
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
@@ -395,7 +395,7 @@ def replay_full(directory: Path, states: list[State]) -> int:
     signatures -- those are the verify figure.
     """
     state = State()
-    n = LogReader(directory, verify=False).fold(state, apply)
+    n = LogReader(directory, verify=False).fold(state, apply_items)
     states[:] = [state]
     return n
 

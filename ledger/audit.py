@@ -20,7 +20,7 @@ from ledger.errors import LedgerDataError, LedgerUsageError
 from ledger.log import check_anchor, note_checkpoint, read_note_at
 from ledger.note import Checkpoint, NoteVerifier, open_checkpoint, verifier_key
 from ledger.scan import Entry, LedgerCorrupt, LogReader, ScanResult
-from ledger.state import State, apply
+from ledger.state import State, apply, apply_items
 
 log = structlog.get_logger("ledger")
 
@@ -77,7 +77,7 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
 
     failure: LedgerCorrupt | None = None
     try:
-        reader.fold(state, apply, on_commit=committed)
+        reader.fold(state, apply_items, on_commit=committed)
     except LedgerCorrupt as exc:
         failure = exc
     except BaseException:
@@ -171,7 +171,7 @@ def state_at(directory: Path, seq: int | None = None) -> State:
     """The state folded up to and including record ``seq`` (default: the end)."""
     state = State()
     if seq is None:
-        LogReader(directory, verify=False).fold(state, apply)
+        LogReader(directory, verify=False).fold(state, apply_items)
         return state
     for e in entries(directory):
         if e.seq > seq:

@@ -57,7 +57,7 @@ from ledger.scan import (
     segment_name,
 )
 from ledger.seal import seal_segment
-from ledger.state import State, apply
+from ledger.state import State, apply, apply_items
 
 log = structlog.get_logger("ledger")
 
@@ -127,6 +127,7 @@ class Ledger:
         self._signer = NoteSigner(self.origin, keys.signing_key)
         self._clock = clock
         self._state = state
+        self._nodes = nodes.Projection(directory, state)
         self._tree: CompactTree = scan.tree
         self._prev = scan.prev_hash
         self._last_ts = scan.last_ts
@@ -196,7 +197,7 @@ class Ledger:
         state = snap.state.copy() if snap else State()
         reader = LogReader(directory, registry=registry, trusted=snap.prefix if snap else None,
                            pinned_key=keys.public_key)
-        reader.fold(state, apply, start=start)
+        reader.fold(state, apply_items, start=start)
         scan = reader.result
         _check_snapshot(scan, snap)
         check_anchor(directory, scan)
@@ -319,12 +320,14 @@ class Ledger:
 
     def _after_commit(self, applied: list[tuple[Any, int, int, bytes | None]]) -> None:
         """Fold the batch into the live state, refresh nodes.jsonl, roll the segment."""
-        membership = False
+        members = []
         for event, seq, ts_ns, sig in applied:
             apply(self._state, event, seq, ts_ns, sig)
-            membership = membership or isinstance(event, (MemberAdded, MemberRemoved))
-        if membership:
-            nodes.write(self.directory, self._state, durable=False)
+            if isinstance(event, (MemberAdded, MemberRemoved)):
+                members.append(event.name)
+        if members:
+            self._nodes.update(self._state, members)
+            self._nodes.write(durable=False)
         if self._segment_size >= self.options.segment_bytes:
             self._roll()
 

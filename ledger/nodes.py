@@ -9,30 +9,69 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from ledger.state import State
+from ledger.state import Member, State
 
 NODES_FILE = "nodes.jsonl"
 
 
+def _line(m: Member) -> bytes:
+    obj = {
+        "name": m.name,
+        "mesh_ip": m.mesh_ip,
+        "role": m.role,
+        "endpoint": m.endpoint,
+        "wg_public_key": base64.b64encode(m.wg_public_key).decode(),
+        "signing_key": base64.b64encode(m.signing_key).decode(),
+        "joined_seq": m.joined_seq,
+        "joined_ts_ns": m.joined_ts_ns,
+    }
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+
 def render(state: State) -> bytes:
     """The exact bytes nodes.jsonl must hold for ``state`` (sorted by name)."""
-    lines = []
-    for name in sorted(state.members):
-        m = state.members[name]
-        obj = {
-            "name": m.name,
-            "mesh_ip": m.mesh_ip,
-            "role": m.role,
-            "endpoint": m.endpoint,
-            "wg_public_key": base64.b64encode(m.wg_public_key).decode(),
-            "signing_key": base64.b64encode(m.signing_key).decode(),
-            "joined_seq": m.joined_seq,
-            "joined_ts_ns": m.joined_ts_ns,
-        }
-        lines.append(json.dumps(obj, separators=(",", ":")) + "\n")
-    return "".join(lines).encode()
+    return b"".join(_line(state.members[name]) for name in sorted(state.members))
+
+
+class Projection:
+    """nodes.jsonl kept current by a writer: re-renders only the members a batch named.
+
+    Gives the same bytes as :func:`render`; the file is rewritten only when they change.
+    """
+
+    def __init__(self, directory: Path, state: State) -> None:
+        self.path = directory / NODES_FILE
+        self._lines = {name: _line(m) for name, m in state.members.items()}
+        self._written: bytes | None = None
+
+    def update(self, state: State, names: Iterable[str]) -> None:
+        for name in names:
+            m = state.members.get(name)
+            if m is None:
+                self._lines.pop(name, None)
+            else:
+                self._lines[name] = _line(m)
+
+    def write(self, *, durable: bool = True) -> bool:
+        """Make the file hold the projection; True if it had to change."""
+        lines = self._lines
+        data = b"".join(lines[name] for name in sorted(lines))
+        if data == self._written:
+            return False
+        if self._written is None:
+            try:
+                changed = self.path.read_bytes() != data
+            except FileNotFoundError:
+                changed = True
+            if not changed:
+                self._written = data
+                return False
+        atomic_write(self.path, data, mode=0o644, durable=durable)
+        self._written = data
+        return True
 
 
 def write(directory: Path, state: State, *, durable: bool = True) -> bool:

@@ -195,11 +195,16 @@ class TrustedPrefix:
     last_ts: int
 
 
+Item = tuple[int, int, Any, "bytes | None", int, int]
+"""A committed record as a pass hands it on: (seq, ts_ns, event, signature, body start,
+body end) -- the body's place in its segment's bytes."""
+
+
 class _Batch(NamedTuple):
     """The records one checkpoint commits, as the inner loop leaves them."""
 
     data: bytes
-    items: list[tuple[int, int, Any, bytes | None, int, int]]
+    items: list[Item]
     """(seq, ts_ns, event, signature, body start, body end) per record."""
     leaves: list[bytes]
     """Leaf hashes, one per item, when verifying; else empty."""
@@ -274,19 +279,18 @@ class LogReader:
             for i, (seq, ts, event, sig, a, b) in enumerate(batch.items):
                 yield Entry(seq, ts, data[a:b], leaves[i] if leaves else b"", sig, event)
 
-    def fold(self, state: Any, apply: Callable[[Any, Any, int, int, bytes | None], Any],
+    def fold(self, state: Any, apply_items: Callable[[Any, list[Item], int], int],
              start: int = 0, on_commit: Callable[[int], None] | None = None) -> int:
         """Apply every committed record from seq ``start`` on; returns how many.
 
-        The same pass as :meth:`entries` without making an :class:`Entry` per record.
+        The same pass as :meth:`entries` without making an :class:`Entry` per record:
+        ``apply_items(state, items, start)`` (such as :func:`ledger.state.apply_items`)
+        gets each committed batch as ``(seq, ts_ns, event, signature, _, _)`` tuples.
         ``on_commit(size)`` is called after each committed batch is applied.
         """
         n = 0
         for batch in self._batches():
-            for seq, ts, event, sig, _a, _b in batch.items:
-                if seq >= start:
-                    apply(state, event, seq, ts, sig)
-                    n += 1
+            n += apply_items(state, batch.items, start)
             if on_commit is not None:
                 on_commit(batch.size)
         return n
@@ -339,7 +343,7 @@ class LogReader:
                                 f"says {first}); expected {res.count}: records are missing")
         info = SegmentInfo(path, first, SEGMENT_HEADER.size)
         res.segments.append(info)
-        items: list[tuple[int, int, Any, bytes | None, int, int]] = []
+        items: list[Item] = []
         leaves: list[bytes] = []
         off, end = SEGMENT_HEADER.size, len(data)
         view = memoryview(data)
@@ -476,8 +480,7 @@ class LogReader:
         res.tail = TornTail(info.path, info.committed_end, file_size - info.committed_end,
                             self._n - res.count, reason)
 
-    def _record(self, path: Path, off: int, leaf_input: memoryview
-                ) -> tuple[tuple[int, int, Any, bytes | None, int, int], bytes]:
+    def _record(self, path: Path, off: int, leaf_input: memoryview) -> tuple[Item, bytes]:
         """The careful path for one record: an item and its leaf hash, or LedgerCorrupt.
 
         Decodes step by step in the order the checks are specified, so the error
