@@ -67,7 +67,7 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
                 and sum(limits.values()) >= verifier.PARALLEL_MIN_BYTES)
     worker = verifier.CryptoWorker(directory, limits, pinned_key) if parallel else None
     reader = LogReader(directory, verify=not parallel, canonical=True, grants=True,
-                       pinned_key=pinned_key,
+                       note_signatures=(0, 2) if parallel else None, pinned_key=pinned_key,
                        progress=progress, limits=limits)
     state = State()
 

@@ -127,7 +127,9 @@ class CompactTree:
         new nodes, pairs are hashed in one comprehension, and an odd last node stays
         in the frontier.  Lengths are the caller's contract (see the module note).
         """
-        if not leaf_hashes:
+        if len(leaf_hashes) < 8:  # a writer with one appender commits one record a batch
+            for leaf in leaf_hashes:
+                self.append(leaf)
             return
         sha, prefix = _sha256, _NODE_PREFIX
         old = self._size

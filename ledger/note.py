@@ -365,6 +365,28 @@ def sign_checkpoint(cp: Checkpoint, signer: NoteSigner) -> bytes:
     return _assemble(cp.body(), [signer])
 
 
+def checkpoint_text(origin: str, size: int, root_hash: bytes) -> bytes:
+    """The body :meth:`Checkpoint.body` gives for a checkpoint without extensions,
+    unchecked (for readers comparing a stored note with what they computed)."""
+    return f"{origin}\n{size}\n{base64.b64encode(root_hash).decode()}\n".encode()
+
+
+def lone_signature(note: bytes, text: bytes, verifier: NoteVerifier) -> bytes | None:
+    """The signature of a note shaped exactly as :func:`sign_checkpoint` writes it for
+    ``verifier``: ``text``, a blank line and one signature line by that key.
+
+    Returns the raw 64-byte signature *unverified*, or None for a note shaped any
+    other way -- which :func:`open_note` then reads in full (and says what is wrong).
+    """
+    head = b"".join((text, b"\n", _SIG_PREFIX, verifier.name.encode(), b" "))
+    if len(note) != len(head) + 93 or not note.startswith(head) or note[-1] != 0x0A:
+        return None
+    raw = _b64decode(note[len(head):-1])
+    if raw is None or len(raw) != 68 or raw[:4] != verifier.key_id:
+        return None
+    return raw[4:]
+
+
 def open_checkpoint(note: bytes, verifier: NoteVerifier) -> Checkpoint:
     """Verify ``note`` with ``verifier`` (others' signatures ignored) and parse it."""
     text, _ = open_note(note, [verifier])

@@ -3,13 +3,14 @@
 ``ppn ledger verify`` has two independent halves of work per record:
 
 * the *replay* half -- checksum, canonical encoding, strict event decoding, grant
-  signatures and the state fold (which the snapshot and ``nodes.jsonl`` checks
-  need), and
-* the *tree* half -- checksum, the hash chain, the Merkle tree and every
-  checkpoint's signature and root.
+  signatures, the state fold (which the snapshot and ``nodes.jsonl`` checks need)
+  and the signatures of the even-numbered checkpoints, and
+* the *tree* half -- checksum, the hash chain, the Merkle tree, what every
+  checkpoint says (origin, size, root) and the signatures of the odd-numbered ones.
 
 The split balances the two: grant signatures sit with the replay half because
-the tree half has more to do per record.
+the tree half has more to do per record, and checkpoint signatures -- the bulk of
+the work in a log written one record per commit -- are shared.
 
 On a machine with more than one CPU a large log is audited with the replay half in
 this process and the cryptographic half in a child (``python -m ledger.verifier``),
@@ -57,7 +58,7 @@ def crypto_pass(directory: Path, limits: dict[str, int] | None,
                 pinned_key: bytes | None) -> CryptoResult:
     """Run the cryptographic half in this process."""
     reader = LogReader(directory, decode=False, canonical=False, grants=False,
-                       pinned_key=pinned_key,
+                       note_signatures=(1, 2), pinned_key=pinned_key,
                        limits=limits)
     try:
         reader.run()

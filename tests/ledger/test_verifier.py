@@ -8,6 +8,7 @@ other tests start the real child.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import tempfile
 from pathlib import Path
@@ -120,11 +121,13 @@ def test_real_worker_agrees_with_a_single_pass(tmp_path: Path, always_parallel: 
     assert both.records == 401
 
 
-def _damage_checkpoint(d: Path) -> tuple[str, int]:
-    """Re-sign the second checkpoint with another key, keeping the frame checksum valid."""
-    seg = segments(d)[0]
+def _damage_checkpoint(d: Path, index: int = 1) -> tuple[str, int]:
+    """Re-sign checkpoint ``index`` (of the log) with another key, keeping the frame
+    checksum valid."""
+    found = [(seg, f) for seg in segments(d) for f in _frames(seg.read_bytes())
+             if f[2] == KIND_CHECKPOINT]
+    seg, (off, length, _) = found[index]
     data = seg.read_bytes()
-    off, length, _ = [f for f in _frames(data) if f[2] == KIND_CHECKPOINT][1]
     payload = data[off + 9:off + length]
     text = payload[:payload.index(b"\n\n") + 1]
     signer = NoteSigner(text.split(b"\n")[0].decode(), nacl.signing.SigningKey.generate())
@@ -194,3 +197,30 @@ def test_small_logs_use_one_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(verifier, "PARALLEL_MIN_BYTES", 0)
     assert audit.verify(tmp_path / "l", jobs=2).records == 3
     assert started == [tmp_path / "l"]
+
+
+def _flip_checkpoint_signature(d: Path, index: int) -> tuple[str, int]:
+    """Flip one bit of checkpoint ``index``'s Ed25519 signature; key ID and text intact."""
+    found = [(seg, f) for seg in segments(d) for f in _frames(seg.read_bytes())
+             if f[2] == KIND_CHECKPOINT]
+    seg, (off, length, _) = found[index]
+    data = seg.read_bytes()
+    note = data[off + 9:off + length]
+    head, _, line = note[:-1].rpartition(b" ")
+    raw = bytearray(base64.b64decode(line))
+    raw[20] ^= 1  # inside the signature, after the 4-byte key ID
+    damaged = head + b" " + base64.b64encode(bytes(raw)) + b"\n"
+    seg.write_bytes(data[:off] + _reframe(KIND_CHECKPOINT, damaged) + data[off + length:])
+    return seg.name, off
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_each_half_checks_its_share_of_checkpoint_signatures(tmp_path: Path, index: int,
+                                                             always_parallel: None) -> None:
+    """Checkpoint signatures are split by parity between the halves; none is skipped."""
+    d = _ledger(tmp_path)
+    where = _flip_checkpoint_signature(d, index)
+    for jobs in (1, 2):
+        with pytest.raises(LedgerCorrupt, match="checkpoint: ") as err:
+            audit.verify(d, jobs=jobs)
+        assert (err.value.segment, err.value.offset) == where
