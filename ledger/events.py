@@ -85,6 +85,8 @@ class EventType:
     build: Callable[[FieldMap], Any]
     """Fast path: a current-version field map to an event, or None (then the slow
     path explains what is wrong)."""
+    unbuild: Callable[[Any], Any]
+    """Fast path the other way: an event to the object its encoding packs, or None."""
 
 
 def _check_expr(tp: Any, var: str, env: dict[str, Any]) -> str:
@@ -123,6 +125,23 @@ def _compile_builder(cls: type[Any], names: tuple[str, ...],
     exec(compile("\n".join(lines) + "\n", "<event-builder>", "exec"), env)
     build: Callable[[FieldMap], Any] = env["build"]
     return build
+
+
+def _compile_encoder(cls: type[Any], tag: str, version: int, names: tuple[str, ...],
+                     hints: dict[str, Any]) -> Callable[[Any], Any]:
+    """A generated function: event -> ``[tag, version, {field: value}]`` ready to pack,
+    or None if a field has the wrong type (then :meth:`EventRegistry.encode` says which).
+    Like :func:`_compile_builder`, built from our own annotations only."""
+    env: dict[str, Any] = {"_tag": tag, "_version": version}
+    lines = ["def encode(e):"]
+    lines += [f"    v{i} = e.{n}" for i, n in enumerate(names)]
+    conds = [_check_expr(hints[n], f"v{i}", env) for i, n in enumerate(names)] or ["True"]
+    lines += ["    if not (" + " and ".join(conds) + "):", "        return None"]
+    fields = ", ".join(f"{n!r}: v{i}" for i, n in enumerate(names))
+    lines.append(f"    return [_tag, _version, {{{fields}}}]")
+    exec(compile("\n".join(lines) + "\n", "<event-encoder>", "exec"), env)
+    encode: Callable[[Any], Any] = env["encode"]
+    return encode
 
 
 def _validator(tp: Any) -> tuple[Validator, str]:
@@ -196,7 +215,8 @@ class EventRegistry:
         checks = [_validator(hints[n]) for n in names]
         et = EventType(tag, version, cls, signed, names, tuple(c[0] for c in checks),
                        tuple(c[1] for c in checks), upcasters,
-                       _compile_builder(cls, names, hints))
+                       _compile_builder(cls, names, hints),
+                       _compile_encoder(cls, tag, version, names, hints))
         self._by_tag[tag] = et
         self._by_cls[cls] = et
 
@@ -216,6 +236,11 @@ class EventRegistry:
     def encode(self, event: object) -> bytes:
         """Deterministic bytes of ``event``; validates field types first."""
         et = self.type_of(event)
+        obj = et.unbuild(event)
+        if obj is not None:
+            data = pack(obj)
+            if len(data) <= MAX_EVENT_BYTES:
+                return data
         values = [getattr(event, n) for n in et.fields]
         for name, value, ok, tname in zip(et.fields, values, et.validators, et.type_names,
                                           strict=True):

@@ -32,6 +32,7 @@ from ledger.note import (
     NoteError,
     NoteSigner,
     NoteVerifier,
+    checkpoint_text,
     open_checkpoint,
     sign_checkpoint,
     verifier_key,
@@ -306,7 +307,7 @@ class Ledger:
                 chunks.append(frame(KIND_RECORD, body))
                 p.receipts.append(Receipt(seq, ts, prev))
                 applied.append((event, seq, ts, sig))
-        note = sign_checkpoint(Checkpoint(self.origin, tree.size, tree.root()), self._signer)
+        note = self._signer.lone_note(checkpoint_text(self.origin, tree.size, tree.root()))
         chunks.append(frame(KIND_CHECKPOINT, note))
         buf = b"".join(chunks)
         self._reserve(len(buf))

@@ -483,3 +483,5 @@ def test_fast_reading_of_own_checkpoint_notes() -> None:
     two = sign_note(cp.body(), [signer, NoteSigner("witness", key)])
     assert lone_signature(two, cp.body(), signer.verifier()) is None
     assert lone_signature(note[:-3] + b"!!\n", cp.body(), signer.verifier()) is None
+    # What a writer makes per commit is byte for byte what sign_checkpoint makes.
+    assert signer.lone_note(checkpoint_text(cp.origin, cp.size, cp.root_hash)) == note
