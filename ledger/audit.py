@@ -6,14 +6,11 @@ Everything here reads; nothing writes.  Every function takes a ledger directory
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import structlog
 
 from ledger import merkle, nodes, snapshot, verifier
 from ledger.errors import LedgerDataError, LedgerUsageError
@@ -21,8 +18,6 @@ from ledger.log import check_anchor, note_checkpoint, read_note_at
 from ledger.note import Checkpoint, NoteVerifier, open_checkpoint, verifier_key
 from ledger.scan import Entry, LedgerCorrupt, LogReader, ScanResult
 from ledger.state import State, apply, apply_items
-
-log = structlog.get_logger("ledger")
 
 
 @dataclass(frozen=True)
@@ -62,43 +57,14 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     started = time.perf_counter()
     snaps = {int(p.name[5:25]): p for p in snapshot.listing(directory)}
     snap_states: dict[int, dict[str, Any]] = {}
-    limits = verifier.segment_limits(directory)
-    parallel = ((jobs or os.cpu_count() or 1) > 1
-                and sum(limits.values()) >= verifier.PARALLEL_MIN_BYTES)
-    worker = verifier.CryptoWorker(directory, limits, pinned_key) if parallel else None
-    reader = LogReader(directory, verify=not parallel, canonical=True, grants=True,
-                       note_signatures=(0, 2) if parallel else None, pinned_key=pinned_key,
-                       progress=progress, limits=limits)
     state = State()
 
     def committed(size: int) -> None:
         if size in snaps:
             snap_states[size] = state.to_obj()
 
-    failure: LedgerCorrupt | None = None
-    try:
-        reader.fold(state, apply_items, on_commit=committed)
-    except LedgerCorrupt as exc:
-        failure = exc
-    except BaseException:
-        if worker is not None:
-            worker.kill()
-        raise
-    scan = reader.result
-    root = scan.tree.root()
-    if worker is not None:
-        crypto = worker.result()
-        if worker.fell_back:
-            log.warning("ledger.verify_worker_fell_back", detail=worker.fell_back)
-        failure = _first_failure(list(limits), failure, crypto.failure)
-        if failure is None and (crypto.count, crypto.checkpoints) != (scan.count,
-                                                                      scan.checkpoints):
-            raise LedgerCorrupt(str(directory), 0, None, f"the two verify passes disagree: "
-                                f"{scan.count} records and {scan.checkpoints} checkpoints "
-                                f"against {crypto.count} and {crypto.checkpoints}")
-        root = crypto.root
-    if failure is not None:
-        raise failure
+    scan = verifier.audit_fold(directory, state, pinned_key=pinned_key, progress=progress,
+                               on_commit=committed, jobs=jobs)
     if scan.tail is not None:
         t = scan.tail
         raise LedgerCorrupt(t.segment.name, t.offset, scan.size,
@@ -108,21 +74,8 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     _verify_snapshots(scan, snaps, snap_states)
     _verify_nodes(directory, state)
     return VerifyReport(scan.size, scan.checkpoints, len(scan.segments), len(snaps),
-                        len(state.members), root, _vkey(scan),
+                        len(state.members), scan.tree.root(), _vkey(scan),
                         time.perf_counter() - started)
-
-
-def _first_failure(segments: list[str], a: LedgerCorrupt | None,
-                   b: LedgerCorrupt | None) -> LedgerCorrupt | None:
-    """The earlier of two failures by place in the log; ``a`` (the replay half) on a tie,
-    as a combined pass decodes a record before it checks its chain and signature."""
-    if a is None or b is None:
-        return a or b
-
-    def place(f: LedgerCorrupt) -> tuple[int, int]:
-        return (segments.index(f.segment) if f.segment in segments else -1, f.offset)
-
-    return b if place(b) < place(a) else a
 
 
 def _verify_snapshots(scan: ScanResult, snaps: dict[int, Path],

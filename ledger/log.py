@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from ledger import nodes, snapshot
+from ledger import nodes, snapshot, verifier
 from ledger.catalog import REGISTRY, LedgerGenesis, MemberAdded, MemberRemoved
 from ledger.errors import LedgerUsageError
 from ledger.events import EventRegistry
@@ -196,10 +196,13 @@ class Ledger:
         snap = _newest_snapshot(directory, keys.public_key)
         start = snap.tree_size if snap else 0
         state = snap.state.copy() if snap else State()
-        reader = LogReader(directory, registry=registry, trusted=snap.prefix if snap else None,
-                           pinned_key=keys.public_key)
-        reader.fold(state, apply_items, start=start)
-        scan = reader.result
+        if snap is None and registry is REGISTRY:  # all of it verified, on two CPUs if any
+            scan = verifier.audit_fold(directory, state, pinned_key=keys.public_key)
+        else:
+            reader = LogReader(directory, registry=registry,
+                               trusted=snap.prefix if snap else None, pinned_key=keys.public_key)
+            reader.fold(state, apply_items, start=start)
+            scan = reader.result
         _check_snapshot(scan, snap)
         check_anchor(directory, scan)
         if scan.tail is not None:

@@ -29,11 +29,18 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ledger.scan import LedgerCorrupt, LogReader, list_segments
+import structlog
+
+from ledger.merkle import CompactTree
+from ledger.scan import LedgerCorrupt, LogReader, ScanResult, list_segments
+from ledger.state import State, apply_items
+
+log = structlog.get_logger("ledger")
 
 PARALLEL_MIN_BYTES = 4 << 20
 """Below this much log a second process costs more (start-up, imports) than it saves."""
@@ -41,11 +48,13 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 @dataclass(frozen=True)
 class CryptoResult:
-    """What the cryptographic pass established (or the first failure it found)."""
+    """What the tree half established (or the first failure it found)."""
 
     count: int
-    root: bytes
     checkpoints: int
+    frontier: tuple[bytes, ...]
+    prev_hash: bytes
+    last_ts: int
     failure: LedgerCorrupt | None
 
 
@@ -60,12 +69,72 @@ def crypto_pass(directory: Path, limits: dict[str, int] | None,
     reader = LogReader(directory, decode=False, canonical=False, grants=False,
                        note_signatures=(1, 2), pinned_key=pinned_key,
                        limits=limits)
+    failure = None
     try:
         reader.run()
     except LedgerCorrupt as exc:
-        return CryptoResult(reader.result.count, b"", reader.result.checkpoints, exc)
+        failure = exc
     res = reader.result
-    return CryptoResult(res.count, res.tree.root(), res.checkpoints, None)
+    return CryptoResult(res.count, res.checkpoints, res.tree.frontier(), res.prev_hash,
+                        res.last_ts, failure)
+
+
+def audit_fold(directory: Path, state: State, *, pinned_key: bytes | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               on_commit: Callable[[int], None] | None = None,
+               jobs: int | None = None) -> ScanResult:
+    """Fold every committed record into ``state``, checking everything on the way.
+
+    What ``LogReader(directory).fold(state, apply_items)`` does -- in two processes
+    when ``jobs`` (default: the CPU count) allows it and the log is large enough.
+    Raises the first :class:`LedgerCorrupt`; a torn tail is left in the result.
+    """
+    limits = segment_limits(directory)
+    parallel = ((jobs or os.cpu_count() or 1) > 1
+                and sum(limits.values()) >= PARALLEL_MIN_BYTES)
+    if not parallel:
+        reader = LogReader(directory, pinned_key=pinned_key, progress=progress, limits=limits)
+        reader.fold(state, apply_items, on_commit=on_commit)
+        return reader.result
+    worker = CryptoWorker(directory, limits, pinned_key)
+    reader = LogReader(directory, verify=False, canonical=True, grants=True,
+                       note_signatures=(0, 2), pinned_key=pinned_key, progress=progress,
+                       limits=limits)
+    failure: LedgerCorrupt | None = None
+    try:
+        reader.fold(state, apply_items, on_commit=on_commit)
+    except LedgerCorrupt as exc:
+        failure = exc
+    except BaseException:
+        worker.kill()
+        raise
+    tree = worker.result()
+    if worker.fell_back:
+        log.warning("ledger.verify_worker_fell_back", detail=worker.fell_back)
+    failure = _first_failure(list(limits), failure, tree.failure)
+    if failure is not None:
+        raise failure
+    scan = reader.result
+    if (tree.count, tree.checkpoints) != (scan.count, scan.checkpoints):
+        raise LedgerCorrupt(str(directory), 0, None, f"the two verify passes disagree: "
+                            f"{scan.count} records and {scan.checkpoints} checkpoints "
+                            f"against {tree.count} and {tree.checkpoints}")
+    scan.tree = CompactTree(tree.frontier, tree.count)
+    scan.prev_hash, scan.last_ts = tree.prev_hash, tree.last_ts
+    return scan
+
+
+def _first_failure(segments: list[str], a: LedgerCorrupt | None,
+                   b: LedgerCorrupt | None) -> LedgerCorrupt | None:
+    """The earlier of two failures by place in the log; ``a`` (the replay half) on a tie,
+    as a combined pass decodes a record before it checks its chain and signature."""
+    if a is None or b is None:
+        return a or b
+
+    def place(f: LedgerCorrupt) -> tuple[int, int]:
+        return (segments.index(f.segment) if f.segment in segments else -1, f.offset)
+
+    return b if place(b) < place(a) else a
 
 
 class CryptoWorker:
@@ -106,7 +175,9 @@ class CryptoWorker:
 
 
 def _encode(r: CryptoResult) -> dict[str, Any]:
-    out: dict[str, Any] = {"count": r.count, "root": r.root.hex(), "checkpoints": r.checkpoints}
+    out: dict[str, Any] = {"count": r.count, "checkpoints": r.checkpoints,
+                           "frontier": [h.hex() for h in r.frontier],
+                           "prev_hash": r.prev_hash.hex(), "last_ts": r.last_ts}
     if r.failure is not None:
         f = r.failure
         out["failure"] = {"segment": f.segment, "offset": f.offset, "seq": f.seq,
@@ -123,10 +194,16 @@ def _decode(obj: dict[str, Any]) -> CryptoResult:
                 and (seq is None or isinstance(seq, int)) and isinstance(f["reason"], str)):
             raise TypeError("malformed failure")
         failure = LedgerCorrupt(f["segment"], f["offset"], seq, f["reason"])
-    count, checkpoints = obj["count"], obj["checkpoints"]
-    if not isinstance(count, int) or not isinstance(checkpoints, int):
+    count, checkpoints, last_ts = obj["count"], obj["checkpoints"], obj["last_ts"]
+    if not all(isinstance(x, int) for x in (count, checkpoints, last_ts)):
         raise TypeError("malformed counts")
-    return CryptoResult(count, bytes.fromhex(obj["root"]), checkpoints, failure)
+    frontier = tuple(bytes.fromhex(h) for h in obj["frontier"])
+    prev = bytes.fromhex(obj["prev_hash"])
+    if failure is None:
+        CompactTree(frontier, count)  # raises ValueError unless a frontier of that size
+        if len(prev) != 32:
+            raise ValueError("malformed prev_hash")
+    return CryptoResult(count, checkpoints, frontier, prev, last_ts, failure)
 
 
 def _main() -> int:

@@ -224,3 +224,62 @@ def test_each_half_checks_its_share_of_checkpoint_signatures(tmp_path: Path, ind
         with pytest.raises(LedgerCorrupt, match="checkpoint: ") as err:
             audit.verify(d, jobs=jobs)
         assert (err.value.segment, err.value.offset) == where
+
+
+def _written_ledger(tmp_path: Path) -> tuple[Path, Any]:
+    from ledger.keys import NodeKeys
+    from ledger.log import Ledger
+
+    keys = NodeKeys.generate()
+    led = Ledger.create(tmp_path / "l", keys, "t.ppn/ledger", options=SMALL_SEGMENTS)
+    evs = list(sample_events(300))
+    for i in range(0, 300, 7):
+        led.append_many(evs[i:i + 7])
+    led.close()
+    return tmp_path / "l", keys
+
+
+def test_open_without_a_snapshot_uses_both_halves(tmp_path: Path, always_parallel: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ledger.open with no snapshot verifies everything in two processes and continues
+    the chain and tree exactly where a single pass would."""
+    from ledger.log import Ledger
+
+    d, keys = _written_ledger(tmp_path)
+    single = tmp_path / "single"
+    shutil.copytree(d, single)
+    started: list[Path] = []
+    real = verifier.CryptoWorker
+
+    class Counting(real):  # type: ignore[misc,valid-type]
+        def __init__(self, directory: Path, *args: Any) -> None:
+            started.append(directory)
+            super().__init__(directory, *args)
+
+    monkeypatch.setattr(verifier, "CryptoWorker", Counting)
+    later = 4_000_000_000_000_000_000  # one clock for both, after every stored ts
+    with Ledger.open(d, keys, options=SMALL_SEGMENTS, clock=lambda: later) as two:
+        assert started == [d]
+        receipt_two = two.append(PdDeclared("after", 1))
+        state_two = two.state.to_obj()
+    monkeypatch.setattr(verifier, "PARALLEL_MIN_BYTES", 1 << 62)
+    with Ledger.open(single, keys, options=SMALL_SEGMENTS, clock=lambda: later) as one:
+        assert len(started) == 1  # this one in a single pass
+        receipt_one = one.append(PdDeclared("after", 1))
+        state_one = one.state.to_obj()
+    # Same seq and same leaf hash: the same prev_hash; and the same state.
+    assert (receipt_two.seq, receipt_two.leaf_hash) == (receipt_one.seq, receipt_one.leaf_hash)
+    assert state_two == state_one
+    assert audit.verify(d, jobs=1).records == 302
+
+
+def test_open_refuses_damage_only_the_tree_half_sees(tmp_path: Path,
+                                                     always_parallel: None) -> None:
+    from ledger.log import Ledger
+
+    d, keys = _written_ledger(tmp_path)
+    unseal_all(d)
+    where = _flip_checkpoint_signature(d, 3)
+    with pytest.raises(LedgerCorrupt) as err:
+        Ledger.open(d, keys, options=SMALL_SEGMENTS)
+    assert (err.value.segment, err.value.offset) == where
