@@ -83,12 +83,16 @@ def _progress_bar() -> Callable[[int, int], None] | None:
 
 
 def _ledger_verify(args: argparse.Namespace) -> int:
+    if args.jobs is not None and args.jobs < 1:
+        print(f"ppn: --jobs must be at least 1, not {args.jobs}", file=sys.stderr)
+        return 2
     pinned = None
     if args.key:
         from ledger.note import NoteVerifier
         pinned = NoteVerifier.from_string(args.key).public_key
     try:
-        report = audit.verify(Path(args.dir), pinned_key=pinned, progress=_progress_bar())
+        report = audit.verify(Path(args.dir), pinned_key=pinned, progress=_progress_bar(),
+                              jobs=args.jobs)
     except LedgerCorrupt as exc:
         print(f"FAILED: {exc}")
         return 1
@@ -354,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = led.add_parser("verify", help="check the whole log, signatures, checkpoints")
     v.add_argument("dir")
     v.add_argument("--key", help="pin the signer (C2SP verifier key, as `pubkey` prints)")
+    v.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="processes to check a large log with: 1 or 2 (default: 2 on 2+ CPUs)")
     v.set_defaults(func=_ledger_verify)
     s = led.add_parser("show", help="one record per line")
     s.add_argument("dir")

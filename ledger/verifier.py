@@ -18,7 +18,7 @@ both reading the same segments up to the same agreed lengths.  Each pass stops a
 its first failure; the earlier of the two (by segment and offset) is reported, so
 the answer is the one a single combined pass gives -- only sooner.
 
-The child gets its request as a JSON argument and answers with one JSON object on
+The child gets its request as JSON on stdin and answers with one JSON object on
 stdout.  If it cannot be started or answers nonsense, the cryptographic pass runs
 in this process instead: slower, never weaker.
 """
@@ -149,14 +149,21 @@ class CryptoWorker:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-        self._proc: subprocess.Popen[bytes] | None
+        self._proc: subprocess.Popen[bytes] | None = None
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "ledger.verifier", request], stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "ledger.verifier"], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True)
         except OSError as exc:
-            self._proc = None
             self.fell_back = f"could not start: {exc}"
+            return
+        stdin, self._proc.stdin = self._proc.stdin, None  # ours to close, not communicate's
+        assert stdin is not None
+        try:
+            with stdin:
+                stdin.write(request.encode())
+        except OSError:  # the child is gone already: result() finds no answer and says so
+            pass
 
     def result(self) -> CryptoResult:
         if self._proc is not None:
@@ -207,7 +214,7 @@ def _decode(obj: dict[str, Any]) -> CryptoResult:
 
 
 def _main() -> int:
-    request = json.loads(sys.argv[1])
+    request = json.loads(sys.stdin.buffer.read())
     key = request["pinned_key"]
     limits = {str(k): int(v) for k, v in request["limits"].items()}
     result = crypto_pass(Path(request["directory"]), limits,

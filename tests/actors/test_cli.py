@@ -59,6 +59,9 @@ def test_verify_ok_then_names_the_failure(node: Path, tmp_path: Path) -> None:
     pub = ppn("ledger", "pubkey", node / "ledger").stdout.decode().strip()
     assert pub in out and pub.startswith("laptop-b.ppn/ledger+")
     assert ppn("ledger", "verify", node / "ledger", "--key", pub).returncode == 0
+    one = ppn("ledger", "verify", node / "ledger", "--jobs", "1").stdout.decode()
+    assert one.split("; ")[:2] == out.split("; ")[:2]  # same records, members and root
+    assert ppn("ledger", "verify", node / "ledger", "--jobs", "0", check=False).returncode == 2
     other = NodeKeys.generate()
     from ledger.note import verifier_key
     pinned = ppn("ledger", "verify", node / "ledger", "--key",
