@@ -371,10 +371,13 @@ class LogReader:
         fast = self._fast
         verify, decode, canonical, grants = self.verify, self.decode, self.canonical, self.grants
         skip_below = self.trusted.size if self.trusted is not None else 0
+        skipping = skip_below > 0
         progress = self.progress
         key = self._key
-        # The inner loop keeps the chain in locals; _sync hands them back before any
-        # slow path (which reads them) and at each checkpoint.
+        record_kind = KIND_RECORD
+        add = items.append
+        # The inner loop keeps the chain in locals, handing them back to the reader
+        # before any slow path (which reads them) and at each checkpoint.
         n, prev, last_ts = self._n, self._prev, self._ts
         while off < end:
             # Fast path: a sound frame; anything else goes to _frame_problem for the reason.
@@ -391,8 +394,8 @@ class LogReader:
                     return
                 raise LedgerCorrupt(path.name, off, n, reason)
             kind = data[off + 8]
-            if kind == KIND_RECORD:
-                if 0 < n < skip_below:
+            if kind == record_kind:
+                if skipping and 0 < n < skip_below:
                     read(stop - off)
                     n += 1
                     off = stop
@@ -401,7 +404,6 @@ class LogReader:
                 # anything else (an old version to upcast, or something wrong) takes
                 # _record, which decodes step by step and says precisely what is wrong.
                 event: Any = None
-                ok = False
                 at = -1
                 try:
                     read(9)
@@ -432,7 +434,7 @@ class LogReader:
                         prev = sha256(view[off + 8:stop]).digest()
                         leaves.append(prev)
                         last_ts = ts
-                    items.append((n, ts, event, sig, off + 9, stop))
+                    add((n, ts, event, sig, off + 9, stop))
                 else:
                     self._n, self._prev, self._ts = n, prev, last_ts
                     item, leaf = self._record(path, off, view[off + 8:stop])
@@ -440,14 +442,12 @@ class LogReader:
                     if verify:
                         prev, last_ts = leaf, item[1]
                         leaves.append(leaf)
-                    items.append(item)
+                    add(item)
                     if at != stop:  # the record was not one msgpack object: resynchronise
                         stream = _stream(view, stop)
                         read, unpack_next, tell = stream.read_bytes, stream.unpack, stream.tell
                         base = stop
                 n += 1
-                if progress and not n & 0xFFFF:
-                    progress(self._done + off, self._total)
             elif kind == KIND_CHECKPOINT:
                 read(stop - off)
                 self._n, self._prev, self._ts = n, prev, last_ts
@@ -459,6 +459,9 @@ class LogReader:
                 info.committed_end = stop
                 yield _Batch(data, items, leaves, n)
                 items, leaves = [], []
+                add = items.append
+                if progress:
+                    progress(self._done + stop, self._total)
             else:
                 raise LedgerCorrupt(path.name, off, None, f"unknown frame kind {kind:#04x}")
             off = stop
