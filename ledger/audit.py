@@ -57,14 +57,13 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     started = time.perf_counter()
     snaps = {int(p.name[5:25]): p for p in snapshot.listing(directory)}
     snap_states: dict[int, dict[str, Any]] = {}
-    state = State()
 
-    def committed(size: int) -> None:
+    def committed(size: int, state: State) -> None:
         if size in snaps:
             snap_states[size] = state.to_obj()
 
-    scan = verifier.audit_fold(directory, state, pinned_key=pinned_key, progress=progress,
-                               on_commit=committed, jobs=jobs)
+    scan, state = verifier.audit_fold(directory, pinned_key=pinned_key, progress=progress,
+                                      on_commit=committed, jobs=jobs)
     if scan.tail is not None:
         t = scan.tail
         raise LedgerCorrupt(t.segment.name, t.offset, scan.size,

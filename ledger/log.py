@@ -197,7 +197,8 @@ class Ledger:
         start = snap.tree_size if snap else 0
         state = snap.state.copy() if snap else State()
         if snap is None and registry is REGISTRY:  # all of it verified, on two CPUs if any
-            scan = verifier.audit_fold(directory, state, pinned_key=keys.public_key)
+            scan, state = verifier.audit_fold(directory, pinned_key=keys.public_key,
+                                              live=False)
         else:
             reader = LogReader(directory, registry=registry,
                                trusted=snap.prefix if snap else None, pinned_key=keys.public_key)

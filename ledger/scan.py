@@ -646,7 +646,9 @@ def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:
 
     The end of the written bytes is where the trailing zeros begin: a segment may
     have space reserved ahead of its writes, and a write torn there is followed by
-    zeros rather than by the end of the file.
+    zeros rather than by the end of the file.  A crash may also keep a batch's pages
+    out of order, so a zero frame header, or an all-zero page before the written
+    end, is space the torn write never reached.
     """
     written = len(data.rstrip(b"\x00"))
     if written <= off:
@@ -655,11 +657,25 @@ def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:
     if rest < 9:
         return f"{rest} stray bytes where a frame header should be", True
     length = FRAME_HEADER.unpack_from(data, off)[0]
+    unreached = length == 0 or _zero_page(data, off, written)
     if length < 1 or length > MAX_FRAME:
-        return f"frame length {length} out of range", length > rest - 8
+        return f"frame length {length} out of range", unreached or length > rest - 8
     if off + 8 + length > len(data):
         return f"frame of {length} bytes runs past the end of the file", True
     if length > rest - 8:
         return (f"frame of {length} bytes runs past the end of the written bytes "
                 "(zeros follow)"), True
-    return "frame checksum mismatch", off + 8 + length >= written
+    return "frame checksum mismatch", unreached or off + 8 + length >= written
+
+
+_PAGE = 4096
+
+
+def _zero_page(data: bytes, start: int, end: int) -> bool:
+    """Whether a whole, aligned page between ``start`` and ``end`` is all zeros."""
+    page = -(-start // _PAGE) * _PAGE
+    while page + _PAGE <= end:
+        if data.count(0, page, page + _PAGE) == _PAGE:
+            return True
+        page += _PAGE
+    return False

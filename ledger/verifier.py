@@ -1,4 +1,4 @@
-"""The cryptographic half of an audit, run in a second process beside the replay.
+"""The tree half of an audit, run in a second process beside the replay.
 
 ``ppn ledger verify`` has two independent halves of work per record:
 
@@ -13,14 +13,16 @@ the tree half has more to do per record, and checkpoint signatures -- the bulk o
 the work in a log written one record per commit -- are shared.
 
 On a machine with more than one CPU a large log is audited with the replay half in
-this process and the cryptographic half in a child (``python -m ledger.verifier``),
-both reading the same segments up to the same agreed lengths.  Each pass stops at
-its first failure; the earlier of the two (by segment and offset) is reported, so
-the answer is the one a single combined pass gives -- only sooner.
+this process and the tree half in a child (``python -P -m ledger.verifier``), both
+reading the same segments up to the same agreed lengths.  If both pass and agree
+(and the tree the child reports has the root the last checkpoint states), that is
+the answer.  Otherwise -- a failure in either, or any disagreement -- one combined
+pass over the same bytes gives the verdict, so what is reported never depends on
+how the work was split; a damaged log costs a second pass, a sound one does not.
 
 The child gets its request as JSON on stdin and answers with one JSON object on
-stdout.  If it cannot be started or answers nonsense, the cryptographic pass runs
-in this process instead: slower, never weaker.
+stdout.  If it cannot be started or answers nonsense, the tree half runs in this
+process instead: slower, never weaker.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 import structlog
 
 from ledger.merkle import CompactTree
+from ledger.note import Checkpoint, NoteError
 from ledger.scan import LedgerCorrupt, LogReader, ScanResult, list_segments
 from ledger.state import State, apply_items
 
@@ -58,9 +61,35 @@ class CryptoResult:
     failure: LedgerCorrupt | None
 
 
-def segment_limits(directory: Path) -> dict[str, int]:
-    """The segment lengths both passes read: fixed before either starts."""
-    return {p.name: p.stat().st_size for _, p in list_segments(directory)}
+def segment_limits(directory: Path, *, live: bool = True) -> dict[str, int]:
+    """The segment lengths both passes read: fixed before either starts.
+
+    ``live``: a writer may be appending.  The last segment is then read only up to
+    its last non-zero byte -- the end of what was written -- because commits land
+    in space already reserved (zeros) inside the file's size, and the two passes
+    must not read different logs.
+    """
+    segs = list_segments(directory)
+    limits = {p.name: p.stat().st_size for _, p in segs}
+    if live and segs:
+        last = segs[-1][1]
+        limits[last.name] = _written_end(last, limits[last.name])
+    return limits
+
+
+def _written_end(path: Path, size: int, chunk: int = 1 << 20) -> int:
+    """Offset after the last non-zero byte among the first ``size`` bytes of ``path``."""
+    with path.open("rb") as f:
+        end = size
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            block = f.read(end - start)
+            stripped = len(block.rstrip(b"\x00"))
+            if stripped:
+                return start + stripped
+            end = start
+    return 0
 
 
 def crypto_pass(directory: Path, limits: dict[str, int] | None,
@@ -79,62 +108,77 @@ def crypto_pass(directory: Path, limits: dict[str, int] | None,
                         res.last_ts, failure)
 
 
-def audit_fold(directory: Path, state: State, *, pinned_key: bytes | None = None,
+def audit_fold(directory: Path, *, pinned_key: bytes | None = None,
                progress: Callable[[int, int], None] | None = None,
-               on_commit: Callable[[int], None] | None = None,
-               jobs: int | None = None) -> ScanResult:
-    """Fold every committed record into ``state``, checking everything on the way.
+               on_commit: Callable[[int, State], None] | None = None,
+               jobs: int | None = None, live: bool = True) -> tuple[ScanResult, State]:
+    """Fold every committed record into a new state, checking everything on the way.
 
-    What ``LogReader(directory).fold(state, apply_items)`` does -- in two processes
+    What ``LogReader(directory).fold(State(), apply_items)`` does -- in two processes
     when ``jobs`` (default: the CPU count) allows it and the log is large enough.
-    Raises the first :class:`LedgerCorrupt`; a torn tail is left in the result.
+    ``on_commit(size, state)`` follows each committed batch.  Raises the first
+    :class:`LedgerCorrupt`; a torn tail is left in the result.  ``live=False``
+    (the caller holds the ledger's lock) reads every segment to its full size.
+
+    The two halves are for speed only: when either finds anything wrong, or their
+    answers disagree, the verdict comes from one combined pass over the same bytes,
+    so a report never depends on how the work was split.
     """
-    limits = segment_limits(directory)
+    limits = segment_limits(directory, live=live)
     parallel = ((jobs or os.cpu_count() or 1) > 1
                 and sum(limits.values()) >= PARALLEL_MIN_BYTES)
-    if not parallel:
-        reader = LogReader(directory, pinned_key=pinned_key, progress=progress, limits=limits)
-        reader.fold(state, apply_items, on_commit=on_commit)
-        return reader.result
+    if parallel:
+        done = _two_halves(directory, limits, pinned_key, progress, on_commit)
+        if done is not None:
+            return done
+    state = State()
+    reader = LogReader(directory, pinned_key=pinned_key, progress=progress, limits=limits)
+    reader.fold(state, apply_items,
+                on_commit=None if on_commit is None else lambda size: on_commit(size, state))
+    return reader.result, state
+
+
+def _two_halves(directory: Path, limits: dict[str, int], pinned_key: bytes | None,
+                progress: Callable[[int, int], None] | None,
+                on_commit: Callable[[int, State], None] | None
+                ) -> tuple[ScanResult, State] | None:
+    """The replay half here, the tree half in a child; None unless both pass and agree."""
+    state = State()
     worker = CryptoWorker(directory, limits, pinned_key)
     reader = LogReader(directory, verify=False, canonical=True, grants=True,
                        note_signatures=(0, 2), pinned_key=pinned_key, progress=progress,
                        limits=limits)
-    failure: LedgerCorrupt | None = None
     try:
-        reader.fold(state, apply_items, on_commit=on_commit)
-    except LedgerCorrupt as exc:
-        failure = exc
+        reader.fold(state, apply_items,
+                    on_commit=None if on_commit is None else lambda size: on_commit(size, state))
+    except LedgerCorrupt:
+        worker.kill()
+        return None
     except BaseException:
         worker.kill()
         raise
     tree = worker.result()
     if worker.fell_back:
         log.warning("ledger.verify_worker_fell_back", detail=worker.fell_back)
-    failure = _first_failure(list(limits), failure, tree.failure)
-    if failure is not None:
-        raise failure
     scan = reader.result
-    if (tree.count, tree.checkpoints) != (scan.count, scan.checkpoints):
-        raise LedgerCorrupt(str(directory), 0, None, f"the two verify passes disagree: "
-                            f"{scan.count} records and {scan.checkpoints} checkpoints "
-                            f"against {tree.count} and {tree.checkpoints}")
-    scan.tree = CompactTree(tree.frontier, tree.count)
+    if tree.failure is not None or (tree.count, tree.checkpoints) != (scan.count,
+                                                                      scan.checkpoints):
+        return None
+    tree_now = CompactTree(tree.frontier, tree.count)
+    if scan.last_note is None or _note_root(scan.last_note) != tree_now.root():
+        log.warning("ledger.verify_halves_disagree", records=scan.count)
+        return None
+    scan.tree = tree_now
     scan.prev_hash, scan.last_ts = tree.prev_hash, tree.last_ts
-    return scan
+    return scan, state
 
 
-def _first_failure(segments: list[str], a: LedgerCorrupt | None,
-                   b: LedgerCorrupt | None) -> LedgerCorrupt | None:
-    """The earlier of two failures by place in the log; ``a`` (the replay half) on a tie,
-    as a combined pass decodes a record before it checks its chain and signature."""
-    if a is None or b is None:
-        return a or b
-
-    def place(f: LedgerCorrupt) -> tuple[int, int]:
-        return (segments.index(f.segment) if f.segment in segments else -1, f.offset)
-
-    return b if place(b) < place(a) else a
+def _note_root(note: bytes) -> bytes | None:
+    """The root hash a checkpoint note states (its signature is checked elsewhere)."""
+    try:
+        return Checkpoint.parse(note[:note.rfind(b"\n\n") + 1]).root_hash
+    except NoteError:
+        return None
 
 
 class CryptoWorker:
@@ -152,7 +196,8 @@ class CryptoWorker:
         self._proc: subprocess.Popen[bytes] | None = None
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "ledger.verifier"], stdin=subprocess.PIPE,
+                # -P: never let the working directory shadow the ledger package.
+                [sys.executable, "-P", "-m", "ledger.verifier"], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True)
         except OSError as exc:
             self.fell_back = f"could not start: {exc}"
@@ -167,7 +212,11 @@ class CryptoWorker:
 
     def result(self) -> CryptoResult:
         if self._proc is not None:
-            out, err = self._proc.communicate()
+            try:
+                out, err = self._proc.communicate()
+            except BaseException:
+                self.kill()
+                raise
             try:
                 return _decode(json.loads(out))
             except (ValueError, KeyError, TypeError):

@@ -283,3 +283,26 @@ def test_open_refuses_damage_only_the_tree_half_sees(tmp_path: Path,
     with pytest.raises(LedgerCorrupt) as err:
         Ledger.open(d, keys, options=SMALL_SEGMENTS)
     assert (err.value.segment, err.value.offset) == where
+
+
+def test_a_wrong_answer_from_the_child_is_not_taken(tmp_path: Path, always_parallel: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frontier whose root is not the last checkpoint's sends the work to one pass."""
+    from ledger.log import Ledger
+
+    d, keys = _written_ledger(tmp_path)
+    truth = audit.verify(d, jobs=1)
+
+    class Lying(InProcessWorker):
+        def result(self) -> verifier.CryptoResult:
+            r = super().result()
+            bogus = tuple(bytes(32) for _ in r.frontier)
+            return verifier.CryptoResult(r.count, r.checkpoints, bogus, bytes(32), r.last_ts,
+                                         None)
+
+    monkeypatch.setattr(verifier, "CryptoWorker", Lying)
+    assert audit.verify(d, jobs=2).root == truth.root
+    with Ledger.open(d, keys, options=SMALL_SEGMENTS) as led:
+        assert led.root() == truth.root
+        led.append(PdDeclared("after", 1))
+    assert audit.verify(d, jobs=1).records == truth.records + 1
