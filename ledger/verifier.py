@@ -40,6 +40,7 @@ import structlog
 
 from ledger.merkle import CompactTree
 from ledger.note import Checkpoint, NoteError
+from ledger.records import SEGMENT_HEADER
 from ledger.scan import LedgerCorrupt, LogReader, ScanResult, list_segments
 from ledger.state import State, apply_items
 
@@ -73,7 +74,9 @@ def segment_limits(directory: Path, *, live: bool = True) -> dict[str, int]:
     limits = {p.name: p.stat().st_size for _, p in segs}
     if live and segs:
         last = segs[-1][1]
-        limits[last.name] = _written_end(last, limits[last.name])
+        size = limits[last.name]
+        # never into the header (its last byte, the first seq's low byte, may be zero)
+        limits[last.name] = max(_written_end(last, size), min(size, SEGMENT_HEADER.size))
     return limits
 
 
@@ -209,25 +212,36 @@ class CryptoWorker:
                 stdin.write(request.encode())
         except OSError:  # the child is gone already: result() finds no answer and says so
             pass
+        except BaseException:
+            self.kill()
+            raise
 
     def result(self) -> CryptoResult:
-        if self._proc is not None:
+        proc = self._proc
+        if proc is not None:
             try:
-                out, err = self._proc.communicate()
+                out, err = proc.communicate()
             except BaseException:
                 self.kill()
                 raise
+            self._proc = None  # reaped, pipes closed
             try:
-                return _decode(json.loads(out))
-            except (ValueError, KeyError, TypeError):
+                answer = json.loads(out)
+                if not isinstance(answer, dict):
+                    raise TypeError("not an object")
+                return _decode(answer)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                self.fell_back = (f"exited {self._proc.returncode}: {tail[0][:200]}")
+                self.fell_back = f"exited {proc.returncode}: {tail[0][:200]}"
         return crypto_pass(self.directory, self.limits, self.pinned_key)
 
     def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        """Stop the child if it still runs; reap it and close its pipes either way."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
             self._proc.communicate()
+            self._proc = None
 
 
 def _encode(r: CryptoResult) -> dict[str, Any]:
