@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import re
+import struct
 import zlib
 from array import array
 from bisect import bisect_left
@@ -374,16 +375,19 @@ class LogReader:
         skipping = skip_below > 0
         progress = self.progress
         key = self._key
-        record_kind = KIND_RECORD
+        record_kind, max_frame = KIND_RECORD, MAX_FRAME
         add = items.append
         # The inner loop keeps the chain in locals, handing them back to the reader
         # before any slow path (which reads them) and at each checkpoint.
         n, prev, last_ts = self._n, self._prev, self._ts
         while off < end:
             # Fast path: a sound frame; anything else goes to _frame_problem for the reason.
-            length, crc = unpack_header(data, off) if end - off >= 9 else (0, 0)
+            try:
+                length, crc = unpack_header(data, off)
+            except struct.error:  # fewer than 8 bytes left
+                length = crc = 0
             stop = off + 8 + length
-            if not (0 < length <= MAX_FRAME and stop <= end
+            if not (0 < length <= max_frame and stop <= end
                     and crc32(view[off + 8:stop]) == crc):
                 self._n, self._prev, self._ts = n, prev, last_ts
                 if last and data.count(0, off) == end - off:

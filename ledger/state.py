@@ -249,14 +249,19 @@ def apply_items(state: State, items: Iterable[tuple[int, int, Any, bytes | None,
     """
     dispatch, counts = _DISPATCH, state.event_counts
     n = 0
+    seq = state.seq
     for seq, ts_ns, event, sig, _a, _b in items:
         if seq < start:
             continue
-        handler, tag = dispatch.get(type(event)) or (_ignore, type(event).__name__)
+        try:
+            handler, tag = dispatch[type(event)]
+        except KeyError:
+            handler, tag = _ignore, type(event).__name__
         handler(state, event, seq, ts_ns, sig)
         counts[tag] = counts.get(tag, 0) + 1
-        state.seq = seq
         n += 1
+    if n:
+        state.seq = seq
     return n
 
 
