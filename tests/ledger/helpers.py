@@ -6,7 +6,9 @@ import itertools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
+from ledger import verifier
 from ledger.catalog import CapGranted, MemberAdded, MemberRemoved, PdDeclared
 from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
@@ -63,3 +65,27 @@ def unseal_all(path: Path) -> None:
     for seg in segments(path):
         clear_append_only(seg)
         os.chmod(seg, 0o644)
+
+
+class InProcessWorker:
+    """``verifier.CryptoWorker``'s contract, computed in this process when the result is
+    asked for (no child per example).  ``before_result`` runs first, if set: a test's
+    way to act while "the child" is still reading.  Subclasses may doctor ``answer``."""
+
+    before_result: ClassVar[Callable[[], Any] | None] = None
+
+    def __init__(self, directory: Path, limits: dict[str, int],
+                 pinned_key: bytes | None) -> None:
+        self.args = directory, limits, pinned_key
+        self.fell_back = None
+
+    def result(self) -> verifier.CryptoResult:
+        if InProcessWorker.before_result is not None:
+            InProcessWorker.before_result()
+        return self.answer(verifier.crypto_pass(*self.args))
+
+    def answer(self, honest: verifier.CryptoResult) -> verifier.CryptoResult:
+        return honest
+
+    def kill(self) -> None:
+        pass

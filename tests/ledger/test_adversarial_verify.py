@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import counting_clock, new_ledger, segments, unseal_all
+from helpers import InProcessWorker, counting_clock, new_ledger, segments, unseal_all
 from test_properties import _frames, _reframe
 
 from ledger import audit, verifier
@@ -21,25 +21,6 @@ from ledger.records import KIND_CHECKPOINT, KIND_RECORD, decode_record
 from ledger.scan import LedgerCorrupt, LogReader
 
 SMALL = Options(segment_bytes=1500, set_append_only_flag=False)
-
-
-class InProcessWorker:
-    """CryptoWorker's contract, run in this process when the result is asked for."""
-
-    before_result: Any = None
-
-    def __init__(self, directory: Path, limits: dict[str, int],
-                 pinned_key: bytes | None) -> None:
-        self.args = directory, limits, pinned_key
-        self.fell_back = None
-
-    def result(self) -> verifier.CryptoResult:
-        if InProcessWorker.before_result is not None:
-            InProcessWorker.before_result()
-        return verifier.crypto_pass(*self.args)
-
-    def kill(self) -> None:
-        pass
 
 
 @pytest.fixture
@@ -190,13 +171,26 @@ def test_a_package_in_the_working_directory_cannot_answer_for_the_child(tmp_path
 
 # --------------------------------------------------- crash shapes with preallocation
 
-def test_torn_write_followed_by_reserved_zeros_is_recovered(tmp_path: Path) -> None:
-    """A batch written only in part into reserved space: torn tail, nothing committed lost."""
+def _crash(led: Ledger) -> None:
+    """Let go of the files as a killed process would: no trim, no anchor, no snapshot."""
+    os.close(led._fd)
+    led._fd = -1
+    os.close(led._lock_fd)
+    led._lock_fd = -1
+
+
+def _five_appends(tmp_path: Path) -> tuple[NodeKeys, Ledger]:
     keys = NodeKeys.generate()
     led = Ledger.create(tmp_path / "l", keys, "t.ppn/ledger", clock=counting_clock(),
                         options=Options(set_append_only_flag=False))
     for i in range(5):
         led.append(PdDeclared(f"pd-{i}", i))
+    return keys, led
+
+
+def test_torn_write_followed_by_reserved_zeros_is_recovered(tmp_path: Path) -> None:
+    """A batch written only in part into reserved space: torn tail, nothing committed lost."""
+    keys, led = _five_appends(tmp_path)
     size, state = led.size, led.state.copy()
     seg = segments(tmp_path / "l")[-1]
     end = led._segment_size
@@ -205,10 +199,7 @@ def test_torn_write_followed_by_reserved_zeros_is_recovered(tmp_path: Path) -> N
     with seg.open("r+b") as f:
         f.seek(end)
         f.write(b"\x00\x00\x00\x30\x12\x34\x56\x78\x00\x95\x05\xcf")
-    os.close(led._fd)
-    led._fd = -1
-    os.close(led._lock_fd)
-    led._lock_fd = -1
+    _crash(led)
     reopened = Ledger.open(tmp_path / "l", keys, options=Options(set_append_only_flag=False))
     try:
         assert reopened.recovered is not None
@@ -218,21 +209,14 @@ def test_torn_write_followed_by_reserved_zeros_is_recovered(tmp_path: Path) -> N
 
 
 def test_torn_write_with_leading_zeros_is_recovered(tmp_path: Path) -> None:
-    keys = NodeKeys.generate()
-    led = Ledger.create(tmp_path / "l", keys, "t.ppn/ledger", clock=counting_clock(),
-                        options=Options(set_append_only_flag=False))
-    for i in range(5):
-        led.append(PdDeclared(f"pd-{i}", i))
+    _keys, led = _five_appends(tmp_path)
     size = led.size
     seg = segments(tmp_path / "l")[-1]
     end = led._segment_size
     with seg.open("r+b") as f:  # page 1 of the batch lost, page 2 on disk, then reserve
         f.seek(end + 4096 - end % 4096)
         f.write(b"\x07" * 300)
-    os.close(led._fd)
-    led._fd = -1
-    os.close(led._lock_fd)
-    led._lock_fd = -1
+    _crash(led)
     reader = LogReader(tmp_path / "l")
     reader.run()
     assert reader.result.count == size

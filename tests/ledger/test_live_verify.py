@@ -8,9 +8,10 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import counting_clock, new_ledger, sample_events, segments
+from helpers import InProcessWorker, counting_clock, new_ledger, sample_events, segments
 from test_properties import _frames
 
 from ledger import audit, verifier
@@ -73,21 +74,11 @@ def test_kill_after_the_child_exited_closes_its_pipes(tmp_path: Path) -> None:
 
 # ------------------------------------------------------ an abandoned parallel attempt
 
-class LyingWorker:
+class LyingWorker(InProcessWorker):
     """Answers with a tree whose root is not the one the last checkpoint states."""
 
-    def __init__(self, directory: Path, limits: dict[str, int],
-                 pinned_key: bytes | None) -> None:
-        self.args = directory, limits, pinned_key
-        self.fell_back = None
-
-    def result(self) -> verifier.CryptoResult:
-        honest = verifier.crypto_pass(*self.args)
-        frontier = (bytes(32), *honest.frontier[1:])
-        return replace(honest, frontier=frontier)
-
-    def kill(self) -> None:
-        pass
+    def answer(self, honest: verifier.CryptoResult) -> verifier.CryptoResult:
+        return replace(honest, frontier=(bytes(32), *honest.frontier[1:]))
 
 
 def test_abandoned_attempt_then_combined_pass_gives_the_one_pass_report(
@@ -110,7 +101,12 @@ def test_abandoned_attempt_then_combined_pass_gives_the_one_pass_report(
 
     def counting_fold(*args, **kwargs):  # type: ignore[no-untyped-def]
         inner = kwargs["on_commit"]
-        kwargs["on_commit"] = lambda size, state: (calls.append(size), inner(size, state))
+
+        def on_commit(size: int, state: Any) -> None:
+            calls.append(size)
+            inner(size, state)
+
+        kwargs["on_commit"] = on_commit
         return real(*args, **kwargs)
 
     monkeypatch.setattr(verifier, "audit_fold", counting_fold)

@@ -162,6 +162,18 @@ def resign(data: bytes, draw: st.DataObject) -> bytes | None:
     return data[:off] + _reframe(kind, new) + data[off + length:]
 
 
+def damage_a_segment(directory: Path, tamper: Tamper, data: st.DataObject) -> bool:
+    """Apply ``tamper`` to one drawn segment; False if it found nothing to change."""
+    segs = segments(directory)
+    seg = segs[data.draw(st.integers(0, len(segs) - 1))]
+    original = seg.read_bytes()
+    damaged = tamper(original, data)
+    if damaged is None or damaged == original:
+        return False
+    seg.write_bytes(damaged)
+    return True
+
+
 @pytest.mark.parametrize("tamper", [flip_byte, truncate_middle, swap_records, resign])
 @SETTINGS
 @given(bs=st.lists(st.lists(events, min_size=1, max_size=5), min_size=2, max_size=6),
@@ -174,13 +186,8 @@ def test_tampering_is_detected(tamper: Tamper, bs: list[list[Any]], data: st.Dat
         size, state = led.size, led.state.copy()
         led.close()
         unseal_all(work / "l")
-        segs = segments(work / "l")
-        seg = segs[data.draw(st.integers(0, len(segs) - 1))]
-        original = seg.read_bytes()
-        damaged = tamper(original, data)
-        if damaged is None or damaged == original:
+        if not damage_a_segment(work / "l", tamper, data):
             return
-        seg.write_bytes(damaged)
         with pytest.raises(LedgerCorrupt):
             audit.verify(work / "l")
         # Opening for writing refuses, or -- only when the damage hit bytes no

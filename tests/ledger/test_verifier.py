@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import base64
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import nacl.signing
 import pytest
-from helpers import member, new_ledger, sample_events, segments, unseal_all
+from helpers import InProcessWorker, member, new_ledger, sample_events, segments, unseal_all
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_properties import (
     Tamper,
     _frames,
     _reframe,
+    damage_a_segment,
     events,
     flip_byte,
     resign,
@@ -38,21 +40,6 @@ from ledger.records import KIND_CHECKPOINT, KIND_RECORD, decode_record
 from ledger.scan import LedgerCorrupt
 
 SMALL_SEGMENTS = Options(segment_bytes=1500, set_append_only_flag=False)
-
-
-class InProcessWorker:
-    """CryptoWorker's contract, computed in this process when the result is asked for."""
-
-    def __init__(self, directory: Path, limits: dict[str, int],
-                 pinned_key: bytes | None) -> None:
-        self.args = directory, limits, pinned_key
-        self.fell_back = None
-
-    def result(self) -> verifier.CryptoResult:
-        return verifier.crypto_pass(*self.args)
-
-    def kill(self) -> None:
-        pass
 
 
 @pytest.fixture
@@ -88,13 +75,8 @@ def test_parallel_finds_the_same_first_failure(tamper: Tamper, bs: list[list[Any
         intact = _outcome(work / "l", jobs=1)
         assert intact[0] == "ok"
         assert _outcome(work / "l", jobs=2) == intact
-        segs = segments(work / "l")
-        seg = segs[data.draw(st.integers(0, len(segs) - 1))]
-        original = seg.read_bytes()
-        damaged = tamper(original, data)
-        if damaged is None or damaged == original:
+        if not damage_a_segment(work / "l", tamper, data):
             return
-        seg.write_bytes(damaged)
         single = _outcome(work / "l", jobs=1)
         assert single[0] == "corrupt"
         assert _outcome(work / "l", jobs=2) == single
@@ -173,7 +155,7 @@ def test_a_broken_worker_falls_back_to_this_process(tmp_path: Path, always_paral
                                                      executable: str) -> None:
     d = _ledger(tmp_path)
     expected = audit.verify(d, jobs=1)
-    monkeypatch.setattr(verifier.sys, "executable", executable)
+    monkeypatch.setattr(sys, "executable", executable)
     assert audit.verify(d, jobs=2).root == expected.root
     _damage_checkpoint(d)
     with pytest.raises(LedgerCorrupt, match="checkpoint"):
@@ -294,8 +276,7 @@ def test_a_wrong_answer_from_the_child_is_not_taken(tmp_path: Path, always_paral
     truth = audit.verify(d, jobs=1)
 
     class Lying(InProcessWorker):
-        def result(self) -> verifier.CryptoResult:
-            r = super().result()
+        def answer(self, r: verifier.CryptoResult) -> verifier.CryptoResult:
             bogus = tuple(bytes(32) for _ in r.frontier)
             return verifier.CryptoResult(r.count, r.checkpoints, bogus, bytes(32), r.last_ts,
                                          None)
