@@ -52,7 +52,7 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     Raises :class:`LedgerCorrupt` naming the first failure.  A torn tail -- which
     opening for writing would truncate -- is a failure here: verify audits what is
     on disk.  ``jobs`` (default: the CPU count) above 1 lets a large log's
-    cryptographic checks run in a second process (:mod:`ledger.verifier`).
+    hash-chain, Merkle and checkpoint checks run in a second process (:mod:`ledger.verifier`).
     """
     started = time.perf_counter()
     snaps = {int(p.name[5:25]): p for p in snapshot.listing(directory)}

@@ -230,7 +230,7 @@ class LogReader:
     the Merkle tree, every grant and checkpoint signature, and decodes every event
     strictly.  ``verify=False`` is a replay: checksums, sequence and strict event
     decoding, but no hashing or signatures (``ppn ledger verify`` is the audit).
-    ``decode=False`` (with ``verify``) skips building events -- the cryptographic
+    ``decode=False`` (with ``verify``) skips building events -- the tree
     half of a parallel audit (:mod:`ledger.verifier`); entries then carry
     ``event=None`` except the genesis record.
     ``canonical`` and ``grants`` (both default to ``verify``) check that each record

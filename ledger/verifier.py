@@ -51,7 +51,7 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
-class CryptoResult:
+class TreeResult:
     """What the tree half established (or the first failure it found)."""
 
     count: int
@@ -95,9 +95,9 @@ def _written_end(path: Path, size: int, chunk: int = 1 << 20) -> int:
     return 0
 
 
-def crypto_pass(directory: Path, limits: dict[str, int] | None,
-                pinned_key: bytes | None) -> CryptoResult:
-    """Run the cryptographic half in this process."""
+def tree_pass(directory: Path, limits: dict[str, int] | None,
+                pinned_key: bytes | None) -> TreeResult:
+    """Run the tree half in this process."""
     reader = LogReader(directory, decode=False, canonical=False, grants=False,
                        note_signatures=(1, 2), pinned_key=pinned_key,
                        limits=limits)
@@ -107,7 +107,7 @@ def crypto_pass(directory: Path, limits: dict[str, int] | None,
     except LedgerCorrupt as exc:
         failure = exc
     res = reader.result
-    return CryptoResult(res.count, res.checkpoints, res.tree.frontier(), res.prev_hash,
+    return TreeResult(res.count, res.checkpoints, res.tree.frontier(), res.prev_hash,
                         res.last_ts, failure)
 
 
@@ -147,7 +147,7 @@ def _two_halves(directory: Path, limits: dict[str, int], pinned_key: bytes | Non
                 ) -> tuple[ScanResult, State] | None:
     """The replay half here, the tree half in a child; None unless both pass and agree."""
     state = State()
-    worker = CryptoWorker(directory, limits, pinned_key)
+    worker = TreeWorker(directory, limits, pinned_key)
     reader = LogReader(directory, verify=False, canonical=True, grants=True,
                        note_signatures=(0, 2), pinned_key=pinned_key, progress=progress,
                        limits=limits)
@@ -184,8 +184,8 @@ def _note_root(note: bytes) -> bytes | None:
         return None
 
 
-class CryptoWorker:
-    """The cryptographic pass in a child process; :meth:`result` waits for it."""
+class TreeWorker:
+    """The tree half in a child process; :meth:`result` waits for it."""
 
     def __init__(self, directory: Path, limits: dict[str, int],
                  pinned_key: bytes | None) -> None:
@@ -216,7 +216,7 @@ class CryptoWorker:
             self.kill()
             raise
 
-    def result(self) -> CryptoResult:
+    def result(self) -> TreeResult:
         proc = self._proc
         if proc is not None:
             try:
@@ -233,7 +233,7 @@ class CryptoWorker:
             except (ValueError, KeyError, TypeError, AttributeError):
                 tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 self.fell_back = f"exited {proc.returncode}: {tail[0][:200]}"
-        return crypto_pass(self.directory, self.limits, self.pinned_key)
+        return tree_pass(self.directory, self.limits, self.pinned_key)
 
     def kill(self) -> None:
         """Stop the child if it still runs; reap it and close its pipes either way."""
@@ -244,7 +244,7 @@ class CryptoWorker:
             self._proc = None
 
 
-def _encode(r: CryptoResult) -> dict[str, Any]:
+def _encode(r: TreeResult) -> dict[str, Any]:
     out: dict[str, Any] = {"count": r.count, "checkpoints": r.checkpoints,
                            "frontier": [h.hex() for h in r.frontier],
                            "prev_hash": r.prev_hash.hex(), "last_ts": r.last_ts}
@@ -255,7 +255,7 @@ def _encode(r: CryptoResult) -> dict[str, Any]:
     return out
 
 
-def _decode(obj: dict[str, Any]) -> CryptoResult:
+def _decode(obj: dict[str, Any]) -> TreeResult:
     f = obj.get("failure")
     failure = None
     if f is not None:
@@ -273,14 +273,14 @@ def _decode(obj: dict[str, Any]) -> CryptoResult:
         CompactTree(frontier, count)  # raises ValueError unless a frontier of that size
         if len(prev) != 32:
             raise ValueError("malformed prev_hash")
-    return CryptoResult(count, checkpoints, frontier, prev, last_ts, failure)
+    return TreeResult(count, checkpoints, frontier, prev, last_ts, failure)
 
 
 def _main() -> int:
     request = json.loads(sys.stdin.buffer.read())
     key = request["pinned_key"]
     limits = {str(k): int(v) for k, v in request["limits"].items()}
-    result = crypto_pass(Path(request["directory"]), limits,
+    result = tree_pass(Path(request["directory"]), limits,
                          bytes.fromhex(key) if key else None)
     sys.stdout.write(json.dumps(_encode(result)))
     return 0

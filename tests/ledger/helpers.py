@@ -68,7 +68,7 @@ def unseal_all(path: Path) -> None:
 
 
 class InProcessWorker:
-    """``verifier.CryptoWorker``'s contract, computed in this process when the result is
+    """``verifier.TreeWorker``'s contract, computed in this process when the result is
     asked for (no child per example).  ``before_result`` runs first, if set: a test's
     way to act while "the child" is still reading.  Subclasses may doctor ``answer``."""
 
@@ -79,12 +79,12 @@ class InProcessWorker:
         self.args = directory, limits, pinned_key
         self.fell_back = None
 
-    def result(self) -> verifier.CryptoResult:
+    def result(self) -> verifier.TreeResult:
         if InProcessWorker.before_result is not None:
             InProcessWorker.before_result()
-        return self.answer(verifier.crypto_pass(*self.args))
+        return self.answer(verifier.tree_pass(*self.args))
 
-    def answer(self, honest: verifier.CryptoResult) -> verifier.CryptoResult:
+    def answer(self, honest: verifier.TreeResult) -> verifier.TreeResult:
         return honest
 
     def kill(self) -> None:

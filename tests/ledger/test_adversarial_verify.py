@@ -26,7 +26,7 @@ SMALL = Options(segment_bytes=1500, set_append_only_flag=False)
 @pytest.fixture
 def parallel_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verifier, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(verifier, "CryptoWorker", InProcessWorker)
+    monkeypatch.setattr(verifier, "TreeWorker", InProcessWorker)
     monkeypatch.setattr(InProcessWorker, "before_result", None)
 
 
@@ -151,7 +151,7 @@ def test_a_package_in_the_working_directory_cannot_answer_for_the_child(tmp_path
     led.close()
     d = tmp_path / "l"
     unseal_all(d)
-    honest = verifier._encode(verifier.crypto_pass(d, verifier.segment_limits(d), None))
+    honest = verifier._encode(verifier.tree_pass(d, verifier.segment_limits(d), None))
     # damage only the tree half sees: checkpoint 1's root (re-framed, signature kept)
     seg = segments(d)[0]
     data = seg.read_bytes()

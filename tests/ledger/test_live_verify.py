@@ -56,7 +56,7 @@ def test_kill_after_the_child_exited_closes_its_pipes(tmp_path: Path) -> None:
     led, _ = new_ledger(d, options=NO_FLAG)
     led.append(PdDeclared("a", 1))
     led.close()
-    worker = verifier.CryptoWorker(d, verifier.segment_limits(d), None)
+    worker = verifier.TreeWorker(d, verifier.segment_limits(d), None)
     proc = worker._proc
     assert proc is not None
     deadline = time.monotonic() + 30
@@ -77,7 +77,7 @@ def test_kill_after_the_child_exited_closes_its_pipes(tmp_path: Path) -> None:
 class LyingWorker(InProcessWorker):
     """Answers with a tree whose root is not the one the last checkpoint states."""
 
-    def answer(self, honest: verifier.CryptoResult) -> verifier.CryptoResult:
+    def answer(self, honest: verifier.TreeResult) -> verifier.TreeResult:
         return replace(honest, frontier=(bytes(32), *honest.frontier[1:]))
 
 
@@ -95,7 +95,7 @@ def test_abandoned_attempt_then_combined_pass_gives_the_one_pass_report(
     led.close()
     single = audit.verify(d, jobs=1)
     monkeypatch.setattr(verifier, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(verifier, "CryptoWorker", LyingWorker)
+    monkeypatch.setattr(verifier, "TreeWorker", LyingWorker)
     calls: list[int] = []
     real = verifier.audit_fold
 

@@ -64,7 +64,7 @@ def test_parallel_finds_the_same_first_failure(tamper: Tamper, bs: list[list[Any
                                                data: st.DataObject,
                                                always_parallel: None,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(verifier, "CryptoWorker", InProcessWorker)
+    monkeypatch.setattr(verifier, "TreeWorker", InProcessWorker)
     work = Path(tempfile.mkdtemp(prefix="ppn-par-"))
     try:
         led, _ = new_ledger(work / "l", options=SMALL_SEGMENTS)
@@ -170,7 +170,7 @@ def test_small_logs_use_one_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             started.append(directory)
             super().__init__(directory, *args)
 
-    monkeypatch.setattr(verifier, "CryptoWorker", Spy)
+    monkeypatch.setattr(verifier, "TreeWorker", Spy)
     led, _ = new_ledger(tmp_path / "l")
     led.append_many([member(1), PdDeclared("pd-x", 3)])
     led.close()
@@ -231,14 +231,14 @@ def test_open_without_a_snapshot_uses_both_halves(tmp_path: Path, always_paralle
     single = tmp_path / "single"
     shutil.copytree(d, single)
     started: list[Path] = []
-    real = verifier.CryptoWorker
+    real = verifier.TreeWorker
 
     class Counting(real):  # type: ignore[misc,valid-type]
         def __init__(self, directory: Path, *args: Any) -> None:
             started.append(directory)
             super().__init__(directory, *args)
 
-    monkeypatch.setattr(verifier, "CryptoWorker", Counting)
+    monkeypatch.setattr(verifier, "TreeWorker", Counting)
     later = 4_000_000_000_000_000_000  # one clock for both, after every stored ts
     with Ledger.open(d, keys, options=SMALL_SEGMENTS, clock=lambda: later) as two:
         assert started == [d]
@@ -276,12 +276,12 @@ def test_a_wrong_answer_from_the_child_is_not_taken(tmp_path: Path, always_paral
     truth = audit.verify(d, jobs=1)
 
     class Lying(InProcessWorker):
-        def answer(self, r: verifier.CryptoResult) -> verifier.CryptoResult:
+        def answer(self, r: verifier.TreeResult) -> verifier.TreeResult:
             bogus = tuple(bytes(32) for _ in r.frontier)
-            return verifier.CryptoResult(r.count, r.checkpoints, bogus, bytes(32), r.last_ts,
+            return verifier.TreeResult(r.count, r.checkpoints, bogus, bytes(32), r.last_ts,
                                          None)
 
-    monkeypatch.setattr(verifier, "CryptoWorker", Lying)
+    monkeypatch.setattr(verifier, "TreeWorker", Lying)
     assert audit.verify(d, jobs=2).root == truth.root
     with Ledger.open(d, keys, options=SMALL_SEGMENTS) as led:
         assert led.root() == truth.root
