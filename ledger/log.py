@@ -541,11 +541,23 @@ def _check_snapshot(scan: ScanResult, snap: snapshot.Snapshot | None) -> None:
                             "snapshot root differs from the log's checkpoint at that size")
 
 
-def check_anchor(directory: Path, scan: ScanResult) -> None:
-    """The stored ``checkpoint`` file must equal the log's own checkpoint at its size."""
+def read_anchor(directory: Path) -> bytes | None:
+    """The stored ``checkpoint`` file (None if there is none)."""
     try:
-        anchor = (directory / ANCHOR_FILE).read_bytes()[:65536]
+        return (directory / ANCHOR_FILE).read_bytes()[:65536]
     except FileNotFoundError:
+        return None
+
+
+def check_anchor(directory: Path, scan: ScanResult, anchor: bytes | None = b"") -> None:
+    """The stored ``checkpoint`` file must equal the log's own checkpoint at its size.
+
+    ``anchor``: the file's bytes as read before the scan began (None: there was
+    none), for a log a writer may extend meanwhile; by default it is read now.
+    """
+    if anchor == b"":
+        anchor = read_anchor(directory)
+    if anchor is None:
         return
     try:
         cp = note_checkpoint(anchor, scan)

@@ -129,6 +129,25 @@ def test_parallel_verify_of_live_ledger_without_preallocation(
         led.close()
 
 
+def test_verify_of_a_live_ledger_that_rolls_meanwhile(tmp_path: Path,
+                                                      parallel_in_process: None) -> None:
+    """A writer rolling a segment during verify rewrites the anchor to a size the pass
+    does not read; verify checks the anchor as it was when it began."""
+    led = _live(tmp_path, Options(set_append_only_flag=False, segment_bytes=1500))
+    try:
+        before = len(segments(tmp_path / "l"))
+
+        def roll() -> None:
+            while len(segments(tmp_path / "l")) == before:
+                led.append(PdDeclared("late", 1))
+
+        InProcessWorker.before_result = roll
+        assert audit.verify(tmp_path / "l", jobs=2).records == 41
+    finally:
+        InProcessWorker.before_result = None
+        led.close()
+
+
 # ------------------------------------------------------------ the child's answer
 
 def _fake_package(where: Path, answer: dict[str, Any]) -> None:
