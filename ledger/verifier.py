@@ -96,7 +96,7 @@ def _written_end(path: Path, size: int, chunk: int = 1 << 20) -> int:
 
 
 def tree_pass(directory: Path, limits: dict[str, int] | None,
-                pinned_key: bytes | None) -> TreeResult:
+              pinned_key: bytes | None) -> TreeResult:
     """Run the tree half in this process."""
     reader = LogReader(directory, decode=False, canonical=False, grants=False,
                        note_signatures=(1, 2), pinned_key=pinned_key,
@@ -108,7 +108,7 @@ def tree_pass(directory: Path, limits: dict[str, int] | None,
         failure = exc
     res = reader.result
     return TreeResult(res.count, res.checkpoints, res.tree.frontier(), res.prev_hash,
-                        res.last_ts, failure)
+                      res.last_ts, failure)
 
 
 def audit_fold(directory: Path, *, pinned_key: bytes | None = None,

@@ -279,7 +279,7 @@ def test_a_wrong_answer_from_the_child_is_not_taken(tmp_path: Path, always_paral
         def answer(self, r: verifier.TreeResult) -> verifier.TreeResult:
             bogus = tuple(bytes(32) for _ in r.frontier)
             return verifier.TreeResult(r.count, r.checkpoints, bogus, bytes(32), r.last_ts,
-                                         None)
+                                       None)
 
     monkeypatch.setattr(verifier, "TreeWorker", Lying)
     assert audit.verify(d, jobs=2).root == truth.root
