@@ -72,7 +72,7 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
         raise LedgerCorrupt(t.segment.name, t.offset, scan.size,
                             f"uncommitted tail: {t.describe()}; opening the ledger for "
                             "writing truncates it")
-    check_anchor(directory, scan, anchor)
+    check_anchor(scan, anchor)
     _verify_snapshots(scan, snaps, snap_states)
     _verify_nodes(directory, state)
     return VerifyReport(scan.size, scan.checkpoints, len(scan.segments), len(snaps),

@@ -118,7 +118,8 @@ class Ledger:
     """An open ledger directory, writable by this process."""
 
     def __init__(self, directory: Path, keys: NodeKeys, scan: ScanResult, state: State,
-                 clock: Callable[[], int], options: Options, registry: EventRegistry) -> None:
+                 projection: nodes.Projection, clock: Callable[[], int], options: Options,
+                 registry: EventRegistry) -> None:
         assert scan.genesis is not None
         self.directory = directory
         self.origin = scan.genesis.origin
@@ -128,7 +129,7 @@ class Ledger:
         self._signer = NoteSigner(self.origin, keys.signing_key)
         self._clock = clock
         self._state = state
-        self._nodes = nodes.Projection(directory, state)
+        self._nodes = projection
         self._tree: CompactTree = scan.tree
         self._prev = scan.prev_hash
         self._last_ts = scan.last_ts
@@ -205,12 +206,13 @@ class Ledger:
             reader.fold(state, apply_items, start=start)
             scan = reader.result
         _check_snapshot(scan, snap)
-        check_anchor(directory, scan)
+        check_anchor(scan, read_anchor(directory))
         if scan.tail is not None:
             log.warning("ledger.torn_tail_truncated", detail=scan.tail.describe())
             _truncate(scan.tail)
-        nodes.write(directory, state)
-        ledger = cls(directory, keys, scan, state, clock, options, registry)
+        projection = nodes.Projection(directory, state)
+        projection.write()
+        ledger = cls(directory, keys, scan, state, projection, clock, options, registry)
         ledger._snap_size = start
         return ledger
 
@@ -549,14 +551,10 @@ def read_anchor(directory: Path) -> bytes | None:
         return None
 
 
-def check_anchor(directory: Path, scan: ScanResult, anchor: bytes | None = b"") -> None:
-    """The stored ``checkpoint`` file must equal the log's own checkpoint at its size.
-
-    ``anchor``: the file's bytes as read before the scan began (None: there was
-    none), for a log a writer may extend meanwhile; by default it is read now.
-    """
-    if anchor == b"":
-        anchor = read_anchor(directory)
+def check_anchor(scan: ScanResult, anchor: bytes | None) -> None:
+    """The stored ``checkpoint`` file (``anchor``, as :func:`read_anchor` gave it; None:
+    there is none) must equal the log's own checkpoint at its size.  A reader of a log
+    a writer may extend reads the anchor before the log."""
     if anchor is None:
         return
     try:

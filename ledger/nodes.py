@@ -56,7 +56,11 @@ class Projection:
                 self._lines[name] = _line(m)
 
     def write(self, *, durable: bool = True) -> bool:
-        """Make the file hold the projection; True if it had to change."""
+        """Make the file hold the projection; True if it had to change.
+
+        ``durable=False`` skips the fsyncs (the commit path does: the file is derived,
+        replaced atomically for readers, and rebuilt from the log when the ledger opens).
+        """
         lines = self._lines
         data = b"".join(lines[name] for name in sorted(lines))
         if data == self._written:
@@ -72,23 +76,6 @@ class Projection:
         atomic_write(self.path, data, mode=0o644, durable=durable)
         self._written = data
         return True
-
-
-def write(directory: Path, state: State, *, durable: bool = True) -> bool:
-    """Make nodes.jsonl match ``state``; True if the file had to change.
-
-    ``durable=False`` skips the fsyncs (the commit path does: the file is derived,
-    replaced atomically for readers, and rebuilt from the log when the ledger opens).
-    """
-    path = directory / NODES_FILE
-    data = render(state)
-    try:
-        if path.read_bytes() == data:
-            return False
-    except FileNotFoundError:
-        pass
-    atomic_write(path, data, mode=0o644, durable=durable)
-    return True
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int, durable: bool = True) -> None:

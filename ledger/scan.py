@@ -592,7 +592,8 @@ class LogReader:
             res.tree = CompactTree(t.frontier, t.size)
             res.prev_hash, res.last_ts = t.prev_hash, t.last_ts
         elif self.verify and not skipped:
-            res.tree, res.prev_hash, res.last_ts = self._tree.copy(), self._prev, self._ts
+            # the reader's tree only grows here, at checkpoints: it is the committed one
+            res.tree, res.prev_hash, res.last_ts = self._tree, self._prev, self._ts
         res.checkpoints += 1
         res.last_note = note
         res.notes.add(size, path, off)

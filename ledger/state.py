@@ -233,11 +233,7 @@ _DISPATCH: dict[type[Any], tuple[Applier, str]] = {
 
 def apply(state: State, event: Any, seq: int, ts_ns: int, sig: bytes | None = None) -> State:
     """Fold one event (record ``seq``, its grant signature ``sig``) into ``state``."""
-    handler, tag = _DISPATCH.get(type(event)) or (_ignore, type(event).__name__)
-    handler(state, event, seq, ts_ns, sig)
-    counts = state.event_counts
-    counts[tag] = counts.get(tag, 0) + 1
-    state.seq = seq
+    apply_items(state, ((seq, ts_ns, event, sig, 0, 0),))
     return state
 
 
