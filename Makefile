@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := wireguard-go wireguard-tools qemu-system-x86 iproute2 iputils-ping
+DEB_PACKAGES := wireguard-go wireguard-tools qemu-system-x86 qemu-utils iproute2 iputils-ping
 
 .PHONY: run test lint bench system-deps clean
 

@@ -9,28 +9,29 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from actors import control
+from actors.ledger_cli import add_ledger_commands, cap_row
 from actors.lifecycle import HostError
 from actors.logs import configure_logging
-from actors.runtime import LEDGER_SUBDIR, Node, cap_json
+from actors.runtime import LEDGER_SUBDIR, Node
 from actors.system import SystemDescriptionError, load_default
-from ledger import audit
-from ledger.catalog import REGISTRY, ROLES, MemberAdded, NodeIdentity
-from ledger.errors import LedgerDataError, LedgerError, LedgerUsageError
-from ledger.keys import NodeKeys
+from ledger.catalog import ROLES, MemberAdded, NodeIdentity
+from ledger.errors import LedgerError, LedgerUsageError
+from ledger.keys import NODE_KEY_FILE, WIREGUARD_KEY_FILE, NodeKeys
 from ledger.log import Ledger
-from ledger.scan import LedgerCorrupt
-from ledger.state import jsonable
+from ledger.note import verifier_key
+from ledger.scan import LedgerCorrupt, LedgerNotInitialised, LogReader
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MESH = ipaddress.ip_network("10.8.0.0/24")
@@ -41,154 +42,81 @@ def _node_init(args: argparse.Namespace) -> int:
     if not NAME_RE.match(name):
         raise LedgerUsageError(f"node name {name!r}: use 1-63 of a-z, 0-9 and '-', "
                                "starting with a letter or digit")
-    ip = ipaddress.ip_address(args.mesh_ip)
-    if ip not in MESH or ip in (MESH.network_address, MESH.broadcast_address):
-        raise LedgerUsageError(f"--mesh-ip {ip} is not a host address in {MESH}")
     state_dir = Path(args.state_dir)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ledger_dir = state_dir / LEDGER_SUBDIR
-    if ledger_dir.exists():
-        raise LedgerUsageError(f"{ledger_dir} exists: this state directory already has a node")
+    redo = _unfinished_init(ledger_dir)
     system = load_default()
-    keys = NodeKeys.generate()
-    keys.save(state_dir)
-    with Ledger.create(ledger_dir, keys, f"{name}.ppn/ledger") as ledger:
+    keys = _init_keys(state_dir, reuse=redo or not ledger_dir.exists())
+    # Built beside its place and renamed into it, so `ledger/` only ever appears whole.
+    staging = state_dir / (LEDGER_SUBDIR + ".init")
+    if staging.exists():
+        shutil.rmtree(staging)  # a torn earlier init: nothing in it was ever used
+    origin = f"{name}.ppn/ledger"
+    with Ledger.create(staging, keys, origin) as ledger:
         ledger.append_many([
-            NodeIdentity(name, keys.public_key, keys.wg_public_key, str(ip), args.role),
-            MemberAdded(name, keys.public_key, keys.wg_public_key, str(ip), args.endpoint,
-                        args.role),
+            NodeIdentity(name, keys.public_key, keys.wg_public_key, args.mesh_ip, args.role),
+            MemberAdded(name, keys.public_key, keys.wg_public_key, args.mesh_ip,
+                        args.endpoint, args.role),
             *system.initial_events(),
         ])
-        vkey = audit.public_verifier_key(ledger_dir)
-        print(f"node {name} initialised: {ledger.size} records")
+        size = ledger.size
+    if redo:
+        shutil.rmtree(ledger_dir)
+    os.rename(staging, ledger_dir)
+    _fsync_dir(state_dir)
+    print(f"node {name} initialised: {size} records" + (" (an unfinished earlier init "
+                                                        "was redone)" if redo else ""))
     print(f"state directory: {state_dir}")
     print(f"ledger directory: {ledger_dir}")
-    print(f"ledger signer: {vkey}")
+    print(f"ledger signer: {verifier_key(origin, keys.public_key)}")
     print(f"wireguard public key: {base64.b64encode(keys.wg_public_key).decode()}")
     return 0
 
 
-def _progress_bar() -> Callable[[int, int], None] | None:
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        bar = "#" * int(frac * 40)
-        sys.stderr.write(f"\rverifying [{bar:<40}] {frac:6.1%}")
-        if done >= total:
-            sys.stderr.write("\r" + " " * 60 + "\r")
-        sys.stderr.flush()
-    return show
+_UNFINISHED_OK = re.compile(r"^(seg-0{20}\.log|\.lock|nodes\.jsonl|.*\.tmp)$")
 
 
-def _ledger_verify(args: argparse.Namespace) -> int:
-    if args.jobs is not None and args.jobs < 1:
-        print(f"ppn: --jobs must be at least 1, not {args.jobs}", file=sys.stderr)
-        return 2
-    pinned = None
-    if args.key:
-        from ledger.note import NoteVerifier
-        pinned = NoteVerifier.from_string(args.key).public_key
+def _unfinished_init(ledger_dir: Path) -> bool:
+    """Whether ``ledger_dir`` holds a ledger whose creation never committed (and nothing
+    else), which init may redo; False if there is none; refuses if it holds a node."""
+    if not ledger_dir.exists():
+        return False
+    unfinished = ledger_dir.is_dir() and not ledger_dir.is_symlink() and all(
+        _UNFINISHED_OK.match(p.name) for p in ledger_dir.iterdir())
+    if unfinished:
+        try:
+            LogReader(ledger_dir, verify=False).run()
+        except LedgerNotInitialised:
+            return True
+        except LedgerCorrupt as exc:
+            unfinished = exc.reason.startswith("no segment files")
+    if not unfinished:
+        raise LedgerUsageError(f"{ledger_dir} exists: this state directory already has a node")
+    return True
+
+
+def _init_keys(state_dir: Path, *, reuse: bool) -> NodeKeys:
+    """The node's keys: new, or (``reuse``: redoing an init that never finished) the
+    ones it left, which nothing has used yet."""
+    present = [state_dir / f for f in (NODE_KEY_FILE, WIREGUARD_KEY_FILE)
+               if (state_dir / f).exists()]
+    if reuse and len(present) == 2:
+        return NodeKeys.load(state_dir)
+    if reuse:
+        for path in present:  # half of a pair written by a torn init
+            path.unlink()
+    keys = NodeKeys.generate()
+    keys.save(state_dir)
+    return keys
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        report = audit.verify(Path(args.dir), pinned_key=pinned, progress=_progress_bar(),
-                              jobs=args.jobs)
-    except LedgerCorrupt as exc:
-        print(f"FAILED: {exc}")
-        return 1
-    print(report.summary())
-    return 0
-
-
-def _iso(ts_ns: int) -> str:
-    return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat(timespec="milliseconds")
-
-
-def _ledger_show(args: argparse.Namespace) -> int:
-    out = sys.stdout
-    for e in audit.entries(Path(args.dir)):
-        if args.to is not None and e.seq > args.to:
-            break
-        et = REGISTRY.type_of(e.event)
-        tag = et.tag
-        if e.seq < args.from_ or (args.type and tag != args.type
-                                  and not tag.startswith(args.type + ".")):
-            continue
-        fields = {k: jsonable(getattr(e.event, k)) for k in et.fields}
-        if args.json:
-            out.write(json.dumps({
-                "seq": e.seq, "ts_ns": e.ts_ns, "time": _iso(e.ts_ns), "type": tag,
-                "event": fields, "leaf_hash": e.leaf.hex(),
-                "signature": e.signature.hex() if e.signature else None,
-            }, separators=(",", ":")) + "\n")
-        else:
-            text = " ".join(f"{k}={json.dumps(v)}" for k, v in fields.items())
-            mark = " [signed]" if e.signature else ""
-            out.write(f"{e.seq:>7} {_iso(e.ts_ns)} {tag}{mark} {text}\n")
-    return 0
-
-
-def _ledger_state(args: argparse.Namespace) -> int:
-    state = audit.state_at(Path(args.dir), args.at)
-    if args.json:
-        print(json.dumps(state.to_json(), indent=2))
-        return 0
-    node = state.node or {}
-    print(f"as of seq {state.seq}: node {node.get('name', '?')} ({node.get('role', '?')}, "
-          f"{node.get('mesh_ip', '?')}), origin {state.origin}")
-    print(f"protection domains: {', '.join(sorted(state.pds))}")
-    print(f"members ({len(state.members)}):")
-    for m in sorted(state.members.values(), key=lambda m: m.name):
-        print(f"  {m.name:<20} {m.mesh_ip:<15} {m.role:<6} endpoint={m.endpoint}")
-    print(f"capabilities ({len(state.caps)}):")
-    for c in sorted(state.caps.values(), key=lambda c: c.cap_id):
-        print("  " + _cap_row(cap_json(c)))
-    return 0
-
-
-def _ledger_checkpoint(args: argparse.Namespace) -> int:
-    sys.stdout.buffer.write(audit.checkpoint_note(Path(args.dir), args.size))
-    sys.stdout.flush()
-    return 0
-
-
-def _ledger_prove(args: argparse.Namespace) -> int:
-    d = Path(args.dir)
-    if args.consistency:
-        proof = audit.prove_consistency(d, *args.consistency)
-    elif args.seq is not None:
-        proof = audit.prove_inclusion(d, args.seq, args.size)
-    else:
-        raise LedgerUsageError("give SEQ, or --consistency OLD NEW")
-    print(json.dumps(proof, indent=2))
-    return 0
-
-
-def _read_bounded(path: str, limit: int = 1 << 20) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read(limit + 1)[:limit + 1]
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise LedgerDataError(f"{path}: larger than {limit} bytes")
-    return data
-
-
-def _ledger_check_proof(args: argparse.Namespace) -> int:
-    try:
-        proof = json.loads(_read_bounded(args.proof))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LedgerDataError(f"{args.proof}: not a JSON proof ({exc})") from None
-    if not isinstance(proof, dict):
-        raise LedgerDataError(f"{args.proof}: not a JSON proof object")
-    old = _read_bounded(args.old_checkpoint) if args.old_checkpoint else None
-    print(audit.check_proof(proof, _read_bounded(args.checkpoint), args.key, old))
-    return 0
-
-
-def _ledger_pubkey(args: argparse.Namespace) -> int:
-    print(audit.public_verifier_key(Path(args.dir)))
-    return 0
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _StdlibToStructlog(logging.Handler):
@@ -244,16 +172,8 @@ def _caps_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for c in rows:
-        print(_cap_row(c))
+        print(cap_row(c))
     return 0
-
-
-def _cap_row(c: dict[str, Any]) -> str:
-    """One capability as a table row (``cap_json`` form)."""
-    badge = "" if c["badge"] is None else f" badge={c['badge']}"
-    parent = "" if c["parent"] is None else f" from #{c['parent']}"
-    return (f"#{c['cap']:<4} {c['holder']:<18} {c['object']:<22} {','.join(c['rights'])}"
-            f"{badge}{parent}")
 
 
 def _caps_tree(args: argparse.Namespace) -> int:
@@ -339,6 +259,8 @@ def _add_caps_commands(top: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppn", description="PointSav Private Network node")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an internal error (a bug)")
     top = p.add_subparsers(dest="area", required=True)
 
     node = top.add_parser("node", help="set up and run this node").add_subparsers(
@@ -346,56 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     init = node.add_parser("init", help="create the node's keys and ledger")
     init.add_argument("--state-dir", required=True)
     init.add_argument("--name", required=True)
-    init.add_argument("--mesh-ip", default="10.8.0.1")
+    init.add_argument("--mesh-ip", default="10.8.0.1", type=_mesh_ip)
     init.add_argument("--role", choices=ROLES, default="node")
     init.add_argument("--endpoint", default=None, help="underlay HOST:PORT peers dial")
     init.set_defaults(func=_node_init)
     _add_node_commands(node)
     _add_caps_commands(top)
 
-    led = top.add_parser("ledger", help="audit a ledger directory").add_subparsers(
-        dest="cmd", required=True)
-    v = led.add_parser("verify", help="check the whole log, signatures, checkpoints")
-    v.add_argument("dir")
-    v.add_argument("--key", help="pin the signer (C2SP verifier key, as `pubkey` prints)")
-    v.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="processes to check a large log with: 1 or 2 (default: 2 on 2+ CPUs)")
-    v.set_defaults(func=_ledger_verify)
-    s = led.add_parser("show", help="one record per line")
-    s.add_argument("dir")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--from", dest="from_", type=int, default=0)
-    s.add_argument("--to", type=int, default=None)
-    s.add_argument("--type", default=None, help="event type, or a prefix such as 'cap'")
-    s.set_defaults(func=_ledger_show)
-    st = led.add_parser("state", help="the state rebuilt from the log")
-    st.add_argument("dir")
-    st.add_argument("--at", type=int, default=None, metavar="SEQ")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=_ledger_state)
-    c = led.add_parser("checkpoint", help="the newest signed checkpoint note, as stored")
-    c.add_argument("dir")
-    c.add_argument("--size", type=int, default=None, help="the checkpoint for this tree size")
-    c.set_defaults(func=_ledger_checkpoint)
-    pr = led.add_parser("prove", help="inclusion or consistency proof, as JSON")
-    pr.add_argument("dir")
-    pr.add_argument("seq", type=int, nargs="?")
-    pr.add_argument("--size", type=int, default=None)
-    pr.add_argument("--consistency", type=int, nargs=2, metavar=("OLD", "NEW"))
-    pr.set_defaults(func=_ledger_prove)
-    cp = led.add_parser("check-proof", help="verify a proof against signed checkpoints")
-    cp.add_argument("proof", help="proof JSON file, or - for stdin")
-    cp.add_argument("--checkpoint", required=True, help="checkpoint note file (tree size N)")
-    cp.add_argument("--old-checkpoint", help="older checkpoint, for a consistency proof")
-    cp.add_argument("--key", required=True, help="C2SP verifier key of the signer")
-    cp.set_defaults(func=_ledger_check_proof)
-    pk = led.add_parser("pubkey", help="the C2SP verifier key of the ledger's signer")
-    pk.add_argument("dir")
-    pk.set_defaults(func=_ledger_pubkey)
+    add_ledger_commands(top)
     return p
 
 
+def _mesh_ip(text: str) -> str:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+    if ip not in MESH or ip in (MESH.network_address, MESH.broadcast_address):
+        raise argparse.ArgumentTypeError(f"{ip} is not a host address in {MESH}")
+    return str(ip)
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: exit 0 done, 1 refused (one line saying why), 2 a usage error
+    or a bug (one line; ``--debug`` or PPN_DEBUG=1 adds the traceback)."""
     configure_logging()
     args = build_parser().parse_args(argv)
     try:
@@ -403,10 +304,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (LedgerError, SystemDescriptionError, control.ControlError, HostError, ValueError,
+    except KeyboardInterrupt:
+        print("ppn: interrupted", file=sys.stderr)
+        return 130
+    except (LedgerError, SystemDescriptionError, control.ControlError, HostError,
             OSError) as exc:
-        print(f"ppn: error: {exc}", file=sys.stderr)
+        print(f"ppn: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug: one line, never a traceback unless asked for
+        what = " ".join(filter(None, (getattr(args, "area", None), getattr(args, "cmd", None))))
+        print(f"ppn: internal error in `ppn {what}`: {type(exc).__name__}: {_one_line(exc)} "
+              "(this is a bug; run `ppn --debug ...` for the traceback)", file=sys.stderr)
+        if args.debug or os.environ.get("PPN_DEBUG") == "1":
+            traceback.print_exc()
+        return 2
     return code
 
 

@@ -54,6 +54,8 @@ class Node:
         self._host: Host | None = None
         self._control: ControlServer | None = None
         self._started = 0.0
+        self._anchor_stop = threading.Event()
+        self._anchor_keeper: threading.Thread | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> Node:
@@ -64,6 +66,11 @@ class Node:
             if not ledger_dir.is_dir():
                 raise LedgerUsageError(f"{ledger_dir}: no ledger; run `ppn node init` first")
             self._ledger = Ledger.open(ledger_dir, NodeKeys.load(self.state_dir))
+            self._anchor_stop.clear()
+            self._anchor_keeper = threading.Thread(
+                target=self._ledger.keep_anchor, args=(self._anchor_stop,), daemon=True,
+                name="ledger-anchor")
+            self._anchor_keeper.start()
             self._kernel = Kernel(self._ledger)
             self._host = Host(self._ledger, self._kernel, make_core=self._make_core)
             self._started = time.monotonic()
@@ -88,6 +95,11 @@ class Node:
             self._host = None
         if self._ledger is not None:
             size = self._ledger.size
+            self._anchor_stop.set()
+            self._ledger.wake_anchor_keeper()
+            if self._anchor_keeper is not None:
+                self._anchor_keeper.join()
+                self._anchor_keeper = None
             self._ledger.close()
             self._ledger = None
             log.info("node.stopped", records=size)

@@ -7,17 +7,27 @@ Everything here reads; nothing writes.  Every function takes a ledger directory
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ledger import merkle, nodes, snapshot, verifier
-from ledger.errors import LedgerDataError, LedgerUsageError
+from ledger.errors import LedgerUsageError
+from ledger.files import FileProblem, read_bounded
 from ledger.log import check_anchor, note_checkpoint, read_anchor, read_note_at
-from ledger.note import Checkpoint, NoteVerifier, open_checkpoint, verifier_key
+from ledger.note import NoteError, verifier_key
+from ledger.proofcheck import check_proof
 from ledger.scan import Entry, LedgerCorrupt, LogReader, ScanResult
 from ledger.state import State, apply, apply_items
+
+__all__ = ["KeptNote", "LogPass", "VerifyReport", "check_extends", "check_proof",
+           "checkpoint_note", "entries", "prove_consistency", "prove_inclusion",
+           "public_verifier_key", "state_at", "verify"]
+
+KeptNote = tuple[str, bytes]
+"""A checkpoint note someone kept earlier (``ppn ledger checkpoint DIR > note``), and
+the name to report it by."""
 
 
 @dataclass(frozen=True)
@@ -30,12 +40,15 @@ class VerifyReport:
     root: bytes
     verifier_key: str
     seconds: float
+    extends: tuple[tuple[str, int], ...] = ()
+    """(name, size) of each kept checkpoint the log was shown to extend."""
 
     def summary(self) -> str:
         rate = self.records / self.seconds if self.seconds > 0 else 0.0
+        kept = "".join(f"; extends {name} (size {size})" for name, size in self.extends)
         return (f"ok: {self.records} records, {self.checkpoints} checkpoints, "
                 f"{self.segments} segments, {self.snapshots} snapshots, {self.members} "
-                f"members; root {self.root.hex()}; signer {self.verifier_key}; "
+                f"members; root {self.root.hex()}; signer {self.verifier_key}{kept}; "
                 f"{self.seconds:.2f}s ({rate:,.0f} records/s)")
 
 
@@ -46,13 +59,14 @@ def _vkey(scan: ScanResult) -> str:
 
 def verify(directory: Path, *, pinned_key: bytes | None = None,
            progress: Callable[[int, int], None] | None = None,
-           jobs: int | None = None) -> VerifyReport:
+           jobs: int | None = None, against: Sequence[KeptNote] = ()) -> VerifyReport:
     """Check every record, signature, checkpoint, snapshot and nodes.jsonl.
 
     Raises :class:`LedgerCorrupt` naming the first failure.  A torn tail -- which
     opening for writing would truncate -- is a failure here: verify audits what is
     on disk.  ``jobs`` (default: the CPU count) above 1 lets a large log's
     hash-chain, Merkle and checkpoint checks run in a second process (:mod:`ledger.verifier`).
+    ``against``: checkpoints kept earlier; the log must extend each (:func:`check_extends`).
     """
     started = time.perf_counter()
     snaps = {int(p.name[5:25]): p for p in snapshot.listing(directory)}
@@ -67,17 +81,52 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     anchor = read_anchor(directory)
     scan, state = verifier.audit_fold(directory, pinned_key=pinned_key, progress=progress,
                                       on_commit=committed, jobs=jobs)
+    _check_log_end(directory, scan, anchor)
+    extends = tuple((name, check_extends(scan, name, note)) for name, note in against)
+    _verify_snapshots(scan, snaps, snap_states)
+    _verify_nodes(directory, state)
+    return VerifyReport(scan.size, scan.checkpoints, len(scan.segments), len(snaps),
+                        len(state.members), scan.tree.root(), _vkey(scan),
+                        time.perf_counter() - started, extends)
+
+
+def _check_log_end(directory: Path, scan: ScanResult, anchor: bytes | None) -> None:
+    """What every reader checks after its pass: no uncommitted tail, and the anchor
+    (read before the pass) is the log's own checkpoint at its size."""
     if scan.tail is not None:
         t = scan.tail
         raise LedgerCorrupt(t.segment.name, t.offset, scan.size,
                             f"uncommitted tail: {t.describe()}; opening the ledger for "
                             "writing truncates it")
+    if anchor is None and len(scan.segments) > 1:
+        anchor = read_anchor(directory)  # a first roll may have written it meanwhile
     check_anchor(scan, anchor)
-    _verify_snapshots(scan, snaps, snap_states)
-    _verify_nodes(directory, state)
-    return VerifyReport(scan.size, scan.checkpoints, len(scan.segments), len(snaps),
-                        len(state.members), scan.tree.root(), _vkey(scan),
-                        time.perf_counter() - started)
+
+
+def check_extends(scan: ScanResult, name: str, note: bytes) -> int:
+    """The log ``scan`` read extends the checkpoint ``note`` (kept earlier, reported as
+    ``name``): it is signed by this ledger's key, and the log's own checkpoint at its
+    size has the same root.  Returns that size; :class:`LedgerCorrupt` naming the note
+    on a rollback (the log is shorter) or a fork (another history at that size)."""
+    try:
+        cp = note_checkpoint(note, scan)
+    except NoteError as exc:
+        raise LedgerCorrupt(name, 0, None, f"kept checkpoint: {exc} (not a checkpoint "
+                            "signed by this ledger's key)") from None
+    if cp.size > scan.size:
+        raise LedgerCorrupt(name, 0, cp.size - 1, (
+            f"the log has {scan.size} committed records, fewer than the kept checkpoint's "
+            f"{cp.size}: it was rolled back"))
+    where = scan.notes.get(cp.size)
+    if where is None:
+        raise LedgerCorrupt(name, 0, cp.size - 1, (
+            f"the log has no checkpoint at size {cp.size}, so it is not the history this "
+            "checkpoint was signed for: a fork"))
+    if note_checkpoint(read_note_at(where), scan).root_hash != cp.root_hash:
+        raise LedgerCorrupt(name, 0, cp.size - 1, (
+            f"the log's root at size {cp.size} differs from the kept checkpoint's: the "
+            "history was rewritten (a fork)"))
+    return cp.size
 
 
 def _verify_snapshots(scan: ScanResult, snaps: dict[int, Path],
@@ -101,9 +150,11 @@ def _verify_nodes(directory: Path, state: State) -> None:
     expected = nodes.render(state)
     path = directory / nodes.NODES_FILE
     try:
-        actual = path.read_bytes()
-    except FileNotFoundError:
-        raise LedgerCorrupt(nodes.NODES_FILE, 0, None, "missing") from None
+        actual = read_bounded(path, len(expected) + 4096, "nodes.jsonl of this log")
+    except FileProblem as exc:
+        raise LedgerCorrupt(nodes.NODES_FILE, 0, None, exc.reason) from None
+    if actual is None:
+        raise LedgerCorrupt(nodes.NODES_FILE, 0, None, "missing")
     if actual == expected:
         return
     exp_lines, act_lines = expected.splitlines(), actual.splitlines()
@@ -117,35 +168,63 @@ def _verify_nodes(directory: Path, state: State) -> None:
                                 f"log gives {x[:80]!r}")
 
 
+class LogPass:
+    """One full pass over a ledger for a read command, with the checks verify makes of
+    the log's end: the anchor (read before the pass) and no uncommitted tail.
+
+    A read command reads to the end even when it prints less, so that it never
+    reports from a log that is damaged, torn or shorter than its anchor without
+    saying so.  ``verify=False`` checksums and strictly decodes; ``verify=True`` also
+    checks the hash chain, the tree and every signature.
+    """
+
+    def __init__(self, directory: Path, *, verify: bool = False,
+                 collect_leaves: bool = False) -> None:
+        self.directory = directory
+        self.anchor = read_anchor(directory)
+        self.reader = LogReader(directory, verify=verify, collect_leaves=collect_leaves)
+
+    def entries(self) -> Iterator[Entry]:
+        yield from self.reader.entries()
+        _check_log_end(self.directory, self.reader.result, self.anchor)
+
+    def run(self) -> ScanResult:
+        self.reader.run()
+        _check_log_end(self.directory, self.reader.result, self.anchor)
+        return self.reader.result
+
+
 def entries(directory: Path) -> Iterator[Entry]:
-    """Committed entries, checksummed and strictly decoded (``verify`` does the crypto)."""
-    return LogReader(directory, verify=False).entries()
+    """Committed entries, checksummed and strictly decoded (``verify`` does the crypto);
+    the log's end is checked after the last (:class:`LogPass`)."""
+    return LogPass(directory).entries()
 
 
 def state_at(directory: Path, seq: int | None = None) -> State:
     """The state folded up to and including record ``seq`` (default: the end)."""
+    if seq is not None and seq < 0:
+        raise LedgerUsageError(f"there is no record {seq}: sequence numbers start at 0")
     state = State()
     if seq is None:
-        LogReader(directory, verify=False).fold(state, apply_items)
+        p = LogPass(directory)
+        p.reader.fold(state, apply_items)
+        _check_log_end(directory, p.reader.result, p.anchor)
         return state
     for e in entries(directory):
-        if e.seq > seq:
-            break
-        apply(state, e.event, e.seq, e.ts_ns, e.signature)
-    if seq is not None and state.seq < seq:
+        if e.seq <= seq:
+            apply(state, e.event, e.seq, e.ts_ns, e.signature)
+    if state.seq < seq:
         raise LedgerUsageError(f"the ledger has no record {seq} (last is {state.seq})")
     return state
 
 
-def _scan_all(directory: Path, collect_leaves: bool = False) -> LogReader:
-    reader = LogReader(directory, collect_leaves=collect_leaves)
-    reader.run()
-    return reader
+def _scan_all(directory: Path, collect_leaves: bool = False) -> ScanResult:
+    return LogPass(directory, verify=True, collect_leaves=collect_leaves).run()
 
 
 def checkpoint_note(directory: Path, size: int | None = None) -> bytes:
     """The newest stored checkpoint note, or the one for tree ``size``, byte-exact."""
-    scan = _scan_all(directory).result
+    scan = _scan_all(directory)
     key = scan.size if size is None else size
     where = scan.notes.get(key)
     if where is None:
@@ -155,18 +234,16 @@ def checkpoint_note(directory: Path, size: int | None = None) -> bytes:
 
 
 def public_verifier_key(directory: Path) -> str:
-    reader = LogReader(directory)
-    next(iter(reader.entries()))
-    return _vkey(reader.result)
+    return _vkey(_scan_all(directory))
 
 
 def prove_inclusion(directory: Path, seq: int, size: int | None = None) -> dict[str, Any]:
-    reader = LogReader(directory, collect_leaves=True)
+    p = LogPass(directory, verify=True, collect_leaves=True)
     body = b""
-    for e in reader.entries():
+    for e in p.entries():
         if e.seq == seq:
             body = e.body
-    scan = reader.result
+    scan = p.reader.result
     assert scan.leaves is not None and scan.genesis is not None
     n = scan.size if size is None else size
     if n not in scan.notes:
@@ -179,7 +256,7 @@ def prove_inclusion(directory: Path, seq: int, size: int | None = None) -> dict[
 
 
 def prove_consistency(directory: Path, old: int, new: int) -> dict[str, Any]:
-    scan = _scan_all(directory, collect_leaves=True).result
+    scan = _scan_all(directory, collect_leaves=True)
     assert scan.leaves is not None and scan.genesis is not None
     for n in (old, new):
         if n not in scan.notes:
@@ -189,45 +266,3 @@ def prove_consistency(directory: Path, old: int, new: int) -> dict[str, Any]:
     return {"kind": "consistency", "origin": scan.genesis.origin, "old_size": old,
             "new_size": new,
             "proof": [h.hex() for h in merkle.consistency_proof(scan.leaves, old, new)]}
-
-
-def check_proof(proof: dict[str, Any], checkpoint: bytes, vkey: str,
-                old_checkpoint: bytes | None = None) -> str:
-    """Verify a proof from :func:`prove_inclusion`/:func:`prove_consistency`.
-
-    Returns a one-line confirmation; raises :class:`LedgerDataError` saying what failed.
-    """
-    verifier = NoteVerifier.from_string(vkey)
-    cp = open_checkpoint(checkpoint, verifier)
-    try:
-        hashes = [bytes.fromhex(h) for h in proof["proof"]]
-        kind = proof["kind"]
-        if cp.origin != proof["origin"]:
-            raise LedgerDataError(f"proof is for {proof['origin']!r}, checkpoint for "
-                                  f"{cp.origin!r}")
-        if kind == "inclusion":
-            return _check_inclusion(proof, hashes, cp)
-        if kind == "consistency":
-            if old_checkpoint is None:
-                raise LedgerUsageError("a consistency proof needs --old-checkpoint too")
-            old = open_checkpoint(old_checkpoint, verifier)
-            if (old.size, cp.size) != (proof["old_size"], proof["new_size"]):
-                raise LedgerDataError(f"proof is for sizes {proof['old_size']}->"
-                                      f"{proof['new_size']}, checkpoints are {old.size}->"
-                                      f"{cp.size}")
-            merkle.verify_consistency(old.size, cp.size, old.root_hash, cp.root_hash, hashes)
-            return f"ok: tree {old.size} is a prefix of tree {cp.size} ({cp.origin})"
-        raise LedgerDataError(f"unknown proof kind {kind!r}")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LedgerDataError(f"malformed proof: {type(exc).__name__}: {exc}") from None
-
-
-def _check_inclusion(proof: dict[str, Any], hashes: list[bytes], cp: Checkpoint) -> str:
-    index, size = int(proof["leaf_index"]), int(proof["tree_size"])
-    leaf = bytes.fromhex(proof["leaf_hash"])
-    if "record" in proof and merkle.leaf_hash(bytes.fromhex(proof["record"])) != leaf:
-        raise LedgerDataError("the record does not hash to the proof's leaf hash")
-    if size != cp.size:
-        raise LedgerDataError(f"proof is for tree size {size}, checkpoint is {cp.size}")
-    merkle.verify_inclusion(leaf, index, size, hashes, cp.root_hash)
-    return f"ok: record {index} is in tree {size} ({cp.origin})"

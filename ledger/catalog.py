@@ -153,3 +153,25 @@ class PdSpawned:
 
     name: str
     reason: str
+
+
+@REGISTRY.register("ledger.recovered")
+@dataclass(frozen=True, slots=True)
+class LedgerRecovered:
+    """An operator dropped a damaged last batch (``ppn ledger recover --drop-last-batch``).
+
+    What was dropped is named, never guessed at: where it was, how many records its
+    checkpoint said it held (-1: unreadable), how many bytes and their SHA-256 (a
+    copy is kept in ``dropped/``), what the reader found, and the size the anchor
+    had vouched for -- above the new size if the batch had been acknowledged.
+    """
+
+    segment: str
+    offset: int
+    first_seq: int
+    records: int
+    dropped_bytes: int
+    dropped_sha256: bytes
+    reason: str
+    anchor_size: int
+    kept_as: str

@@ -206,7 +206,8 @@ class EventRegistry:
                                  "the command that makes the event (replay must not fail)")
         if not tag or tag in self._by_tag:
             raise EventTypeError(f"event tag {tag!r} is empty or already registered")
-        if version < 1 or sorted(upcasters) != list(range(1, version)):
+        if type(version) is not int or version < 1 or sorted(upcasters) != list(
+                range(1, version)):
             raise EventTypeError(
                 f"{tag!r} v{version}: needs exactly one upcaster for each of versions "
                 f"1..{version - 1}, has {sorted(upcasters)}")
@@ -261,13 +262,17 @@ class EventRegistry:
         """Build the event from unpacked ``[tag, version, fields]`` (tuples for arrays).
 
         ``data`` is the bytes ``obj`` came from, to check they are the canonical
-        encoding; pass None when the caller has checked that already.
+        encoding; pass None when the caller has checked that already.  Either way
+        the version must be an ``int`` (not a bool or float that equals one) and a
+        current-version event's fields must be in canonical order.
         """
-        # Fast path: current version, fields in canonical order and of the right
-        # types, canonical bytes.  Anything else takes the slow path for a precise error.
+        # Fast path: current version (a genuine int: ``True == 1`` and ``1.0 == 1``),
+        # fields in canonical order (``build`` checks) and of the right types,
+        # canonical bytes.  Anything else takes the slow path for a precise error.
         if type(obj) is tuple and len(obj) == 3 and type(obj[0]) is str:
             et = self._by_tag.get(obj[0])
-            if et is not None and obj[1] == et.version and type(obj[2]) is dict:
+            if (et is not None and type(obj[1]) is int and obj[1] == et.version
+                    and type(obj[2]) is dict):
                 event = et.build(obj[2])
                 if event is not None and (data is None or pack(obj) == data):
                     return event
@@ -281,14 +286,17 @@ class EventRegistry:
         if version > et.version:
             raise EventDecodeError(f"{tag!r} v{version} is newer than this code "
                                    f"(knows v{et.version}); upgrade os-infrastructure")
-        canonical = version == et.version and data is not None
+        # A current-version event is held to its canonical encoding on every path:
+        # field order always, the bytes too when we have them.  An upcast one is
+        # not (its field order is the old schema's, and the upcaster's).
+        current = version == et.version
         for v in range(version, et.version):
             try:
                 fields = et.upcasters[v](dict(fields))
             except Exception as exc:  # an old record the upcaster cannot read
                 raise EventDecodeError(f"{tag!r} v{v}: cannot upcast to v{v + 1}: "
                                        f"{type(exc).__name__}: {exc}") from None
-        return self._build(et, fields, data if canonical else None)
+        return self._build(et, fields, ordered=current, raw=data if current else None)
 
     @staticmethod
     def _unpack(data: bytes) -> Any:
@@ -301,7 +309,11 @@ class EventRegistry:
             raise EventDecodeError(f"event bytes are not valid msgpack: {exc}") from None
         return obj
 
-    def _build(self, et: EventType, fields: FieldMap, raw: bytes | None) -> Any:
+    def _build(self, et: EventType, fields: FieldMap, *, ordered: bool,
+               raw: bytes | None) -> Any:
+        """The event from a field map of the current schema.  ``ordered``: the
+        fields must be in declaration order; ``raw``: and these bytes must be the
+        event's canonical encoding."""
         if len(fields) != len(et.fields) or any(k not in fields for k in et.fields):
             missing = [k for k in et.fields if k not in fields]
             extra = [k for k in fields if k not in et.fields]
@@ -311,7 +323,7 @@ class EventRegistry:
             if not ok(fields[name]):
                 raise EventDecodeError(f"{et.tag!r}: field {name!r} must be {tname}, "
                                        f"got {type(fields[name]).__name__}")
-        if raw is not None and list(fields) != list(et.fields):
+        if ordered and tuple(fields) != et.fields:
             raise EventDecodeError(f"{et.tag!r}: fields are not in canonical order")
         event = et.cls(**fields)
         if raw is not None and pack([et.tag, et.version, fields]) != raw:
@@ -321,8 +333,11 @@ class EventRegistry:
 
 def _shape(obj: Any) -> tuple[str, int, FieldMap]:
     if (type(obj) is not tuple or len(obj) != 3 or type(obj[0]) is not str
-            or type(obj[1]) is not int or type(obj[2]) is not dict):
+            or type(obj[2]) is not dict):
         raise EventDecodeError("event must be [tag: str, version: int, fields: map]")
+    if type(obj[1]) is not int:  # not a bool or a float, though True == 1.0 == 1
+        raise EventDecodeError(f"event {obj[0]!r}: version must be int, "
+                               f"got {type(obj[1]).__name__}")
     if obj[1] < 1:
         raise EventDecodeError(f"event {obj[0]!r}: version {obj[1]} is not positive")
     return obj

@@ -25,9 +25,11 @@ from ledger import nodes, snapshot, verifier
 from ledger.catalog import REGISTRY, LedgerGenesis, MemberAdded, MemberRemoved
 from ledger.errors import LedgerUsageError
 from ledger.events import EventRegistry
+from ledger.files import FileProblem, open_regular, pread_exact, read_bounded
 from ledger.keys import NodeKeys
 from ledger.merkle import CompactTree, leaf_hash
 from ledger.note import (
+    MAX_NOTE_SIZE,
     Checkpoint,
     NoteError,
     NoteSigner,
@@ -42,6 +44,9 @@ from ledger.records import (
     GRANT_SIGNING_CONTEXT,
     KIND_CHECKPOINT,
     KIND_RECORD,
+    MAX_BATCH_BYTES,
+    MAX_FRAME,
+    MAX_SEGMENT_BYTES,
     SEGMENT_HEADER,
     ZERO_HASH,
     Record,
@@ -63,7 +68,12 @@ from ledger.state import State, apply, apply_items
 log = structlog.get_logger("ledger")
 
 ANCHOR_FILE = "checkpoint"
-"""Newest checkpoint as of the last close or segment roll: catches a log cut short."""
+"""A recent checkpoint of the log, kept beside it: catches a log cut short.
+
+Written at every segment roll and close, and while the ledger is open at least every
+``Options.anchor_every_batches`` batches or ``anchor_every_seconds`` seconds (by a
+background thread, off the appends' path), so it lags the log by a bounded window."""
+LEFTOVER_SUFFIX = ".tmp"
 
 LEDGER_FORMAT = 1
 
@@ -86,6 +96,17 @@ class Options:
     journal commit a growing file needs.  The reserved space reads as zeros, which
     the reader knows is not data; a seal or a clean close trims it.
     """
+    anchor_every_batches: int = 64
+    """Refresh the anchor once this many batches are newer than it (0: only by time)."""
+    anchor_every_seconds: float = 1.0
+    """... or once the newest batch it lacks is this old (0: only at rolls and close)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.segment_bytes <= MAX_SEGMENT_BYTES - MAX_BATCH_BYTES:
+            most = MAX_SEGMENT_BYTES - MAX_BATCH_BYTES
+            raise LedgerUsageError(f"segment_bytes must be 1..{most}")
+        if self.anchor_every_batches < 0 or self.anchor_every_seconds < 0:
+            raise LedgerUsageError("anchor refresh intervals cannot be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +170,12 @@ class Ledger:
         self._allocated = 0  # the active segment's file size (>= _segment_size)
         self.batches = 0
         self.recovered: TornTail | None = scan.tail
+        # The anchor: what it holds, what it should hold, and who refreshes it.
+        self._anchor_lock = threading.Lock()
+        self._anchored = 0  # tree size the anchor file holds
+        self._anchored_batches = 0  # self.batches when it was written
+        self._newest: tuple[int, bytes | None, float] = (scan.size, scan.last_note, 0.0)
+        self._anchor_wake = threading.Event()
         self._open_active(scan)
 
     # ----------------------------------------------------------------- creation
@@ -182,7 +209,7 @@ class Ledger:
         signatures).  With the newest valid snapshot, the prefix it covers is only
         checksummed and the rest is verified; ``ppn ledger verify`` audits it all.
         """
-        lock_fd = _lock_directory(directory)
+        lock_fd = lock_directory(directory)
         try:
             ledger = cls._open_locked(directory, keys, clock, options, registry)
         except BaseException:
@@ -206,14 +233,17 @@ class Ledger:
             reader.fold(state, apply_items, start=start)
             scan = reader.result
         _check_snapshot(scan, snap)
-        check_anchor(scan, read_anchor(directory))
+        anchor = read_anchor(directory)
+        anchored = check_anchor(scan, anchor)
         if scan.tail is not None:
             log.warning("ledger.torn_tail_truncated", detail=scan.tail.describe())
             _truncate(scan.tail)
+        clear_leftovers(directory)
         projection = nodes.Projection(directory, state)
         projection.write()
         ledger = cls(directory, keys, scan, state, projection, clock, options, registry)
         ledger._snap_size = start
+        ledger._anchored = anchored
         return ledger
 
     def _open_active(self, scan: ScanResult) -> None:
@@ -239,6 +269,9 @@ class Ledger:
         items = [self._prepare(e) for e in events]
         if not items:
             return []
+        if sum(len(data) + 200 for _, data, _ in items) > MAX_BATCH_BYTES:
+            raise LedgerUsageError(f"{len(items)} events are more than one batch may hold "
+                                   f"({MAX_BATCH_BYTES} bytes); append them in parts")
         p = _Pending(items)
         with self._lock:
             self._check_usable()
@@ -316,6 +349,8 @@ class Ledger:
         note = self._signer.lone_note(checkpoint_text(self.origin, tree.size, tree.root()))
         chunks.append(frame(KIND_CHECKPOINT, note))
         buf = b"".join(chunks)
+        if self._segment_size + len(buf) > MAX_SEGMENT_BYTES:
+            self._roll()  # a batch never crosses the format's limit on a segment
         self._reserve(len(buf))
         _write_all(self._fd, buf, self._segment_size)
         os.fdatasync(self._fd)
@@ -323,6 +358,8 @@ class Ledger:
         self._tree, self._prev, self._last_ts, self._latest_note = tree, prev, ts, note
         self._segment_size += len(buf)
         self.batches += 1
+        since = self._newest[2] if self._newest[0] > self._anchored else time.monotonic()
+        self._newest = (tree.size, note, since)
         return applied
 
     def _after_commit(self, applied: list[tuple[Any, int, int, bytes | None]]) -> None:
@@ -337,6 +374,9 @@ class Ledger:
             self._nodes.write(durable=False)
         if self._segment_size >= self.options.segment_bytes:
             self._roll()
+        every = self.options.anchor_every_batches
+        if every and self.batches - self._anchored_batches >= every:
+            self._anchor_wake.set()
 
     def _reserve(self, n: int) -> None:
         """Make room for ``n`` more bytes in the active segment, a chunk at a time."""
@@ -377,8 +417,44 @@ class Ledger:
         return int(segs[-1][4:24])
 
     def _write_anchor(self) -> None:
-        if self._latest_note is not None:
-            nodes.atomic_write(self.directory / ANCHOR_FILE, self._latest_note, mode=0o644)
+        """Make the anchor hold the newest durable checkpoint (never an older one)."""
+        size, note, _ = self._newest
+        with self._anchor_lock:
+            if note is None or size <= self._anchored:
+                return
+            nodes.atomic_write(self.directory / ANCHOR_FILE, note, mode=0o644)
+            self._anchored, self._anchored_batches = size, self.batches
+
+    def keep_anchor(self, stop: threading.Event) -> None:
+        """Refresh the anchor while the ledger is open, until ``stop`` is set: once
+        ``anchor_every_batches`` batches are newer than it, or once the oldest of them
+        is ``anchor_every_seconds`` old.  The node runs this in a thread of its own, so
+        the refresh (a write and two fsyncs) is never on an append's path."""
+        period = self.options.anchor_every_seconds or None
+        if period is None and not self.options.anchor_every_batches:
+            return
+        timeout = period
+        while not stop.is_set() and not self._closed:
+            woken = self._anchor_wake.wait(timeout)
+            self._anchor_wake.clear()
+            if stop.is_set() or self._closed:
+                return
+            size, _, since = self._newest
+            timeout = period
+            if size <= self._anchored:
+                continue
+            age = time.monotonic() - since
+            if woken or (period is not None and age >= period):
+                try:
+                    self._write_anchor()
+                except OSError as exc:  # the next refresh, roll or close tries again
+                    log.warning("ledger.anchor_refresh_failed", error=str(exc))
+            elif period is not None:
+                timeout = period - age
+
+    def wake_anchor_keeper(self) -> None:
+        """Make :meth:`keep_anchor` look at its ``stop`` now."""
+        self._anchor_wake.set()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -428,6 +504,7 @@ class Ledger:
                 return
             self._closed = True
         self._idle.wait()
+        self._anchor_wake.set()
         try:
             if self._failed is None:
                 self._write_anchor()
@@ -489,7 +566,7 @@ def _truncate(tail: TornTail) -> None:
 LOCK_FILE = ".lock"
 
 
-def _lock_directory(directory: Path) -> int:
+def lock_directory(directory: Path) -> int:
     """Hold an exclusive lock on the ledger directory: one writer at a time."""
     if not list_segments(directory):
         raise LedgerCorrupt(str(directory), 0, None, "no segment files: not a ledger")
@@ -513,13 +590,20 @@ def _newest_snapshot(directory: Path, public_key: bytes) -> snapshot.Snapshot | 
 
 
 def read_note_at(where: tuple[Path, int]) -> bytes:
-    """The checkpoint note stored in the frame at (segment, offset)."""
+    """The checkpoint note stored in the frame at (segment, offset), as a pass found it."""
     path, off = where
-    with path.open("rb") as f:
-        f.seek(off)
-        length = FRAME_HEADER.unpack(f.read(FRAME_HEADER.size))[0]
-        payload = f.read(length)
-    return payload[1:]
+    try:
+        fd = open_regular(path)
+    except FileProblem as exc:
+        raise LedgerCorrupt(path.name, off, None, exc.reason) from None
+    try:
+        head = pread_exact(fd, path, off, FRAME_HEADER.size)
+        length = FRAME_HEADER.unpack(head)[0] if len(head) == FRAME_HEADER.size else 0
+        if not 0 < length <= MAX_FRAME:
+            raise LedgerCorrupt(path.name, off, None, "checkpoint frame changed under the reader")
+        return pread_exact(fd, path, off + FRAME_HEADER.size, length)[1:]
+    finally:
+        os.close(fd)
 
 
 def note_checkpoint(note: bytes, scan: ScanResult) -> Checkpoint:
@@ -544,25 +628,58 @@ def _check_snapshot(scan: ScanResult, snap: snapshot.Snapshot | None) -> None:
 
 
 def read_anchor(directory: Path) -> bytes | None:
-    """The stored ``checkpoint`` file (None if there is none)."""
+    """The stored ``checkpoint`` file (None if there is none); bounded, regular files only."""
     try:
-        return (directory / ANCHOR_FILE).read_bytes()[:65536]
-    except FileNotFoundError:
-        return None
+        return read_bounded(directory / ANCHOR_FILE, MAX_NOTE_SIZE, "a checkpoint note")
+    except FileProblem as exc:
+        raise LedgerCorrupt(ANCHOR_FILE, 0, None, f"stored checkpoint {exc.reason}") from None
 
 
-def check_anchor(scan: ScanResult, anchor: bytes | None) -> None:
+def check_anchor(scan: ScanResult, anchor: bytes | None) -> int:
     """The stored ``checkpoint`` file (``anchor``, as :func:`read_anchor` gave it; None:
-    there is none) must equal the log's own checkpoint at its size.  A reader of a log
-    a writer may extend reads the anchor before the log."""
+    there is none) must equal the log's own checkpoint at its size; returns that size.
+
+    A log with more than its first segment has rolled, and every roll writes the
+    anchor: without one, it was deleted.  A reader of a log a writer may extend
+    reads the anchor before the log.
+    """
     if anchor is None:
-        return
+        if len(scan.segments) > 1:
+            raise LedgerCorrupt(ANCHOR_FILE, 0, None, (
+                f"missing, though the log has {len(scan.segments)} segments and every "
+                "segment roll writes it: it was deleted, perhaps to hide a rollback"))
+        return 0
     try:
         cp = note_checkpoint(anchor, scan)
     except NoteError as exc:
         raise LedgerCorrupt(ANCHOR_FILE, 0, None, f"stored checkpoint: {exc}") from None
+    if cp.size > scan.size:
+        raise LedgerCorrupt(ANCHOR_FILE, 0, cp.size - 1, (
+            f"the log is shorter than its stored checkpoint: {scan.size} committed records, "
+            f"the checkpoint is for {cp.size}: records were cut off (a rollback, or a lost "
+            "tail)"))
     where = scan.notes.get(cp.size)
     if where is None or read_note_at(where) != anchor:
-        raise LedgerCorrupt(ANCHOR_FILE, 0, cp.size - 1,
-                            f"the stored checkpoint (size {cp.size}) is not in the log, whose "
-                            f"committed size is {scan.size}: records were cut off or rewritten")
+        raise LedgerCorrupt(ANCHOR_FILE, 0, cp.size - 1, (
+            f"the stored checkpoint (size {cp.size}) is not the log's own checkpoint at that "
+            f"size (committed size {scan.size}): the log was rewritten (a fork)"))
+    return cp.size
+
+
+def clear_leftovers(directory: Path) -> list[str]:
+    """Remove what a kill inside an atomic write leaves (``*.tmp`` beside the anchor,
+    nodes.jsonl and the snapshots); returns their names.  Only the writer calls it."""
+    gone = []
+    for folder in (directory, directory / snapshot.SNAPSHOT_DIR):
+        try:
+            names = [p for p in folder.iterdir() if p.name.endswith(LEFTOVER_SUFFIX)]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for p in names:
+            if p.is_dir() and not p.is_symlink():
+                continue
+            p.unlink(missing_ok=True)
+            gone.append(str(p.relative_to(directory)))
+    if gone:
+        log.info("ledger.leftovers_removed", files=gone)
+    return gone

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ledger.files import FileProblem, read_bounded
 from ledger.state import Member, State
 
 NODES_FILE = "nodes.jsonl"
@@ -67,8 +68,8 @@ class Projection:
             return False
         if self._written is None:
             try:
-                changed = self.path.read_bytes() != data
-            except FileNotFoundError:
+                changed = read_bounded(self.path, len(data), NODES_FILE) != data
+            except FileProblem:  # not a regular file, or longer: replace it
                 changed = True
             if not changed:
                 self._written = data

@@ -35,6 +35,12 @@ FRAME_HEADER = struct.Struct(">II")
 KIND_RECORD = 0x00  # the RFC 9162 leaf prefix
 KIND_CHECKPOINT = 0x43  # "C"
 MAX_FRAME = MAX_EVENT_BYTES + 4096
+MAX_SEGMENT_BYTES = 1 << 31
+"""Most bytes a segment may hold (header and frames; space reserved past them is not
+counted).  The writer rolls long before (``Options.segment_bytes``) and never lets one
+batch cross it; a reader refuses a larger segment instead of reading it."""
+MAX_BATCH_BYTES = 256 << 20
+"""Most bytes of records one batch (one ``append_many``) may write."""
 ZERO_HASH = bytes(32)
 SIGNATURE_SIZE = 64
 GRANT_SIGNING_CONTEXT = b"ppn/ledger/grant-signature/v1\x00"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
 import re
 import struct
 import zlib
@@ -33,6 +34,7 @@ import nacl.exceptions
 from ledger.catalog import REGISTRY, LedgerGenesis
 from ledger.errors import LedgerDataError
 from ledger.events import EventRegistry, packer
+from ledger.files import FileProblem, file_size, open_regular, pread_exact, written_end
 from ledger.merkle import CompactTree
 from ledger.note import (
     Checkpoint,
@@ -50,6 +52,7 @@ from ledger.records import (
     KIND_CHECKPOINT,
     KIND_RECORD,
     MAX_FRAME,
+    MAX_SEGMENT_BYTES,
     SEGMENT_HEADER,
     ZERO_HASH,
     FrameError,
@@ -60,6 +63,10 @@ from ledger.records import (
 )
 
 SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
+
+READ_CHUNK = 16 << 20
+"""Bytes of a segment a pass reads at a time: what a pass holds in memory, beside the
+batch it is reading (a batch that spans two reads keeps both)."""
 
 
 def segment_name(first_seq: int) -> str:
@@ -73,6 +80,37 @@ class LedgerCorrupt(LedgerDataError):
         self.segment, self.offset, self.seq, self.reason = segment, offset, seq, reason
         where = f"seq {seq}" if seq is not None else "seq -"
         super().__init__(f"{segment} offset {offset} ({where}): {reason}")
+
+
+class LedgerNotInitialised(LedgerCorrupt):
+    """The directory holds only a first segment whose creation never committed (a
+    genesis record, or part of one, that no checkpoint covers): a ``Ledger.create``
+    torn by a crash.  Nothing was ever acknowledged; ``ppn node init`` may redo it."""
+
+
+class DamagedLastBatch(LedgerCorrupt):
+    """A frame of the last batch is damaged while the batch's own checkpoint survived.
+
+    Unlike a torn tail (whose checkpoint never reached the disk, so the batch was
+    never acknowledged) the batch may have been acknowledged: the same bytes are what
+    a torn write with pages reaching the disk out of order leaves, and what rot of
+    an acknowledged batch looks like.  The node does not guess; dropping the batch is
+    an operator's decision (``ppn ledger recover DIR --drop-last-batch``), recorded
+    in the log.  ``tail`` is what dropping it would truncate; ``records`` how many
+    records the surviving checkpoint says the batch held (None if it cannot tell).
+    """
+
+    def __init__(self, segment: str, offset: int, seq: int | None, reason: str,
+                 tail: TornTail, records: int | None) -> None:
+        self.tail, self.records, self.found = tail, records, reason
+        n = "?" if records is None else str(records)
+        super().__init__(segment, offset, seq, (
+            f"{reason} inside the last batch ({n} records from seq {seq}, "
+            f"{tail.dropped_bytes} bytes), whose own checkpoint is intact: a write torn "
+            "with its pages reaching the disk out of order (never acknowledged), or damage "
+            "to an acknowledged batch; the ledger will not guess. To keep those records, "
+            "restore this segment from a copy; to drop them, run `ppn ledger recover DIR "
+            "--drop-last-batch` (the decision is recorded in the log)"))
 
 
 @dataclass(frozen=True)
@@ -207,13 +245,84 @@ class TrustedPrefix:
 
 Item = tuple[int, int, Any, "bytes | None", int, int]
 """A committed record as a pass hands it on: (seq, ts_ns, event, signature, body start,
-body end) -- the body's place in its segment's bytes."""
+body end) -- the body's place in the bytes of the read it came in (see _Batch.parts)."""
+
+
+class _Segment:
+    """One segment file open for a pass: a regular file, read in bounded pieces.
+
+    ``size`` is what the pass considers of it (its length, or less if limited);
+    ``end`` the offset after its last frame's bytes: for the last segment, where the
+    written bytes end (the rest is space reserved ahead of the writes), found
+    without reading the zeros of a sparse file; for a sealed segment, ``size``.
+    """
+
+    def __init__(self, path: Path, limit: int | None, last: bool) -> None:
+        self.path, self.last = path, last
+        try:
+            self.fd = open_regular(path)
+        except FileProblem as exc:
+            raise LedgerCorrupt(path.name, 0, None, exc.reason) from None
+        try:
+            size = file_size(self.fd, path)
+            self.size = size if limit is None else min(size, limit)
+            self.end = written_end(self.fd, path, self.size) if last else self.size
+            if self.end > MAX_SEGMENT_BYTES:
+                raise LedgerCorrupt(path.name, 0, None, (
+                    f"segment holds {self.end} bytes, more than the format allows "
+                    f"({MAX_SEGMENT_BYTES})"))
+        except FileProblem as exc:
+            self.close()
+            raise LedgerCorrupt(path.name, 0, None, exc.reason) from None
+        except BaseException:
+            self.close()
+            raise
+        self._written: int | None = self.end if last else None
+
+    def read(self, offset: int, n: int) -> bytes:
+        try:
+            return pread_exact(self.fd, self.path, offset, n)
+        except FileProblem as exc:
+            raise LedgerCorrupt(self.path.name, offset, None, exc.reason) from None
+
+    def written(self) -> int:
+        """Where the written bytes end (the last non-zero byte), for classifying damage."""
+        if self._written is None:
+            try:
+                self._written = written_end(self.fd, self.path, self.size)
+            except FileProblem as exc:
+                raise LedgerCorrupt(self.path.name, 0, None, exc.reason) from None
+        return self._written
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _size_hint(path: Path, limit: int | None) -> int:
+    """A segment's size for progress reports only (0 if it cannot be told)."""
+    try:
+        size = path.lstat().st_size
+    except OSError:
+        return 0
+    return size if limit is None else min(size, limit)
+
+
+def _note_size(note: bytes) -> int | None:
+    """The tree size a checkpoint note states (None if it states none readably)."""
+    try:
+        return Checkpoint.parse(note[:note.rfind(b"\n\n") + 1]).size
+    except NoteError:
+        return None
 
 
 class _Batch(NamedTuple):
     """The records one checkpoint commits, as the inner loop leaves them."""
 
-    data: bytes
+    parts: list[tuple[int, bytes]]
+    """(index of the first item, the bytes its body offsets point into) per read the
+    batch spans: one, unless it crossed the end of a read."""
     items: list[Item]
     """(seq, ts_ns, event, signature, body start, body end) per record."""
     leaves: list[bytes]
@@ -269,6 +378,7 @@ class LogReader:
         self.limits = limits
         self.result = ScanResult(leaves=[] if collect_leaves else None)
         self._verifier: NoteVerifier | None = None
+        self._genesis_event: LedgerGenesis | None = None
         self._key = b""
         # Working state: runs ahead of ``result`` by the records of the open batch.
         self._n = 0
@@ -279,19 +389,22 @@ class LogReader:
         self._fast = {et.tag: (et.version, et.build, et.signed) for et in registry}
         self._done = self._total = 0
 
-    def segments(self) -> list[tuple[int, Path, int]]:
-        """(first seq, path, bytes to read) of the segments this pass reads."""
+    def segments(self) -> list[tuple[int, Path, int | None]]:
+        """(first seq, path, most bytes to read or None: all) of the segments this pass reads."""
         segs = list_segments(self.directory)
         if self.limits is None:
-            return [(first, p, p.stat().st_size) for first, p in segs]
+            return [(first, p, None) for first, p in segs]
         return [(first, p, self.limits[p.name]) for first, p in segs if p.name in self.limits]
 
     def entries(self) -> Iterator[Entry]:
         """Committed records, in order (each batch once its checkpoint has been read)."""
         for batch in self._batches():
-            data, leaves = batch.data, batch.leaves
-            for i, (seq, ts, event, sig, a, b) in enumerate(batch.items):
-                yield Entry(seq, ts, data[a:b], leaves[i] if leaves else b"", sig, event)
+            items, leaves, parts = batch.items, batch.leaves, batch.parts
+            for k, (first, data) in enumerate(parts):
+                last = parts[k + 1][0] if k + 1 < len(parts) else len(items)
+                for i in range(first, last):
+                    seq, ts, event, sig, a, b = items[i]
+                    yield Entry(seq, ts, data[a:b], leaves[i] if leaves else b"", sig, event)
 
     def fold(self, state: Any, apply_items: Callable[[Any, list[Item], int], int],
              start: int = 0, on_commit: Callable[[int], None] | None = None) -> int:
@@ -319,36 +432,44 @@ class LogReader:
         segs = self.segments()
         if not segs:
             raise LedgerCorrupt(str(self.directory), 0, None, "no segment files: not a ledger")
-        self._total = sum(size for _, _, size in segs)
+        self._total = sum(_size_hint(p, limit) for _, p, limit in segs)
         gc_was_on = gc.isenabled()
         gc.disable()  # a scan allocates millions of short-lived, acyclic objects
         try:
-            for i, (first, path, size) in enumerate(segs):
-                with path.open("rb") as f:
-                    data = f.read(size)
-                yield from self._segment(path, first, data, last=i == len(segs) - 1)
-                self._done += len(data)
+            for i, (first, path, limit) in enumerate(segs):
+                seg = _Segment(path, limit, last=i == len(segs) - 1)
+                try:
+                    yield from self._segment(seg, first)
+                finally:
+                    seg.close()
+                self._done += seg.end
                 if self.progress:
                     self.progress(self._done, self._total)
         finally:
             if gc_was_on:
                 gc.enable()
         if self.result.genesis is None:
-            raise LedgerCorrupt(segs[0][1].name, SEGMENT_HEADER.size, 0,
-                                "no committed genesis record")
+            name = segs[0][1].name
+            if len(segs) == 1 and segs[0][0] == 0:
+                raise LedgerNotInitialised(name, SEGMENT_HEADER.size, 0, (
+                    "not initialised: no checkpoint covers the genesis record (the ledger's "
+                    "creation never committed); `ppn node init` can redo it"))
+            raise LedgerCorrupt(name, SEGMENT_HEADER.size, 0, "no committed genesis record")
         if self.trusted is not None and self.result.count < self.trusted.size:
             raise LedgerCorrupt(segs[-1][1].name, 0, self.result.count,
                                 f"the log is shorter ({self.result.count} records) than its "
                                 f"snapshot ({self.trusted.size})")
 
-    def _segment(self, path: Path, first: int, data: bytes, last: bool) -> Iterator[_Batch]:
+    def _segment(self, seg: _Segment, first: int) -> Iterator[_Batch]:
         res = self.result
+        path, last = seg.path, seg.last
+        head = seg.read(0, SEGMENT_HEADER.size)
         try:
-            declared = parse_segment_header(data)
+            declared = parse_segment_header(head)
         except FrameError as exc:
-            if last and res.count > 0 and (len(data) < SEGMENT_HEADER.size
-                                           or data.count(0) == len(data)):
-                res.tail = TornTail(path, 0, len(data), 0, f"torn segment header ({exc})")
+            if last and (res.count > 0 or first == 0) and (seg.size < SEGMENT_HEADER.size
+                                                           or seg.end == 0):
+                res.tail = TornTail(path, 0, seg.size, 0, f"torn segment header ({exc})")
                 res.segments.append(SegmentInfo(path, first, 0))
                 return
             raise LedgerCorrupt(path.name, 0, None, str(exc)) from None
@@ -359,14 +480,10 @@ class LogReader:
         res.segments.append(info)
         items: list[Item] = []
         leaves: list[bytes] = []
-        off, end = SEGMENT_HEADER.size, len(data)
-        view = memoryview(data)
+        parts: list[tuple[int, bytes]] = []  # earlier reads the open batch's items point into
+        part_first = 0
+        win, off = 0, SEGMENT_HEADER.size  # the read window starts at file offset ``win``
         unpack_header, crc32 = FRAME_HEADER.unpack_from, zlib.crc32
-        # One streaming unpacker per segment, kept at ``off`` between frames: cheaper
-        # per record than an unpackb call (which parses its options every time).
-        stream = _stream(view, off)
-        read, unpack_next, tell = stream.read_bytes, stream.unpack, stream.tell
-        base = off
         sha256 = hashlib.sha256
         pack = packer()
         fast = self._fast
@@ -380,128 +497,178 @@ class LogReader:
         # The inner loop keeps the chain in locals, handing them back to the reader
         # before any slow path (which reads them) and at each checkpoint.
         n, prev, last_ts = self._n, self._prev, self._ts
-        while off < end:
-            # Fast path: a sound frame; anything else goes to _frame_problem for the reason.
-            try:
-                length, crc = unpack_header(data, off)
-            except struct.error:  # fewer than 8 bytes left
-                length = crc = 0
-            stop = off + 8 + length
-            if not (0 < length <= max_frame and stop <= end
-                    and crc32(view[off + 8:stop]) == crc):
-                self._n, self._prev, self._ts = n, prev, last_ts
-                if last and data.count(0, off) == end - off:
-                    break  # space reserved ahead of the writes: no data from here on
-                reason, maybe_torn = _frame_problem(data, view, off)
-                if last and maybe_torn and not self._checkpoint_after(data, view, off):
-                    self._torn(info, len(data), reason)
-                    return
-                raise LedgerCorrupt(path.name, off, n, reason)
-            kind = data[off + 8]
-            if kind == record_kind:
-                if skipping and 0 < n < skip_below:
-                    read(stop - off)
-                    n += 1
-                    off = stop
-                    continue
-                # Fast path: one unpack and inline checks of a current-version record;
-                # anything else (an old version to upcast, or something wrong) takes
-                # _record, which decodes step by step and says precisely what is wrong.
-                event: Any = None
-                at = -1
+        need = READ_CHUNK
+        while True:
+            data = seg.read(win, min(need, seg.end - win))
+            end, more = len(data), win + len(data) < seg.end
+            view = memoryview(data)
+            # One streaming unpacker per read, kept at ``off`` between frames: cheaper
+            # per record than an unpackb call (which parses its options every time).
+            stream = _stream(view, off)
+            read, unpack_next, tell = stream.read_bytes, stream.unpack, stream.tell
+            base = off
+            while off < end:
+                # Fast path: a sound frame; anything else goes to _frame_problem for the reason.
                 try:
-                    read(9)
-                    rec = unpack_next()
-                    at = base + tell()
-                    r_seq, ts, prev_h, ev, sig = rec
-                    tag, version, fields = ev
-                    version_now, build, signed = fast[tag]
-                    ok = (type(r_seq) is int and r_seq == n and type(ts) is int and ts >= 0
-                          and type(prev_h) is bytes and len(prev_h) == 32
-                          and (sig is None or (type(sig) is bytes and len(sig) == 64))
-                          and type(ev) is tuple and version == version_now
-                          and type(fields) is dict and n > skip_below and at == stop)
-                    if ok and decode:
-                        event = build(fields)
-                        ok = event is not None
-                    if ok and canonical:
-                        ok = pack(rec) == data[off + 9:stop]
-                    if ok and verify:
-                        ok = prev_h == prev and ts >= last_ts
-                    if ok and grants:
-                        ok = signed == (sig is not None) and (sig is None or verify_grant(
-                            key, event_slice(data[off + 9:stop], n, ts, True), sig))
-                except Exception:  # msgpack raises several unrelated types; so does unpacking
-                    ok = False
-                if ok:
-                    if verify:
-                        prev = sha256(view[off + 8:stop]).digest()
-                        leaves.append(prev)
-                        last_ts = ts
-                    add((n, ts, event, sig, off + 9, stop))
-                else:
+                    length, crc = unpack_header(data, off)
+                except struct.error:  # fewer than 8 bytes left
+                    length = crc = 0
+                stop = off + 8 + length
+                if not (0 < length <= max_frame and stop <= end
+                        and crc32(view[off + 8:stop]) == crc):
+                    if more and (off + 8 > end or (0 < length <= max_frame and stop > end)):
+                        break  # the frame goes on past this read
                     self._n, self._prev, self._ts = n, prev, last_ts
-                    item, leaf = self._record(path, off, view[off + 8:stop])
-                    key = self._key  # the genesis record sets it
-                    if verify:
-                        prev, last_ts = leaf, item[1]
-                        leaves.append(leaf)
-                    add(item)
-                    if at != stop:  # the record was not one msgpack object: resynchronise
-                        stream = _stream(view, stop)
-                        read, unpack_next, tell = stream.read_bytes, stream.unpack, stream.tell
-                        base = stop
-                n += 1
-            elif kind == KIND_CHECKPOINT:
-                read(stop - off)
-                self._n, self._prev, self._ts = n, prev, last_ts
-                if verify and leaves:
-                    self._tree.extend(leaves)
-                self._checkpoint(path, off, data[off + 9:stop])
-                if res.leaves is not None:
-                    res.leaves.extend(leaves)
-                info.committed_end = stop
-                yield _Batch(data, items, leaves, n)
-                items, leaves = [], []
-                add = items.append
-                if progress:
-                    progress(self._done + stop, self._total)
-            else:
-                raise LedgerCorrupt(path.name, off, None, f"unknown frame kind {kind:#04x}")
-            off = stop
+                    self._bad_frame(seg, info, win + off)
+                    return
+                kind = data[off + 8]
+                if kind == record_kind:
+                    if skipping and 0 < n < skip_below:
+                        read(stop - off)
+                        n += 1
+                        off = stop
+                        continue
+                    # Fast path: one unpack and inline checks of a current-version record;
+                    # anything else (an old version to upcast, or something wrong) takes
+                    # _record, which decodes step by step and says precisely what is wrong.
+                    event: Any = None
+                    at = -1
+                    try:
+                        read(9)
+                        rec = unpack_next()
+                        at = base + tell()
+                        r_seq, ts, prev_h, ev, sig = rec
+                        tag, version, fields = ev
+                        version_now, build, signed = fast[tag]
+                        ok = (type(r_seq) is int and r_seq == n and type(ts) is int and ts >= 0
+                              and type(prev_h) is bytes and len(prev_h) == 32
+                              and (sig is None or (type(sig) is bytes and len(sig) == 64))
+                              and type(ev) is tuple and type(version) is int
+                              and version == version_now
+                              and type(fields) is dict and n > skip_below and at == stop)
+                        if ok and decode:
+                            event = build(fields)
+                            ok = event is not None
+                        if ok and canonical:
+                            ok = pack(rec) == data[off + 9:stop]
+                        if ok and verify:
+                            ok = prev_h == prev and ts >= last_ts
+                        if ok and grants:
+                            ok = signed == (sig is not None) and (sig is None or verify_grant(
+                                key, event_slice(data[off + 9:stop], n, ts, True), sig))
+                    except Exception:  # msgpack raises several unrelated types; so does unpacking
+                        ok = False
+                    if ok:
+                        if verify:
+                            prev = sha256(view[off + 8:stop]).digest()
+                            leaves.append(prev)
+                            last_ts = ts
+                        add((n, ts, event, sig, off + 9, stop))
+                    else:
+                        self._n, self._prev, self._ts = n, prev, last_ts
+                        item, leaf = self._record(path, win + off, view[off + 8:stop])
+                        key = self._key  # the genesis record sets it
+                        if verify:
+                            prev, last_ts = leaf, item[1]
+                            leaves.append(leaf)
+                        add((*item, off + 9, stop))
+                        if at != stop:  # the record was not one msgpack object: resynchronise
+                            stream = _stream(view, stop)
+                            read, unpack_next, tell = stream.read_bytes, stream.unpack, stream.tell
+                            base = stop
+                    n += 1
+                elif kind == KIND_CHECKPOINT:
+                    read(stop - off)
+                    self._n, self._prev, self._ts = n, prev, last_ts
+                    if verify and leaves:
+                        self._tree.extend(leaves)
+                    self._checkpoint(path, win + off, data[off + 9:stop])
+                    if res.leaves is not None:
+                        res.leaves.extend(leaves)
+                    info.committed_end = win + stop
+                    parts.append((part_first, data))
+                    yield _Batch(parts, items, leaves, n)
+                    items, leaves, parts, part_first = [], [], [], 0
+                    add = items.append
+                    if progress:
+                        progress(self._done + win + stop, self._total)
+                else:
+                    raise LedgerCorrupt(path.name, win + off, None,
+                                        f"unknown frame kind {kind:#04x}")
+                off = stop
+            if not more:
+                break
+            if part_first < len(items):  # the open batch has items in this read: keep it
+                parts.append((part_first, data))
+                part_first = len(items)
+            # the next read starts at the unfinished frame and holds all of it
+            need = max(READ_CHUNK, 8 + length if off + 8 <= end else 8)
+            win, off = win + off, 0
         self._n, self._prev, self._ts = n, prev, last_ts
         if n != res.count:
             if last:
-                self._torn(info, len(data), "records after the last checkpoint (a batch "
+                self._torn(info, seg.size, "records after the last checkpoint (a batch "
                            "whose commit did not finish)")
                 return
             raise LedgerCorrupt(path.name, info.committed_end, res.count,
                                 "sealed segment ends with records no checkpoint covers")
 
-    def _checkpoint_after(self, data: bytes, view: memoryview, start: int) -> bool:
-        """Whether an intact checkpoint frame lies beyond ``start``.
+    def _bad_frame(self, seg: _Segment, info: SegmentInfo, off: int) -> None:
+        """The frame at file offset ``off`` is unsound: a torn tail (recorded), or raise.
 
-        A torn write damages only the last batch, which ends at its checkpoint; an
-        intact checkpoint after the damage means committed data was damaged.
+        A torn write damages only the last batch, whose checkpoint it never finished:
+        with no intact checkpoint after the damage, it is a torn tail.  Damage followed
+        by the last batch's own intact checkpoint is :class:`DamagedLastBatch`; damage
+        anywhere else is :class:`LedgerCorrupt`.
         """
-        if self.result.genesis is None:
-            return False
-        marker = bytes((KIND_CHECKPOINT,)) + self.result.genesis.origin.encode() + b"\n"
-        q = data.find(marker, start + 1)
-        while q >= 8:
-            length, crc = FRAME_HEADER.unpack_from(data, q - 8)
-            if q + length <= len(data) and zlib.crc32(view[q:q + length]) == crc:
-                return True
-            q = data.find(marker, q + 1)
-        return False
+        reason, maybe_torn = _frame_problem(seg, off)
+        if seg.last:
+            after = self._checkpoint_after(seg, off)
+            if after is None and maybe_torn:
+                self._torn(info, seg.size, reason)
+                return
+            if after is not None and after[0] == seg.end:
+                tail = TornTail(seg.path, info.committed_end, seg.end - info.committed_end,
+                                0, reason)
+                size = after[1]
+                records = None if size is None else size - self.result.count
+                raise DamagedLastBatch(seg.path.name, off, self.result.count, reason, tail,
+                                       records)
+        raise LedgerCorrupt(seg.path.name, off, self._n, reason)
+
+    def _checkpoint_after(self, seg: _Segment, start: int) -> tuple[int, int | None] | None:
+        """The first intact checkpoint frame beyond ``start``: (its end, the tree size it
+        states or None), or None if there is none."""
+        genesis = self._genesis_event
+        if genesis is None:
+            return None
+        marker = bytes((KIND_CHECKPOINT,)) + genesis.origin.encode() + b"\n"
+        pos = start + 1
+        while pos < seg.end:
+            block = seg.read(pos, min(READ_CHUNK, seg.end - pos))
+            q = block.find(marker)
+            while q >= 0:
+                at = pos + q
+                if at >= 8:
+                    length, crc = FRAME_HEADER.unpack(seg.read(at - 8, 8))
+                    body = seg.read(at, length) if at + length <= seg.end else b""
+                    if body and zlib.crc32(body) == crc:
+                        return at + length, _note_size(body[1:])
+                q = block.find(marker, q + 1)
+            if pos + len(block) >= seg.end:
+                break
+            pos += len(block) - len(marker)
+        return None
 
     def _torn(self, info: SegmentInfo, file_size: int, reason: str) -> None:
         res = self.result
         res.tail = TornTail(info.path, info.committed_end, file_size - info.committed_end,
                             self._n - res.count, reason)
 
-    def _record(self, path: Path, off: int, leaf_input: memoryview) -> tuple[Item, bytes]:
-        """The careful path for one record: an item and its leaf hash, or LedgerCorrupt.
+    def _record(self, path: Path, off: int, leaf_input: memoryview
+                ) -> tuple[tuple[int, int, Any, bytes | None], bytes]:
+        """The careful path for one record: (seq, ts_ns, event, signature) and its leaf
+        hash, or LedgerCorrupt.
 
         Decodes step by step in the order the checks are specified, so the error
         names the first thing wrong; also upcasts events of older versions.
@@ -532,8 +699,7 @@ class LogReader:
             leaf = self._chain(path, off, rec, leaf_input)
         if self.grants:
             self._grant(path, off, rec, body, ev_obj)
-        start = off + 9
-        return (seq, rec.ts_ns, event, rec.signature, start, start + len(body)), leaf
+        return (seq, rec.ts_ns, event, rec.signature), leaf
 
     def _chain(self, path: Path, off: int, rec: Record, leaf_input: memoryview) -> bytes:
         """Hash chain and timestamps; the Merkle leaf."""
@@ -564,7 +730,7 @@ class LogReader:
         if self.pinned_key is not None and event.signing_key != self.pinned_key:
             raise LedgerCorrupt(path.name, off, 0, "ledger is signed by a different key "
                                 "than the one pinned")
-        self.result.genesis = event
+        self._genesis_event = event  # the ledger's genesis once a checkpoint commits it
         self._key = event.signing_key
         try:
             self._verifier = NoteVerifier.from_string(
@@ -575,8 +741,9 @@ class LogReader:
     def _checkpoint(self, path: Path, off: int, note: bytes) -> None:
         res = self.result
         size, batch = self._n, self._n - res.count
-        if self._verifier is None or res.genesis is None:
+        if self._verifier is None or self._genesis_event is None:
             raise LedgerCorrupt(path.name, off, None, "checkpoint before the genesis record")
+        res.genesis = self._genesis_event
         if batch == 0:
             raise LedgerCorrupt(path.name, off, size - 1, "checkpoint covers no new records")
         t = self.trusted
@@ -646,26 +813,30 @@ def _stream(view: memoryview, start: int) -> msgpack.Unpacker:
     return stream
 
 
-def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:
-    """Why the frame at ``off`` is unsound, and whether a torn write could explain it.
+def _frame_problem(seg: _Segment, off: int) -> tuple[str, bool]:
+    """Why the frame at file offset ``off`` is unsound, and whether a torn write could
+    explain it.
 
     The end of the written bytes is where the trailing zeros begin: a segment may
     have space reserved ahead of its writes, and a write torn there is followed by
     zeros rather than by the end of the file.  A crash may also keep a batch's pages
     out of order, so a zero frame header, or an all-zero page before the written
-    end, is space the torn write never reached.
+    end, is space the torn write never reached.  Whether the damage is then a torn
+    tail depends on what follows it (:meth:`LogReader._bad_frame`): a write torn this
+    way that left the batch's own checkpoint intact cannot be told from damage to an
+    acknowledged batch, and is not truncated without an operator's decision.
     """
-    written = len(data.rstrip(b"\x00"))
+    written = seg.written()
     if written <= off:
         return "zero-filled bytes after the last frame", True
     rest = written - off
     if rest < 9:
         return f"{rest} stray bytes where a frame header should be", True
-    length = FRAME_HEADER.unpack_from(data, off)[0]
-    unreached = length == 0 or _zero_page(data, off, written)
+    length = FRAME_HEADER.unpack(seg.read(off, 8))[0]
+    unreached = length == 0 or _zero_page(seg, off, written)
     if length < 1 or length > MAX_FRAME:
         return f"frame length {length} out of range", unreached or length > rest - 8
-    if off + 8 + length > len(data):
+    if off + 8 + length > seg.size:
         return f"frame of {length} bytes runs past the end of the file", True
     if length > rest - 8:
         return (f"frame of {length} bytes runs past the end of the written bytes "
@@ -676,11 +847,16 @@ def _frame_problem(data: bytes, view: memoryview, off: int) -> tuple[str, bool]:
 _PAGE = 4096
 
 
-def _zero_page(data: bytes, start: int, end: int) -> bool:
+def _zero_page(seg: _Segment, start: int, end: int) -> bool:
     """Whether a whole, aligned page between ``start`` and ``end`` is all zeros."""
     page = -(-start // _PAGE) * _PAGE
+    step = max(_PAGE, READ_CHUNK // _PAGE * _PAGE)
     while page + _PAGE <= end:
-        if data.count(0, page, page + _PAGE) == _PAGE:
-            return True
-        page += _PAGE
+        block = seg.read(page, min(step, (end - page) // _PAGE * _PAGE))
+        for k in range(0, len(block) - _PAGE + 1, _PAGE):
+            if block.count(0, k, k + _PAGE) == _PAGE:
+                return True
+        if len(block) < _PAGE:
+            return False
+        page += len(block)
     return False

@@ -20,6 +20,7 @@ import nacl.bindings
 import nacl.exceptions
 
 from ledger.errors import LedgerDataError
+from ledger.files import FileProblem, read_bounded
 from ledger.keys import NodeKeys
 from ledger.merkle import CompactTree
 from ledger.nodes import atomic_write
@@ -67,17 +68,22 @@ def write(directory: Path, keys: NodeKeys, prefix: TrustedPrefix, state: State) 
 def listing(directory: Path) -> list[Path]:
     """Snapshot files, newest first."""
     sdir = directory / SNAPSHOT_DIR
-    if not sdir.is_dir():
+    try:
+        found = [p for p in sdir.iterdir() if SNAPSHOT_RE.match(p.name)]
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted((p for p in sdir.iterdir() if SNAPSHOT_RE.match(p.name)), reverse=True)
+    except OSError as exc:
+        raise SnapshotError(f"{SNAPSHOT_DIR}: {exc.strerror or exc}") from None
+    return sorted(found, reverse=True)
 
 
 def load(path: Path, public_key: bytes) -> Snapshot:
     """Read and authenticate one snapshot; :class:`SnapshotError` says why not."""
     try:
-        if path.stat().st_size > _MAX_SNAPSHOT:
-            raise SnapshotError(f"{path.name}: larger than {_MAX_SNAPSHOT} bytes")
-        outer = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+        blob = read_bounded(path, _MAX_SNAPSHOT, "a snapshot")
+        if blob is None:
+            raise SnapshotError(f"{path.name}: missing")
+        outer = msgpack.unpackb(blob, raw=False, strict_map_key=False)
         payload, sig = outer
         nacl.bindings.crypto_sign_open(sig + _CONTEXT + payload, public_key)
         magic, fmt, size, root, frontier, prev, last_ts, obj = msgpack.unpackb(
@@ -93,6 +99,8 @@ def load(path: Path, public_key: bytes) -> Snapshot:
         return Snapshot(prefix, state, path)
     except SnapshotError:
         raise
+    except FileProblem as exc:
+        raise SnapshotError(str(exc)) from None
     except nacl.exceptions.BadSignatureError:
         raise SnapshotError(f"{path.name}: signature does not verify") from None
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,

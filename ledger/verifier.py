@@ -38,6 +38,7 @@ from typing import Any
 
 import structlog
 
+from ledger.files import FileProblem, open_regular, written_end
 from ledger.merkle import CompactTree
 from ledger.note import Checkpoint, NoteError
 from ledger.records import SEGMENT_HEADER
@@ -71,7 +72,7 @@ def segment_limits(directory: Path, *, live: bool = True) -> dict[str, int]:
     must not read different logs.
     """
     segs = list_segments(directory)
-    limits = {p.name: p.stat().st_size for _, p in segs}
+    limits = {p.name: _size(p) for _, p in segs}
     if live and segs:
         last = segs[-1][1]
         size = limits[last.name]
@@ -80,19 +81,26 @@ def segment_limits(directory: Path, *, live: bool = True) -> dict[str, int]:
     return limits
 
 
-def _written_end(path: Path, size: int, chunk: int = 1 << 20) -> int:
-    """Offset after the last non-zero byte among the first ``size`` bytes of ``path``."""
-    with path.open("rb") as f:
-        end = size
-        while end > 0:
-            start = max(0, end - chunk)
-            f.seek(start)
-            block = f.read(end - start)
-            stripped = len(block.rstrip(b"\x00"))
-            if stripped:
-                return start + stripped
-            end = start
-    return 0
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _written_end(path: Path, size: int) -> int:
+    """Offset after the last non-zero byte among the first ``size`` bytes of ``path``
+    (0 if it cannot be read: the pass that reads it then says why)."""
+    try:
+        fd = open_regular(path)
+    except FileProblem:
+        return 0
+    try:
+        return written_end(fd, path, size)
+    except FileProblem:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def tree_pass(directory: Path, limits: dict[str, int] | None,

@@ -1,0 +1,138 @@
+"""An operator's recovery of a ledger that will not open: dropping a damaged last batch.
+
+When a frame of the last batch is damaged but the batch's own checkpoint survived
+(:class:`ledger.scan.DamagedLastBatch`), the batch may have been acknowledged, so
+opening the ledger refuses instead of truncating it.  Dropping it is the operator's
+decision: the bytes are kept in ``dropped/``, the segment is cut back to the last
+intact batch, anything that vouched for the dropped records (the anchor, snapshots)
+is brought back to the new end, and one ``ledger.recovered`` event records it all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from ledger import snapshot
+from ledger.catalog import LedgerRecovered
+from ledger.errors import LedgerUsageError
+from ledger.files import open_regular, pread_exact
+from ledger.keys import NodeKeys
+from ledger.log import (
+    ANCHOR_FILE,
+    Ledger,
+    lock_directory,
+    note_checkpoint,
+    read_anchor,
+    read_note_at,
+)
+from ledger.nodes import atomic_write
+from ledger.note import NoteError
+from ledger.scan import DamagedLastBatch, LedgerCorrupt, LogReader, ScanResult, TornTail
+
+DROPPED_DIR = "dropped"
+
+
+def drop_last_batch(directory: Path, keys: NodeKeys, *,
+                    clock: Callable[[], int] = time.time_ns) -> LedgerRecovered:
+    """Drop the damaged last batch of the ledger in ``directory``; returns the event
+    appended.  :class:`LedgerUsageError` if the ledger has no such batch (it opens as
+    it is, or is damaged elsewhere, which dropping the last batch would not mend)."""
+    lock_fd = lock_directory(directory)
+    try:
+        damage, scan = _find_damage(directory, keys)
+        t = damage.tail
+        anchor_size = _anchor_size(directory, scan)
+        kept_as, digest = _keep_bytes(directory, t.segment, t.offset, t.dropped_bytes)
+        fd = os.open(t.segment, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, t.offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _bring_back(directory, scan)
+    finally:
+        os.close(lock_fd)
+    event = LedgerRecovered(t.segment.name, t.offset, scan.size,
+                            -1 if damage.records is None else damage.records,
+                            t.dropped_bytes, digest, damage.found, anchor_size, kept_as)
+    with Ledger.open(directory, keys, clock=clock) as ledger:
+        ledger.append(event)
+    return event
+
+
+class _Damage(NamedTuple):
+    tail: TornTail
+    records: int | None
+    found: str
+
+
+def _find_damage(directory: Path, keys: NodeKeys) -> tuple[_Damage, ScanResult]:
+    """What recover may drop: a damaged last batch whose checkpoint survived, or an
+    uncommitted-looking tail that the anchor says was committed (so it was
+    acknowledged, and the damage is rot, not a torn write)."""
+    reader = LogReader(directory, pinned_key=keys.public_key)
+    try:
+        scan = reader.run()
+    except DamagedLastBatch as exc:
+        return _Damage(exc.tail, exc.records, exc.found), reader.result
+    except LedgerCorrupt as exc:
+        raise LedgerUsageError(f"not a damaged last batch, which is all recover drops: "
+                               f"{exc}") from None
+    anchored = _anchor_size(directory, scan)
+    if scan.tail is not None and anchored > scan.size:
+        t = scan.tail
+        return _Damage(t, anchored - scan.size,
+                       f"{t.reason}, in records the anchor says were committed"), scan
+    raise LedgerUsageError("nothing to recover: the log has no damaged last batch "
+                           "(a torn tail the anchor does not vouch for is truncated when "
+                           "the ledger opens)")
+
+
+def _anchor_size(directory: Path, scan: ScanResult) -> int:
+    anchor = read_anchor(directory)
+    if anchor is None:
+        return 0
+    try:
+        return note_checkpoint(anchor, scan).size
+    except NoteError:
+        return -1
+
+
+def _keep_bytes(directory: Path, segment: Path, offset: int, n: int) -> tuple[str, bytes]:
+    """Copy the bytes about to be dropped into ``dropped/``; (its name, their SHA-256)."""
+    folder = directory / DROPPED_DIR
+    folder.mkdir(mode=0o755, exist_ok=True)
+    name = f"{DROPPED_DIR}/{segment.name}@{offset}.bin"
+    src = open_regular(segment)
+    out = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+    digest = hashlib.sha256()
+    try:
+        done = 0
+        while done < n:
+            block = pread_exact(src, segment, offset + done, min(1 << 20, n - done))
+            if not block:
+                break
+            digest.update(block)
+            os.write(out, block)
+            done += len(block)
+        os.fsync(out)
+    finally:
+        os.close(src)
+        os.close(out)
+    return name, digest.digest()
+
+
+def _bring_back(directory: Path, scan: ScanResult) -> None:
+    """The anchor and snapshots may vouch for the dropped records: move them to the
+    new end (the anchor to the last intact checkpoint, later snapshots aside)."""
+    where = scan.notes.get(scan.size)
+    if where is not None:
+        atomic_write(directory / ANCHOR_FILE, read_note_at(where), mode=0o644)
+    for path in snapshot.listing(directory):
+        if int(path.name[5:25]) > scan.size:
+            os.replace(path, directory / DROPPED_DIR / path.name)
