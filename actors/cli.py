@@ -289,7 +289,7 @@ def _mesh_ip(text: str) -> str:
     return str(ip)
 
 
-def _one_line(exc: BaseException, limit: int = 400) -> str:
+def _one_line(exc: BaseException, limit: int = 800) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

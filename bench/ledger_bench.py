@@ -36,9 +36,11 @@ from typing import Any
 import msgpack
 
 from ledger import audit
+from ledger import scan as ledger_scan
 from ledger.catalog import REGISTRY, RIGHTS, ROLES, CapGranted, MemberAdded, PdDeclared
 from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
+from ledger.records import MAX_SEGMENT_BYTES
 from ledger.scan import LogReader, list_segments
 from ledger.seal import clear_append_only
 from ledger.state import State, apply, apply_items
@@ -509,6 +511,18 @@ def replay_full(directory: Path, states: list[State]) -> int:
     return n
 
 
+def whole_reads(fn: Callable[[], int]) -> Callable[[], int]:
+    """``fn`` with each segment read in one piece (as before reads were bounded)."""
+    def run() -> int:
+        chunk = ledger_scan.READ_CHUNK
+        ledger_scan.READ_CHUNK = MAX_SEGMENT_BYTES
+        try:
+            return fn()
+        finally:
+            ledger_scan.READ_CHUNK = chunk
+    return run
+
+
 def scan_only(directory: Path) -> int:
     """Replay mode without the fold: frames, checksums, strict decoding."""
     return LogReader(directory, verify=False).run().count
@@ -590,6 +604,8 @@ def part_replay(root: Path, keys: NodeKeys, events: int, repeat: int) -> None:
         "verify": lambda: audit.verify(directory).records,
         "verify1": lambda: audit.verify(directory, jobs=1).records,
         "sq_read": lambda: sqlite_read(db, "read"),
+        "full_whole": whole_reads(lambda: replay_full(directory, [])),
+        "verify1_whole": whole_reads(lambda: audit.verify(directory, jobs=1).records),
     }
     got = interleaved(repeat, figures)
     decoded.clear()
@@ -630,6 +646,11 @@ def part_replay(root: Path, keys: NodeKeys, events: int, repeat: int) -> None:
         verdict = "meets" if t.rate >= goal else "misses"
         print(f"  {name} {verdict} its goal: {fmt_rate(t.rate)} vs {fmt_rate(goal)} events/s "
               f"({t.rate / goal:.2f}x; {t.cpu_rate / goal:.2f}x counting CPU time only)")
+    for name, bounded, whole in (("replay", full, got["full_whole"]),
+                                 ("verify, one process", verify1, got["verify1_whole"])):
+        print(f"  bounded reads ({ledger_scan.READ_CHUNK >> 20} MiB at a time), {name}: "
+              f"{fmt_rate(bounded.rate)} events/s vs {fmt_rate(whole.rate)} reading each "
+              f"segment whole ({bounded.rate / whole.rate:.2f}x)")
 
     plain = time_open(directory, keys, repeat)
     ledger = Ledger.open(directory, keys, options=BENCH_OPTIONS)

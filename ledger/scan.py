@@ -106,11 +106,10 @@ class DamagedLastBatch(LedgerCorrupt):
         n = "?" if records is None else str(records)
         super().__init__(segment, offset, seq, (
             f"{reason} inside the last batch ({n} records from seq {seq}, "
-            f"{tail.dropped_bytes} bytes), whose own checkpoint is intact: a write torn "
-            "with its pages reaching the disk out of order (never acknowledged), or damage "
-            "to an acknowledged batch; the ledger will not guess. To keep those records, "
-            "restore this segment from a copy; to drop them, run `ppn ledger recover DIR "
-            "--drop-last-batch` (the decision is recorded in the log)"))
+            f"{tail.dropped_bytes} bytes) whose own checkpoint is intact: a write torn with "
+            "its pages reaching the disk out of order, or damage to an acknowledged batch. "
+            "To keep them, restore the segment from a copy; to drop them, run `ppn ledger "
+            "recover DIR --drop-last-batch` (recorded in the log)"))
 
 
 @dataclass(frozen=True)

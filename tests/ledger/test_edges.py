@@ -105,7 +105,7 @@ def test_a_committed_genesis_alone_is_a_ledger(tmp_path: Path) -> None:
 
 
 def test_not_initialised_only_for_a_lone_first_segment(tmp_path: Path) -> None:
-    led, keys = new_ledger(tmp_path / "l", options=Options(segment_bytes=600,
+    led, _keys = new_ledger(tmp_path / "l", options=Options(segment_bytes=600,
                                                           set_append_only_flag=False))
     led.append_many(list(sample_events(30)))
     led.close()
@@ -136,7 +136,7 @@ def test_huge_sparse_last_segment_is_read_by_its_written_end(tmp_path: Path) -> 
 
 
 def test_huge_sparse_files_are_clear_errors(tmp_path: Path) -> None:
-    led, keys = new_ledger(tmp_path / "l", options=Options(segment_bytes=600,
+    led, _keys = new_ledger(tmp_path / "l", options=Options(segment_bytes=600,
                                                           set_append_only_flag=False))
     led.append_many(list(sample_events(30)))
     led.close()
@@ -161,7 +161,7 @@ def test_huge_nodes_jsonl_is_a_clear_error_and_open_replaces_it(tmp_path: Path) 
     d = tmp_path / "l"
     good = (d / NODES_FILE).read_bytes()
     os.truncate(d / NODES_FILE, 64 << 30)
-    with pytest.raises(LedgerCorrupt, match="nodes.jsonl"):
+    with pytest.raises(LedgerCorrupt, match=r"nodes\.jsonl"):
         in_time(lambda: audit.verify(d, jobs=1))
     in_time(lambda: Ledger.open(d, keys, options=NO_FLAG).close())
     assert (d / NODES_FILE).read_bytes() == good
@@ -241,7 +241,7 @@ def test_a_pass_holds_a_read_not_a_segment(tmp_path: Path,
 @pytest.mark.parametrize("kind", ["fifo", "directory", "loop"])
 def test_special_files_are_refused_without_blocking(tmp_path: Path, which: str,
                                                     kind: str) -> None:
-    led, keys = new_ledger(tmp_path / "l")
+    led, _keys = new_ledger(tmp_path / "l")
     led.append_many(list(sample_events(10)))
     led.write_snapshot()
     led.close()
@@ -329,7 +329,7 @@ def test_recover_refuses_what_it_is_not_for(tmp_path: Path) -> None:
     with pytest.raises(LedgerUsageError, match="nothing to recover"):
         recover.drop_last_batch(d, keys)
     last = segments(d)[-1]
-    offset, kind, length = [f for f in frames(last) if f[1] == KIND_RECORD][3]
+    offset, _kind, length = [f for f in frames(last) if f[1] == KIND_RECORD][3]
     with open(last, "r+b") as f:  # damage in a committed batch with another after it
         f.seek(offset + 8 + length // 2)
         f.write(b"\xff")
@@ -348,7 +348,7 @@ def test_recover_a_tail_the_anchor_says_was_committed(tmp_path: Path) -> None:
     led.append_many(list(sample_events(5)))
     led.close()
     last = segments(d)[-1]
-    offset, kind, length = frames(last)[-1]
+    offset, _kind, length = frames(last)[-1]
     with open(last, "r+b") as f:
         f.seek(offset + 8 + length // 2)
         f.write(b"\xff")
