@@ -39,7 +39,7 @@ run: $(STAMP)
 	$$ppn ledger verify "$$dir/node/ledger"; \
 	$$ppn ledger show "$$dir/node/ledger"; \
 	$$ppn ledger state "$$dir/node/ledger"; \
-	$$ppn ledger checkpoint "$$dir/node/ledger"; \
+	$$ppn ledger checkpoint "$$dir/node/ledger" | tee "$$dir/kept.note"; \
 	{ set +x; } 2>/dev/null; \
 	$$ppn node run --state-dir "$$dir/node" 2>"$$dir/node.log" & pid=$$!; \
 	for i in $$(seq 50); do [ -S "$$dir/node/control.sock" ] && break; sleep 0.1; done; \
@@ -48,6 +48,7 @@ run: $(STAMP)
 	$$ppn node ping --state-dir "$$dir/node" pd-vmm; \
 	$$ppn caps tree --state-dir "$$dir/node"; \
 	kill -TERM $$pid; wait $$pid; \
+	$$ppn ledger verify "$$dir/node/ledger" --against "$$dir/kept.note"; \
 	{ set +x; } 2>/dev/null; echo "state directory kept at $$dir/node (node log: $$dir/node.log)"
 
 test: $(STAMP) system-deps
