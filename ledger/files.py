@@ -64,6 +64,8 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes | None:
         return None
     fd = open_regular(path)
     try:
+        if file_size(fd, path) > limit:  # refused before reading a byte of it
+            raise FileProblem(path, f"larger than {limit} bytes, the most {what} can be")
         return read_at_most(fd, path, limit, what)
     finally:
         os.close(fd)

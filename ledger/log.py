@@ -237,7 +237,7 @@ class Ledger:
         anchored = check_anchor(scan, anchor)
         if scan.tail is not None:
             log.warning("ledger.torn_tail_truncated", detail=scan.tail.describe())
-            _truncate(scan.tail)
+            truncate_tail(scan.tail)
         clear_leftovers(directory)
         projection = nodes.Projection(directory, state)
         projection.write()
@@ -554,7 +554,8 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def _truncate(tail: TornTail) -> None:
+def truncate_tail(tail: TornTail) -> None:
+    """Cut the last segment back to where ``tail`` begins, durably."""
     fd = os.open(tail.segment, os.O_WRONLY)
     try:
         os.ftruncate(fd, tail.offset)

@@ -29,6 +29,7 @@ from ledger.log import (
     note_checkpoint,
     read_anchor,
     read_note_at,
+    truncate_tail,
 )
 from ledger.nodes import atomic_write
 from ledger.note import NoteError
@@ -48,12 +49,7 @@ def drop_last_batch(directory: Path, keys: NodeKeys, *,
         t = damage.tail
         anchor_size = _anchor_size(directory, scan)
         kept_as, digest = _keep_bytes(directory, t.segment, t.offset, t.dropped_bytes)
-        fd = os.open(t.segment, os.O_WRONLY)
-        try:
-            os.ftruncate(fd, t.offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        truncate_tail(t)
         _bring_back(directory, scan)
     finally:
         os.close(lock_fd)

@@ -376,3 +376,21 @@ def test_open_clears_what_a_killed_atomic_write_leaves(tmp_path: Path) -> None:
     Ledger.open(d, keys, options=NO_FLAG).close()
     assert [p for p in leftovers if p.exists()] == []
     assert audit.verify(d, jobs=1).records == 11
+
+
+def test_huge_sparse_snapshot_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    led, keys = new_ledger(tmp_path / "l")
+    led.append_many(list(sample_events(10)))
+    snap = led.write_snapshot()
+    led.close()
+    os.chmod(snap, 0o644)
+    os.truncate(snap, 64 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(LedgerCorrupt, match="larger than"):
+            in_time(lambda: audit.verify(tmp_path / "l", jobs=1), 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    in_time(lambda: Ledger.open(tmp_path / "l", keys, options=NO_FLAG).close(), 10)
