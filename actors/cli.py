@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,8 +62,8 @@ def _node_init(args: argparse.Namespace) -> int:
             *system.initial_events(),
         ])
         size = ledger.size
-    if redo:
-        shutil.rmtree(ledger_dir)
+    if redo:  # kept, not deleted: an auditor may want to see what the torn init left
+        os.rename(ledger_dir, state_dir / f"{LEDGER_SUBDIR}.unfinished-{time.time_ns()}")
     os.rename(staging, ledger_dir)
     _fsync_dir(state_dir)
     print(f"node {name} initialised: {size} records" + (" (an unfinished earlier init "

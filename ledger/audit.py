@@ -15,8 +15,8 @@ from typing import Any
 from ledger import merkle, nodes, snapshot, verifier
 from ledger.errors import LedgerUsageError
 from ledger.files import FileProblem, read_bounded
-from ledger.log import check_anchor, note_checkpoint, read_anchor, read_note_at
-from ledger.note import NoteError, verifier_key
+from ledger.log import check_anchor, note_checkpoint, read_anchor, read_note_at, writer_active
+from ledger.note import Checkpoint, NoteError, verifier_key
 from ledger.proofcheck import check_proof
 from ledger.scan import Entry, LedgerCorrupt, LogReader, ScanResult
 from ledger.state import State, apply, apply_items
@@ -72,19 +72,25 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     snaps = {int(p.name[5:25]): p for p in snapshot.listing(directory)}
     snap_states: dict[int, dict[str, Any]] = {}
 
+    # Read before the log: a writer appending meanwhile rewrites the anchor at a roll
+    # to a size this pass does not read; the older one is in what it reads.  So with
+    # nodes.jsonl, which a running node rewrites after each commit that changes it.
+    anchor = read_anchor(directory)
+    seen = _LiveNodes.read(directory, anchor)
+
     def committed(size: int, state: State) -> None:
         if size in snaps:
             snap_states[size] = state.to_obj()
+        if seen is not None:
+            seen.compare(size, state)
 
-    # Read before the log: a writer appending meanwhile rewrites the anchor at a roll
-    # to a size this pass does not read; the older one is in what it reads.
-    anchor = read_anchor(directory)
     scan, state = verifier.audit_fold(directory, pinned_key=pinned_key, progress=progress,
                                       on_commit=committed, jobs=jobs)
     _check_log_end(directory, scan, anchor)
     extends = tuple((name, check_extends(scan, name, note)) for name, note in against)
     _verify_snapshots(scan, snaps, snap_states)
-    _verify_nodes(directory, state)
+    if seen is None or not seen.matched:
+        _verify_nodes(directory, state)
     return VerifyReport(scan.size, scan.checkpoints, len(scan.segments), len(snaps),
                         len(state.members), scan.tree.root(), _vkey(scan),
                         time.perf_counter() - started, extends)
@@ -144,6 +150,51 @@ def _verify_snapshots(scan: ScanResult, snaps: dict[int, Path],
         if states.get(size) != snap.state.to_obj():
             raise LedgerCorrupt(path.name, 0, size - 1,
                                 "snapshot state differs from replaying the log to that point")
+
+
+class _LiveNodes:
+    """nodes.jsonl of a ledger a node has open, as read before the pass.
+
+    The node rewrites it after each commit that changes membership, so by the end of
+    the pass it may be ahead of what the pass read.  It must then equal the rendering
+    of the state at some checkpoint the pass met, no older than the anchor read
+    before it (the node writes nodes.jsonl before it refreshes the anchor).  Without
+    a node running, nodes.jsonl must be exactly the end state's.
+    """
+
+    def __init__(self, data: bytes, from_size: int) -> None:
+        self.data, self.from_size = data, from_size
+        self.matched = False
+        self._version = -1
+
+    @classmethod
+    def read(cls, directory: Path, anchor: bytes | None) -> _LiveNodes | None:
+        if not writer_active(directory):
+            return None
+        try:
+            data = read_bounded(directory / nodes.NODES_FILE, 16 << 20, nodes.NODES_FILE)
+        except FileProblem:
+            return None  # the check after the pass says what is wrong with it
+        return None if data is None else cls(data, _stated_size(anchor))
+
+    def compare(self, size: int, state: State) -> None:
+        """After each committed batch: render only when membership may have changed."""
+        counts = state.event_counts
+        version = counts.get("mesh.member_added", 0) + counts.get("mesh.member_removed", 0)
+        if self.matched or size < self.from_size or version == self._version:
+            return
+        self._version = version
+        self.matched = nodes.render(state) == self.data
+
+
+def _stated_size(note: bytes | None) -> int:
+    """The tree size a note states, unauthenticated (0 if none): only a lower bound."""
+    if note is None:
+        return 0
+    try:
+        return Checkpoint.parse(note[:note.rfind(b"\n\n") + 1]).size
+    except NoteError:
+        return 0
 
 
 def _verify_nodes(directory: Path, state: State) -> None:

@@ -20,6 +20,7 @@ import nacl.public
 import nacl.signing
 
 from ledger.errors import LedgerDataError, LedgerUsageError
+from ledger.files import FileProblem, open_regular, read_at_most
 
 NODE_KEY_FILE = "node.key"
 WIREGUARD_KEY_FILE = "wireguard.key"
@@ -119,16 +120,25 @@ def _write_secret(path: Path, text: str) -> None:
 
 
 def _read_secret(path: Path) -> str:
+    """A key file's text: a regular file (a FIFO would block), private, small, ASCII."""
+    if not os.path.lexists(path):
+        raise KeyFileError(f"{path}: key file not found")
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: key file not found") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read "
-                           f"the key; run: chmod 600 {path}")
-    if st.st_size > 4096:
-        raise KeyFileError(f"{path}: {st.st_size} bytes is too large for a key file")
+        fd = open_regular(path)
+    except FileProblem as exc:
+        raise KeyFileError(f"{path}: {exc.reason}") from None
     try:
-        return path.read_text(encoding="ascii").strip()
+        mode = os.fstat(fd).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFileError(f"{path}: mode {stat.S_IMODE(mode):04o} lets others read "
+                               f"the key; run: chmod 600 {path}")
+        try:
+            data = read_at_most(fd, path, 4096, "a key file")
+        except FileProblem:
+            raise KeyFileError(f"{path}: too large for a key file") from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("ascii").strip()
     except UnicodeDecodeError:
         raise KeyFileError(f"{path}: not an ASCII key file") from None

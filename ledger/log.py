@@ -209,7 +209,16 @@ class Ledger:
         signatures).  With the newest valid snapshot, the prefix it covers is only
         checksummed and the rest is verified; ``ppn ledger verify`` audits it all.
         """
-        lock_fd = lock_directory(directory)
+        return cls.open_holding(lock_directory(directory), directory, keys, clock=clock,
+                                options=options, registry=registry)
+
+    @classmethod
+    def open_holding(cls, lock_fd: int, directory: Path, keys: NodeKeys, *,
+                     clock: Callable[[], int] = time.time_ns, options: Options = Options(),
+                     registry: EventRegistry = REGISTRY) -> Ledger:
+        """:meth:`open` with the directory lock the caller took (:func:`lock_directory`),
+        so that nothing opens the ledger in between; the ledger owns the lock from here
+        (and releases it on failure or close)."""
         try:
             ledger = cls._open_locked(directory, keys, clock, options, registry)
         except BaseException:
@@ -579,6 +588,27 @@ def lock_directory(directory: Path) -> int:
         raise LedgerUsageError(f"{directory} is open for writing in another process; "
                                "stop that node first") from None
     return fd
+
+
+def writer_active(directory: Path) -> bool:
+    """Whether a process holds the ledger open for writing (its directory lock).
+
+    A shared lock taken and dropped at once: a writer starting in that instant is
+    told the ledger is open elsewhere, and may simply try again.
+    """
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the shared lock, if taken
+    return False
 
 
 def _newest_snapshot(directory: Path, public_key: bytes) -> snapshot.Snapshot | None:

@@ -25,6 +25,7 @@ from ledger.keys import NodeKeys
 from ledger.log import (
     ANCHOR_FILE,
     Ledger,
+    _write_all,
     lock_directory,
     note_checkpoint,
     read_anchor,
@@ -51,12 +52,14 @@ def drop_last_batch(directory: Path, keys: NodeKeys, *,
         kept_as, digest = _keep_bytes(directory, t.segment, t.offset, t.dropped_bytes)
         truncate_tail(t)
         _bring_back(directory, scan)
-    finally:
+    except BaseException:
         os.close(lock_fd)
+        raise
     event = LedgerRecovered(t.segment.name, t.offset, scan.size,
                             -1 if damage.records is None else damage.records,
                             t.dropped_bytes, digest, damage.found, anchor_size, kept_as)
-    with Ledger.open(directory, keys, clock=clock) as ledger:
+    # Recorded under the same lock: no node opens the cut log before the decision is in it.
+    with Ledger.open_holding(lock_fd, directory, keys, clock=clock) as ledger:
         ledger.append(event)
     return event
 
@@ -91,7 +94,7 @@ def _find_damage(directory: Path, keys: NodeKeys) -> tuple[_Damage, ScanResult]:
 
 def _anchor_size(directory: Path, scan: ScanResult) -> int:
     anchor = read_anchor(directory)
-    if anchor is None:
+    if anchor is None or scan.genesis is None:
         return 0
     try:
         return note_checkpoint(anchor, scan).size
@@ -103,10 +106,11 @@ def _keep_bytes(directory: Path, segment: Path, offset: int, n: int) -> tuple[st
     """Copy the bytes about to be dropped into ``dropped/``; (its name, their SHA-256)."""
     folder = directory / DROPPED_DIR
     folder.mkdir(mode=0o755, exist_ok=True)
-    name = f"{DROPPED_DIR}/{segment.name}@{offset}.bin"
     src = open_regular(segment)
-    out = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
     digest = hashlib.sha256()
+    tmp = folder / f".{segment.name}@{offset}.partial"
+    tmp.unlink(missing_ok=True)
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
     try:
         done = 0
         while done < n:
@@ -114,12 +118,18 @@ def _keep_bytes(directory: Path, segment: Path, offset: int, n: int) -> tuple[st
             if not block:
                 break
             digest.update(block)
-            os.write(out, block)
+            _write_all(out, block)
             done += len(block)
         os.fsync(out)
     finally:
         os.close(src)
         os.close(out)
+    # Named by content too: a later recovery at the same offset keeps its own copy.
+    name = f"{DROPPED_DIR}/{segment.name}@{offset}-{digest.hexdigest()[:16]}.bin"
+    if (directory / name).exists():
+        tmp.unlink()  # the very same bytes are kept already
+    else:
+        os.rename(tmp, directory / name)
     return name, digest.digest()
 
 

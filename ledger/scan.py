@@ -279,10 +279,16 @@ class _Segment:
         self._written: int | None = self.end if last else None
 
     def read(self, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset``; fewer only past ``end``, else the file shrank."""
         try:
-            return pread_exact(self.fd, self.path, offset, n)
+            data = pread_exact(self.fd, self.path, offset, n)
         except FileProblem as exc:
             raise LedgerCorrupt(self.path.name, offset, None, exc.reason) from None
+        if len(data) < n and offset + len(data) < self.end:
+            raise LedgerCorrupt(self.path.name, offset + len(data), None,
+                                "the segment shrank while it was read (a writer truncated "
+                                "it); read it again")
+        return data
 
     def written(self) -> int:
         """Where the written bytes end (the last non-zero byte), for classifying damage."""
@@ -306,6 +312,33 @@ def _size_hint(path: Path, limit: int | None) -> int:
     except OSError:
         return 0
     return size if limit is None else min(size, limit)
+
+
+_CREATION_MAX = 64 << 10
+"""More written bytes than a torn ``Ledger.create`` can leave in the first segment (a
+header, the genesis record and its checkpoint take well under 2 KiB)."""
+
+
+def _any_checkpoint_frame(seg: _Segment, start: int) -> bool:
+    """Whether any checkpoint frame with a valid checksum lies after ``start`` in a small
+    first segment whose genesis is unreadable (so its origin, the note's first line, is
+    unknown): every ``C`` byte is tried as a frame's kind."""
+    data = seg.read(0, seg.end)
+    q = data.find(bytes((KIND_CHECKPOINT,)), start + 8)
+    while q >= 0:
+        length, crc = FRAME_HEADER.unpack_from(data, q - 8)
+        if 0 < length <= len(data) - q and zlib.crc32(data[q:q + length]) == crc:
+            return True
+        q = data.find(bytes((KIND_CHECKPOINT,)), q + 1)
+    return False
+
+
+def _signed(note: bytes, verifier: NoteVerifier) -> bool:
+    try:
+        open_note(note, [verifier])
+    except NoteError:
+        return False
+    return True
 
 
 def _note_size(note: bytes) -> int | None:
@@ -378,6 +411,7 @@ class LogReader:
         self.result = ScanResult(leaves=[] if collect_leaves else None)
         self._verifier: NoteVerifier | None = None
         self._genesis_event: LedgerGenesis | None = None
+        self._first_end = 0  # written bytes of the first segment
         self._key = b""
         # Working state: runs ahead of ``result`` by the records of the open batch.
         self._n = 0
@@ -449,7 +483,7 @@ class LogReader:
                 gc.enable()
         if self.result.genesis is None:
             name = segs[0][1].name
-            if len(segs) == 1 and segs[0][0] == 0:
+            if len(segs) == 1 and segs[0][0] == 0 and self._first_end <= _CREATION_MAX:
                 raise LedgerNotInitialised(name, SEGMENT_HEADER.size, 0, (
                     "not initialised: no checkpoint covers the genesis record (the ledger's "
                     "creation never committed); `ppn node init` can redo it"))
@@ -462,12 +496,14 @@ class LogReader:
     def _segment(self, seg: _Segment, first: int) -> Iterator[_Batch]:
         res = self.result
         path, last = seg.path, seg.last
+        if first == 0:
+            self._first_end = seg.end
         head = seg.read(0, SEGMENT_HEADER.size)
         try:
             declared = parse_segment_header(head)
         except FrameError as exc:
-            if last and (res.count > 0 or first == 0) and (seg.size < SEGMENT_HEADER.size
-                                                           or seg.end == 0):
+            if last and first == res.count and (seg.size < SEGMENT_HEADER.size
+                                                or seg.end == 0):
                 res.tail = TornTail(path, 0, seg.size, 0, f"torn segment header ({exc})")
                 res.segments.append(SegmentInfo(path, first, 0))
                 return
@@ -615,49 +651,71 @@ class LogReader:
     def _bad_frame(self, seg: _Segment, info: SegmentInfo, off: int) -> None:
         """The frame at file offset ``off`` is unsound: a torn tail (recorded), or raise.
 
-        A torn write damages only the last batch, whose checkpoint it never finished:
-        with no intact checkpoint after the damage, it is a torn tail.  Damage followed
-        by the last batch's own intact checkpoint is :class:`DamagedLastBatch`; damage
-        anywhere else is :class:`LedgerCorrupt`.
+        A torn write damages only the last batch, which ends at its checkpoint, and
+        leaves zeros where its pages did not reach the disk.  So damage is a torn tail
+        only in the last segment, if it looks torn and no intact checkpoint follows it
+        (at most the batch's own, damaged); :class:`DamagedLastBatch` if it looks torn
+        and the one checkpoint after it is the segment's last frame and intact (the
+        batch may have been acknowledged); anything else is :class:`LedgerCorrupt`.
+        Any second checkpoint frame after the damage, even a damaged one, means an
+        earlier batch -- acknowledged before the next was written -- is damaged.
         """
         reason, maybe_torn = _frame_problem(seg, off)
-        if seg.last:
-            after = self._checkpoint_after(seg, off)
-            if after is None and maybe_torn:
-                self._torn(info, seg.size, reason)
-                return
-            if after is not None and after[0] == seg.end:
-                tail = TornTail(seg.path, info.committed_end, seg.end - info.committed_end,
-                                0, reason)
-                size = after[1]
-                records = None if size is None else size - self.result.count
-                raise DamagedLastBatch(seg.path.name, off, self.result.count, reason, tail,
-                                       records)
+        if seg.last and maybe_torn:
+            if self._genesis_event is None:  # the first batch: is it a torn creation?
+                if seg.end <= _CREATION_MAX and not _any_checkpoint_frame(seg, off):
+                    self._torn(info, seg.size, reason)
+                    return
+            else:
+                marks = self._checkpoint_marks(seg, off)
+                if not any(m[2] for m in marks) and len(marks) <= 1:
+                    self._torn(info, seg.size, reason)
+                    return
+                if (len(marks) == 1 and marks[0][2] and marks[0][1] == seg.end
+                        and marks[0][0] > off and self.result.genesis is not None):
+                    self._damaged_last_batch(seg, info, off, reason, marks[0][3])
         raise LedgerCorrupt(seg.path.name, off, self._n, reason)
 
-    def _checkpoint_after(self, seg: _Segment, start: int) -> tuple[int, int | None] | None:
-        """The first intact checkpoint frame beyond ``start``: (its end, the tree size it
-        states or None), or None if there is none."""
-        genesis = self._genesis_event
-        if genesis is None:
-            return None
-        marker = bytes((KIND_CHECKPOINT,)) + genesis.origin.encode() + b"\n"
-        pos = start + 1
-        while pos < seg.end:
+    def _damaged_last_batch(self, seg: _Segment, info: SegmentInfo, off: int, reason: str,
+                            size: int | None) -> None:
+        tail = TornTail(seg.path, info.committed_end, seg.end - info.committed_end, 0, reason)
+        records = None if size is None else size - self.result.count
+        raise DamagedLastBatch(seg.path.name, off, self.result.count, reason, tail, records)
+
+    def _checkpoint_marks(self, seg: _Segment, start: int
+                          ) -> list[tuple[int, int, bool, int | None]]:
+        """Checkpoint frames from ``start`` on, found by the note's first line (this
+        log's origin), intact or not: (frame start, end, intact and signed, size).
+
+        Stops at two: more are never needed to classify damage.  An event may hold the
+        same bytes; that can only make damage look worse (refused, never truncated).
+        """
+        assert self._genesis_event is not None
+        marker = bytes((KIND_CHECKPOINT,)) + self._genesis_event.origin.encode() + b"\n"
+        marks: list[tuple[int, int, bool, int | None]] = []
+        pos = start
+        while pos < seg.end and len(marks) < 2:
             block = seg.read(pos, min(READ_CHUNK, seg.end - pos))
-            q = block.find(marker)
-            while q >= 0:
-                at = pos + q
-                if at >= 8:
-                    length, crc = FRAME_HEADER.unpack(seg.read(at - 8, 8))
-                    body = seg.read(at, length) if at + length <= seg.end else b""
-                    if body and zlib.crc32(body) == crc:
-                        return at + length, _note_size(body[1:])
-                q = block.find(marker, q + 1)
-            if pos + len(block) >= seg.end:
+            if len(block) <= len(marker):
                 break
+            q = block.find(marker)
+            while q >= 0 and len(marks) < 2:
+                if pos + q >= 8:
+                    marks.append(self._mark(seg, pos + q))
+                q = block.find(marker, q + 1)
             pos += len(block) - len(marker)
-        return None
+        return marks
+
+    def _mark(self, seg: _Segment, at: int) -> tuple[int, int, bool, int | None]:
+        length, crc = FRAME_HEADER.unpack(seg.read(at - 8, 8))
+        end = at + length
+        if not 0 < length <= MAX_FRAME or end > seg.end:
+            return at - 8, end, False, None
+        body = seg.read(at, length)
+        note = body[1:]
+        intact = zlib.crc32(body) == crc and self._verifier is not None and _signed(
+            note, self._verifier)
+        return at - 8, end, intact, _note_size(note) if intact else None
 
     def _torn(self, info: SegmentInfo, file_size: int, reason: str) -> None:
         res = self.result

@@ -207,12 +207,16 @@ def test_reads_in_small_pieces_give_the_same_log(tmp_path: Path, chunk: int,
     assert [(e.seq, e.body, e.leaf, e.event) for e in LogReader(d).entries()] == expected
     assert audit.verify(d, jobs=1).records == len(expected)
     last = segments(d)[-1]
-    offset, _, length = frames(last)[-2]  # a record of the last batch
+    offset, _, _ = frames(last)[-3]  # a record of the last batch: its header zeroed
     with open(last, "r+b") as f:
-        f.seek(offset + 8 + length // 2)
-        f.write(b"\xff")
-    with pytest.raises(DamagedLastBatch):
+        f.seek(offset)
+        f.write(bytes(8))
+    with pytest.raises(DamagedLastBatch) as err:
         LogReader(d).run()
+    monkeypatch.setattr(scan, "READ_CHUNK", 16 << 20)
+    with pytest.raises(DamagedLastBatch) as whole:
+        LogReader(d).run()
+    assert str(err.value) == str(whole.value)
 
 
 def test_a_pass_holds_a_read_not_a_segment(tmp_path: Path,
@@ -289,7 +293,18 @@ def _damaged_last_batch(tmp_path: Path, how: str) -> tuple[Path, NodeKeys, int, 
     return d, keys, start, size
 
 
-@pytest.mark.parametrize("how", ["zero page", "garbage"])
+def test_garbage_in_the_last_batch_is_not_a_torn_write(tmp_path: Path) -> None:
+    """Random bytes are not what a torn write leaves (it leaves zeros): damage, refused,
+    and not offered for dropping."""
+    d, keys, _, _ = _damaged_last_batch(tmp_path, "garbage")
+    with pytest.raises(LedgerCorrupt) as err:
+        Ledger.open(d, keys, options=NO_FLAG)
+    assert not isinstance(err.value, DamagedLastBatch)
+    with pytest.raises(LedgerUsageError, match="not a damaged last batch"):
+        recover.drop_last_batch(d, keys)
+
+
+@pytest.mark.parametrize("how", ["zero page"])
 def test_a_damaged_last_batch_is_refused_with_the_choices(tmp_path: Path, how: str) -> None:
     d, keys, start, size = _damaged_last_batch(tmp_path, how)
     before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
@@ -394,3 +409,25 @@ def test_huge_sparse_snapshot_is_refused_before_it_is_read(tmp_path: Path) -> No
         tracemalloc.stop()
     assert peak < 16 << 20
     in_time(lambda: Ledger.open(tmp_path / "l", keys, options=NO_FLAG).close(), 10)
+
+
+def test_a_torn_looking_earlier_checkpoint_is_not_part_of_the_last_batch(
+        tmp_path: Path) -> None:
+    """Zeros over the header of the checkpoint before the last one: torn-looking, and the
+    last checkpoint is intact; but two checkpoint frames follow the damage, so an
+    acknowledged batch is damaged: refused, never offered for dropping."""
+    d = tmp_path / "l"
+    led, keys = new_ledger(d)
+    for i in range(0, 30, 3):
+        led.append_many(list(sample_events(30))[i:i + 3])
+    led.close()
+    last = segments(d)[-1]
+    cps = [f for f in frames(last) if f[1] == KIND_CHECKPOINT]
+    with open(last, "r+b") as f:
+        f.seek(cps[-2][0])
+        f.write(bytes(8))
+    with pytest.raises(LedgerCorrupt) as err:
+        LogReader(d).run()
+    assert not isinstance(err.value, DamagedLastBatch)
+    with pytest.raises(LedgerUsageError, match="not a damaged last batch"):
+        recover.drop_last_batch(d, keys)
