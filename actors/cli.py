@@ -92,6 +92,8 @@ def _unfinished_init(ledger_dir: Path) -> bool:
             return True
         except LedgerCorrupt as exc:
             unfinished = exc.reason.startswith("no segment files")
+        else:
+            unfinished = False  # a sound ledger: it committed, whatever files it lacks
     if not unfinished:
         raise LedgerUsageError(f"{ledger_dir} exists: this state directory already has a node")
     return True

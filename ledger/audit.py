@@ -6,6 +6,7 @@ Everything here reads; nothing writes.  Every function takes a ledger directory
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ from ledger import merkle, nodes, snapshot, verifier
 from ledger.errors import LedgerUsageError
 from ledger.files import FileProblem, read_bounded
 from ledger.log import check_anchor, note_checkpoint, read_anchor, read_note_at, writer_active
-from ledger.note import Checkpoint, NoteError, verifier_key
+from ledger.note import NoteError, verifier_key
 from ledger.proofcheck import check_proof
-from ledger.scan import Entry, LedgerCorrupt, LogReader, ScanResult
+from ledger.scan import Entry, LedgerCorrupt, LogReader, ScanResult, list_segments
 from ledger.state import State, apply, apply_items
 
 __all__ = ["KeptNote", "LogPass", "VerifyReport", "check_extends", "check_proof",
@@ -76,7 +77,7 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     # to a size this pass does not read; the older one is in what it reads.  So with
     # nodes.jsonl, which a running node rewrites after each commit that changes it.
     anchor = read_anchor(directory)
-    seen = _LiveNodes.read(directory, anchor)
+    seen = _LiveNodes.read(directory)
 
     def committed(size: int, state: State) -> None:
         if size in snaps:
@@ -89,7 +90,7 @@ def verify(directory: Path, *, pinned_key: bytes | None = None,
     _check_log_end(directory, scan, anchor)
     extends = tuple((name, check_extends(scan, name, note)) for name, note in against)
     _verify_snapshots(scan, snaps, snap_states)
-    if seen is None or not seen.matched:
+    if seen is None or not seen.matched(scan):
         _verify_nodes(directory, state)
     return VerifyReport(scan.size, scan.checkpoints, len(scan.segments), len(snaps),
                         len(state.members), scan.tree.root(), _vkey(scan),
@@ -155,46 +156,63 @@ def _verify_snapshots(scan: ScanResult, snaps: dict[int, Path],
 class _LiveNodes:
     """nodes.jsonl of a ledger a node has open, as read before the pass.
 
-    The node rewrites it after each commit that changes membership, so by the end of
-    the pass it may be ahead of what the pass read.  It must then equal the rendering
-    of the state at some checkpoint the pass met, no older than the anchor read
-    before it (the node writes nodes.jsonl before it refreshes the anchor).  Without
-    a node running, nodes.jsonl must be exactly the end state's.
+    The node rewrites it after each commit that changes membership, so it may have
+    changed between that read and the moment the pass fixed the log's length.  It
+    must then render the membership of a state the pass met no earlier than the
+    batch before the last one already written when it was read (the node writes it
+    right after each commit) -- never older.  Without a node running, nodes.jsonl
+    must be exactly the end state's (:func:`_verify_nodes`).
     """
 
-    def __init__(self, data: bytes, from_size: int) -> None:
-        self.data, self.from_size = data, from_size
-        self.matched = False
+    def __init__(self, data: bytes, written: tuple[int, int]) -> None:
+        self.digest, self.written = hashlib.sha256(data).digest(), written
         self._version = -1
+        self._seen: list[tuple[int, bytes]] = []  # (size, digest) at each change
 
     @classmethod
-    def read(cls, directory: Path, anchor: bytes | None) -> _LiveNodes | None:
+    def read(cls, directory: Path) -> _LiveNodes | None:
         if not writer_active(directory):
             return None
+        written = _written_so_far(directory)
         try:
             data = read_bounded(directory / nodes.NODES_FILE, 16 << 20, nodes.NODES_FILE)
         except FileProblem:
             return None  # the check after the pass says what is wrong with it
-        return None if data is None else cls(data, _stated_size(anchor))
+        return None if data is None else cls(data, written)
 
     def compare(self, size: int, state: State) -> None:
         """After each committed batch: render only when membership may have changed."""
         counts = state.event_counts
         version = counts.get("mesh.member_added", 0) + counts.get("mesh.member_removed", 0)
-        if self.matched or size < self.from_size or version == self._version:
-            return
-        self._version = version
-        self.matched = nodes.render(state) == self.data
+        if version != self._version:
+            self._version = version
+            self._seen.append((size, hashlib.sha256(nodes.render(state)).digest()))
+
+    def matched(self, scan: ScanResult) -> bool:
+        floor = _size_before(scan, self.written)
+        current = [d for size, d in self._seen if size <= floor][-1:]
+        return self.digest in current + [d for size, d in self._seen if size > floor]
 
 
-def _stated_size(note: bytes | None) -> int:
-    """The tree size a note states, unauthenticated (0 if none): only a lower bound."""
-    if note is None:
-        return 0
-    try:
-        return Checkpoint.parse(note[:note.rfind(b"\n\n") + 1]).size
-    except NoteError:
-        return 0
+def _written_so_far(directory: Path) -> tuple[int, int]:
+    """(first seq of the last segment, its written end) now: where the log ends."""
+    segs = list_segments(directory)
+    if not segs:
+        return (0, 0)
+    first, path = segs[-1]
+    return first, verifier.segment_limits(directory).get(path.name, 0)
+
+
+def _size_before(scan: ScanResult, written: tuple[int, int]) -> int:
+    """The tree size of the last checkpoint but one that ended before ``written``."""
+    before: list[int] = []
+    for size in scan.notes:
+        where = scan.notes.get(size)
+        assert where is not None
+        path, off = where
+        if (int(path.name[4:24]), off) < written:
+            before = [*before[-1:], size]
+    return before[0] if before else 0
 
 
 def _verify_nodes(directory: Path, state: State) -> None:

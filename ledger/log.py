@@ -74,6 +74,9 @@ Written at every segment roll and close, and while the ledger is open at least e
 ``Options.anchor_every_batches`` batches or ``anchor_every_seconds`` seconds (by a
 background thread, off the appends' path), so it lags the log by a bounded window."""
 LEFTOVER_SUFFIX = ".tmp"
+RECOVERY_PENDING = "dropped/recovery.pending"
+"""The ``ledger.recovered`` event of a recovery that has begun to cut the log and not yet
+recorded it (:mod:`ledger.recover`); while it exists the ledger does not open."""
 
 LEDGER_FORMAT = 1
 
@@ -209,8 +212,14 @@ class Ledger:
         signatures).  With the newest valid snapshot, the prefix it covers is only
         checksummed and the rest is verified; ``ppn ledger verify`` audits it all.
         """
-        return cls.open_holding(lock_directory(directory), directory, keys, clock=clock,
-                                options=options, registry=registry)
+        lock_fd = lock_directory(directory)
+        if os.path.lexists(directory / RECOVERY_PENDING):
+            os.close(lock_fd)
+            raise LedgerUsageError(f"{directory}: a recovery was cut short before it was "
+                                   "recorded; run `ppn ledger recover DIR --drop-last-batch` "
+                                   "again to finish it")
+        return cls.open_holding(lock_fd, directory, keys, clock=clock, options=options,
+                                registry=registry)
 
     @classmethod
     def open_holding(cls, lock_fd: int, directory: Path, keys: NodeKeys, *,
@@ -581,13 +590,16 @@ def lock_directory(directory: Path) -> int:
     if not list_segments(directory):
         raise LedgerCorrupt(str(directory), 0, None, "no segment files: not a ledger")
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise LedgerUsageError(f"{directory} is open for writing in another process; "
-                               "stop that node first") from None
-    return fd
+    for attempt in range(6):  # a reader's probe (writer_active) holds it for an instant
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt < 5:
+                time.sleep(0.02)
+    os.close(fd)
+    raise LedgerUsageError(f"{directory} is open for writing in another process; "
+                           "stop that node first")
 
 
 def writer_active(directory: Path) -> bool:

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ledger import snapshot
-from ledger.catalog import LedgerRecovered
+from ledger.catalog import REGISTRY, LedgerRecovered
 from ledger.errors import LedgerUsageError
-from ledger.files import open_regular, pread_exact
+from ledger.events import MAX_EVENT_BYTES
+from ledger.files import open_regular, pread_exact, read_bounded
 from ledger.keys import NodeKeys
 from ledger.log import (
     ANCHOR_FILE,
+    RECOVERY_PENDING,
     Ledger,
     _write_all,
     lock_directory,
@@ -43,25 +45,56 @@ def drop_last_batch(directory: Path, keys: NodeKeys, *,
                     clock: Callable[[], int] = time.time_ns) -> LedgerRecovered:
     """Drop the damaged last batch of the ledger in ``directory``; returns the event
     appended.  :class:`LedgerUsageError` if the ledger has no such batch (it opens as
-    it is, or is damaged elsewhere, which dropping the last batch would not mend)."""
+    it is, or is damaged elsewhere, which dropping the last batch would not mend).
+
+    Crash-safe in steps: the bytes are kept, the event is written down
+    (:data:`RECOVERY_PENDING`, which keeps the ledger from opening), the anchor and
+    snapshots are moved back, the segment is cut, the event is appended; run again
+    after a crash, it finishes what was begun.
+    """
     lock_fd = lock_directory(directory)
     try:
-        damage, scan = _find_damage(directory, keys)
-        t = damage.tail
-        anchor_size = _anchor_size(directory, scan)
-        kept_as, digest = _keep_bytes(directory, t.segment, t.offset, t.dropped_bytes)
-        truncate_tail(t)
-        _bring_back(directory, scan)
+        event = _pending(directory, keys)
+        if event is None:
+            damage, scan = _find_damage(directory, keys)
+            t = damage.tail
+            anchor_size = _anchor_size(directory, scan)
+            kept_as, digest = _keep_bytes(directory, t.segment, t.offset, t.dropped_bytes)
+            event = LedgerRecovered(t.segment.name, t.offset, scan.size,
+                                    -1 if damage.records is None else damage.records,
+                                    t.dropped_bytes, digest, damage.found, anchor_size,
+                                    kept_as)
+            atomic_write(directory / RECOVERY_PENDING, REGISTRY.encode(event), mode=0o444)
+            _bring_back(directory, scan)
+            truncate_tail(t)
     except BaseException:
         os.close(lock_fd)
         raise
-    event = LedgerRecovered(t.segment.name, t.offset, scan.size,
-                            -1 if damage.records is None else damage.records,
-                            t.dropped_bytes, digest, damage.found, anchor_size, kept_as)
     # Recorded under the same lock: no node opens the cut log before the decision is in it.
     with Ledger.open_holding(lock_fd, directory, keys, clock=clock) as ledger:
         ledger.append(event)
+        (directory / RECOVERY_PENDING).unlink()
     return event
+
+
+def _pending(directory: Path, keys: NodeKeys) -> LedgerRecovered | None:
+    """The event of a recovery cut short after it cut the log (None if there is none, or
+    it was cut short before: then it is begun again)."""
+    path = directory / RECOVERY_PENDING
+    data = read_bounded(path, MAX_EVENT_BYTES, "a pending recovery")
+    if data is None:
+        return None
+    event = REGISTRY.decode(data)
+    if not isinstance(event, LedgerRecovered):
+        raise LedgerUsageError(f"{path}: not a ledger.recovered event")
+    try:
+        scan = LogReader(directory, pinned_key=keys.public_key).run()
+    except LedgerCorrupt:
+        return None  # the damage is still there: the cut never happened
+    if scan.tail is None and scan.size == event.first_seq:
+        return event
+    raise LedgerUsageError(f"{path}: the log ({scan.size} records) is not where the pending "
+                           f"recovery left it ({event.first_seq}); look before removing it")
 
 
 class _Damage(NamedTuple):

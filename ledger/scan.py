@@ -652,28 +652,28 @@ class LogReader:
         """The frame at file offset ``off`` is unsound: a torn tail (recorded), or raise.
 
         A torn write damages only the last batch, which ends at its checkpoint, and
-        leaves zeros where its pages did not reach the disk.  So damage is a torn tail
-        only in the last segment, if it looks torn and no intact checkpoint follows it
-        (at most the batch's own, damaged); :class:`DamagedLastBatch` if it looks torn
-        and the one checkpoint after it is the segment's last frame and intact (the
-        batch may have been acknowledged); anything else is :class:`LedgerCorrupt`.
+        leaves zeros where its pages did not reach the disk.  So damage in the last
+        segment is a torn tail if no checkpoint frame follows it (nothing after it was
+        ever committed), or if it looks torn and only the batch's own checkpoint,
+        damaged, follows; :class:`DamagedLastBatch` if it looks torn and the one
+        checkpoint after it is intact, signed and the segment's last frame (the batch
+        may have been acknowledged); anything else is :class:`LedgerCorrupt`.
         Any second checkpoint frame after the damage, even a damaged one, means an
         earlier batch -- acknowledged before the next was written -- is damaged.
         """
         reason, maybe_torn = _frame_problem(seg, off)
-        if seg.last and maybe_torn:
-            if self._genesis_event is None:  # the first batch: is it a torn creation?
-                if seg.end <= _CREATION_MAX and not _any_checkpoint_frame(seg, off):
-                    self._torn(info, seg.size, reason)
-                    return
-            else:
-                marks = self._checkpoint_marks(seg, off)
-                if not any(m[2] for m in marks) and len(marks) <= 1:
-                    self._torn(info, seg.size, reason)
-                    return
-                if (len(marks) == 1 and marks[0][2] and marks[0][1] == seg.end
-                        and marks[0][0] > off and self.result.genesis is not None):
-                    self._damaged_last_batch(seg, info, off, reason, marks[0][3])
+        if seg.last and self._genesis_event is None:  # the first batch: a torn creation?
+            if seg.end <= _CREATION_MAX and not _any_checkpoint_frame(seg, off):
+                self._torn(info, seg.size, reason)
+                return
+        elif seg.last:
+            marks = self._checkpoint_marks(seg, off)
+            if not marks or (maybe_torn and len(marks) == 1 and not marks[0][2]):
+                self._torn(info, seg.size, reason)  # nothing after it was ever committed
+                return
+            if (maybe_torn and len(marks) == 1 and marks[0][2] and marks[0][1] == seg.end
+                    and marks[0][0] > off and self.result.genesis is not None):
+                self._damaged_last_batch(seg, info, off, reason, marks[0][3])
         raise LedgerCorrupt(seg.path.name, off, self._n, reason)
 
     def _damaged_last_batch(self, seg: _Segment, info: SegmentInfo, off: int, reason: str,
@@ -700,8 +700,8 @@ class LogReader:
                 break
             q = block.find(marker)
             while q >= 0 and len(marks) < 2:
-                if pos + q >= 8:
-                    marks.append(self._mark(seg, pos + q))
+                if pos + q >= 8 and all(m[0] != pos + q - 8 for m in marks):
+                    marks.append(self._mark(seg, pos + q))  # (reads overlap: once each)
                 q = block.find(marker, q + 1)
             pos += len(block) - len(marker)
         return marks
@@ -898,7 +898,9 @@ def _frame_problem(seg: _Segment, off: int) -> tuple[str, bool]:
     if length > rest - 8:
         return (f"frame of {length} bytes runs past the end of the written bytes "
                 "(zeros follow)"), True
-    return "frame checksum mismatch", unreached or off + 8 + length >= written
+    # Torn only with zeros in it (a page never written, or its end past the written
+    # bytes): a torn write leaves zeros, never changed bytes.
+    return "frame checksum mismatch", unreached or off + 8 + length > written
 
 
 _PAGE = 4096

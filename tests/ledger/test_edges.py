@@ -355,7 +355,7 @@ def test_recover_refuses_what_it_is_not_for(tmp_path: Path) -> None:
 
 
 def test_recover_a_tail_the_anchor_says_was_committed(tmp_path: Path) -> None:
-    """The last checkpoint itself damaged after a clean close: open refuses (the anchor
+    """The last checkpoint torn-looking after a clean close: open refuses (the anchor
     proves it was committed); recover may drop it."""
     d = tmp_path / "l"
     led, keys = new_ledger(d)
@@ -364,9 +364,9 @@ def test_recover_a_tail_the_anchor_says_was_committed(tmp_path: Path) -> None:
     led.close()
     last = segments(d)[-1]
     offset, _kind, length = frames(last)[-1]
-    with open(last, "r+b") as f:
-        f.seek(offset + 8 + length // 2)
-        f.write(b"\xff")
+    with open(last, "r+b") as f:  # its end never reached the disk: zeros
+        f.seek(offset + 8 + length - 64)
+        f.write(bytes(64))
     with pytest.raises(LedgerCorrupt, match="shorter"):
         Ledger.open(d, keys, options=NO_FLAG)
     event = recover.drop_last_batch(d, keys)
