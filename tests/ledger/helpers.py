@@ -12,6 +12,7 @@ from ledger import verifier
 from ledger.catalog import CapGranted, MemberAdded, MemberRemoved, PdDeclared
 from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
+from ledger.records import FRAME_HEADER
 from ledger.scan import LogReader, list_segments
 from ledger.seal import clear_append_only
 from ledger.state import State, apply
@@ -58,6 +59,35 @@ def replay(path: Path) -> State:
 
 def segments(path: Path) -> list[Path]:
     return [p for _, p in list_segments(path)]
+
+
+def frames(path: Path) -> list[tuple[int, int, int]]:
+    """(offset, kind, length) of every frame of a sound segment."""
+    data = path.read_bytes()
+    out, off = [], 20
+    while off + 8 <= len(data):
+        length = FRAME_HEADER.unpack_from(data, off)[0]
+        if length == 0:
+            break
+        out.append((off, data[off + 8], length))
+        off += 8 + length
+    return out
+
+
+def flip(path: Path, offset: int) -> None:
+    """One bit of ``path`` changed: rot, not what a torn write leaves."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def zero(path: Path, offset: int, n: int) -> None:
+    """``n`` bytes of ``path`` zeroed: what a write torn by a crash leaves."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(n))
 
 
 def unseal_all(path: Path) -> None:

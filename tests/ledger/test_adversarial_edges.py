@@ -35,7 +35,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers import member, new_ledger, sample_events, segments
+from helpers import flip, frames, member, new_ledger, sample_events, segments, zero
 
 from ledger import audit, recover, scan
 from ledger.catalog import PdDeclared
@@ -52,31 +52,10 @@ ORIGIN = "test-node.ppn/ledger"
 QUIET = Options(set_append_only_flag=False, anchor_every_batches=0, anchor_every_seconds=0)
 
 
-def frames(path: Path) -> list[tuple[int, int, int]]:
-    """(offset, kind, length) of every frame of a sound segment."""
-    data = path.read_bytes()
-    out, off = [], 20
-    while off + 8 <= len(data):
-        length = FRAME_HEADER.unpack_from(data, off)[0]
-        if length == 0:
-            break
-        out.append((off, data[off + 8], length))
-        off += 8 + length
-    return out
 
 
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
-def zero(path: Path, offset: int, n: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes(n))
 
 
 def python(script: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import NO_FLAG, counting_clock, new_ledger, sample_events, segments, unseal_all
+from helpers import NO_FLAG, counting_clock, frames, new_ledger, sample_events, segments, unseal_all
 
 from ledger import audit, recover, scan
 from ledger.catalog import REGISTRY, LedgerGenesis, LedgerRecovered, PdDeclared
@@ -21,7 +21,6 @@ from ledger.keys import NodeKeys
 from ledger.log import ANCHOR_FILE, Ledger, Options, read_anchor
 from ledger.nodes import NODES_FILE
 from ledger.records import (
-    FRAME_HEADER,
     KIND_CHECKPOINT,
     KIND_RECORD,
     ZERO_HASH,
@@ -35,17 +34,6 @@ from ledger.snapshot import SNAPSHOT_DIR
 ORIGIN = "test-node.ppn/ledger"
 
 
-def frames(path: Path) -> list[tuple[int, int, int]]:
-    """(offset, kind, length) of every frame of a sound segment."""
-    data = path.read_bytes()
-    out, off = [], 20
-    while off + 8 <= len(data):
-        length = FRAME_HEADER.unpack_from(data, off)[0]
-        if length == 0:
-            break
-        out.append((off, data[off + 8], length))
-        off += 8 + length
-    return out
 
 
 def in_time(fn: Callable[[], Any], seconds: float = 30.0) -> Any:
