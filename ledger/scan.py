@@ -450,7 +450,15 @@ class LogReader:
         """
         n = 0
         for batch in self._batches():
-            n += apply_items(state, batch.items, start)
+            try:
+                n += apply_items(state, batch.items, start)
+            except Exception as exc:  # the fold is total; if it is not, name the records
+                first = batch.items[0][0] if batch.items else batch.size
+                where = self.result.notes.get(batch.size)
+                raise LedgerCorrupt(where[0].name if where else str(self.directory),
+                                    where[1] if where else 0, first, (
+                    f"the state fold cannot apply records {first}..{batch.size - 1}: "
+                    f"{type(exc).__name__}: {exc} (a bug in the fold)")) from None
             if on_commit is not None:
                 on_commit(batch.size)
         return n

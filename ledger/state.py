@@ -1,7 +1,11 @@
 """The node state as a fold over the ledger: ``apply(state, event, seq, ts_ns) -> state``.
 
 ``apply`` is deterministic and reads nothing but its arguments; replay must never
-fail, so it validates nothing (commands validate before they append).  For speed
+fail, so it validates nothing (commands validate before they append) and is total:
+an event that does not fit the state -- a grant of a cap id that exists or under a
+parent that does not, a move, delete or revoke of a cap that is gone -- changes
+nothing and is counted as ``"<tag> (inapplicable)"`` in ``event_counts``.  So no
+sequence of appends can leave a log that its own fold cannot replay.  For speed
 on million-event replays it updates the state it is given and returns it: treat a
 state as consumed by ``apply`` and call :meth:`State.copy` to keep an old one.
 """
@@ -119,7 +123,10 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-Applier = Callable[[State, Any, int, int, bytes | None], None]
+Applier = Callable[[State, Any, int, int, bytes | None], "bool | None"]
+"""Applies one event; returns False if it did not fit the state (and changed nothing)."""
+
+INAPPLICABLE = " (inapplicable)"
 
 
 def _genesis(s: State, e: c.LedgerGenesis, seq: int, ts: int, sig: bytes | None) -> None:
@@ -145,7 +152,9 @@ def _pd_declared(s: State, e: c.PdDeclared, seq: int, ts: int, sig: bytes | None
     s.pd_status[e.name] = "running"
 
 
-def _cap_granted(s: State, e: c.CapGranted, seq: int, ts: int, sig: bytes | None) -> None:
+def _cap_granted(s: State, e: c.CapGranted, seq: int, ts: int, sig: bytes | None) -> bool:
+    if e.cap_id in s.caps or (e.parent is not None and e.parent not in s.caps):
+        return False
     s.caps[e.cap_id] = Cap(e.cap_id, e.holder, e.obj, e.rights, e.badge, e.parent, e.via,
                            seq, sig)
     if e.parent is not None:
@@ -153,38 +162,49 @@ def _cap_granted(s: State, e: c.CapGranted, seq: int, ts: int, sig: bytes | None
     else:
         s.objects.setdefault(e.obj, e.holder)
     s.next_cap_id = max(s.next_cap_id, e.cap_id + 1)
+    return True
 
 
-def _cap_moved(s: State, e: c.CapMoved, seq: int, ts: int, sig: bytes | None) -> None:
+def _cap_moved(s: State, e: c.CapMoved, seq: int, ts: int, sig: bytes | None) -> bool:
     cap = s.caps.get(e.cap_id)
-    if cap is not None:
-        cap.holder, cap.sig = e.to_holder, sig
+    if cap is None:
+        return False
+    cap.holder, cap.sig = e.to_holder, sig
+    return True
 
 
 def _remove(s: State, cap_id: int) -> Cap | None:
     cap = s.caps.pop(cap_id, None)
     if cap is not None and cap.parent is not None:
         siblings = s.children.get(cap.parent)
-        if siblings is not None:
+        if siblings is not None and cap_id in siblings:
             siblings.remove(cap_id)
     return cap
 
 
-def _cap_deleted(s: State, e: c.CapDeleted, seq: int, ts: int, sig: bytes | None) -> None:
+def _cap_deleted(s: State, e: c.CapDeleted, seq: int, ts: int, sig: bytes | None) -> bool:
     cap = _remove(s, e.cap_id)
-    orphans = s.children.pop(e.cap_id, [])
-    for child in orphans:  # children move up to the deleted cap's parent
-        s.caps[child].parent = cap.parent if cap else None
-        if cap is not None and cap.parent is not None:
+    if cap is None:
+        return False
+    for child in s.children.pop(e.cap_id, []):  # children move up to the deleted cap's parent
+        moved = s.caps.get(child)
+        if moved is None:
+            continue
+        moved.parent = cap.parent
+        if cap.parent is not None:
             s.children.setdefault(cap.parent, []).append(child)
+    return True
 
 
-def _cap_revoked(s: State, e: c.CapRevoked, seq: int, ts: int, sig: bytes | None) -> None:
+def _cap_revoked(s: State, e: c.CapRevoked, seq: int, ts: int, sig: bytes | None) -> bool:
+    if e.cap_id not in s.caps:
+        return False
     stack = s.children.pop(e.cap_id, [])
     while stack:
         child = stack.pop()
         s.caps.pop(child, None)
         stack.extend(s.children.pop(child, []))
+    return True
 
 
 def _pd_restarted(s: State, e: c.PdRestarted, seq: int, ts: int, sig: bytes | None) -> None:
@@ -253,7 +273,8 @@ def apply_items(state: State, items: Iterable[tuple[int, int, Any, bytes | None,
             handler, tag = dispatch[type(event)]
         except KeyError:
             handler, tag = _ignore, type(event).__name__
-        handler(state, event, seq, ts_ns, sig)
+        if handler(state, event, seq, ts_ns, sig) is False:
+            tag += INAPPLICABLE
         counts[tag] = counts.get(tag, 0) + 1
         n += 1
     if n:
