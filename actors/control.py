@@ -25,6 +25,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +43,9 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 16 << 20
 MAX_CLIENTS = 8
 IDLE_TIMEOUT = 30.0  # seconds a client may keep a connection silent
+REQUEST_DEADLINE = 5.0
+"""Seconds a request may take from its first byte to its newline: a client trickling a
+byte at a time cannot hold one of the MAX_CLIENTS slots for longer."""
 MAX_ID = 2**63 - 1
 
 
@@ -244,16 +248,19 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(IDLE_TIMEOUT)
-            with conn, conn.makefile("rb") as reader:
+            with conn:
+                pending = b""
                 while not self._stopped.is_set():
-                    line = reader.readline(MAX_REQUEST + 1)
+                    line, pending = _read_request(conn, pending)
                     if not line:
                         return
-                    if len(line) > MAX_REQUEST and not line.endswith(b"\n"):
+                    if not line.endswith(b"\n"):
                         self.bad_requests += 1
-                        conn.sendall(encode({"ok": False, "error":
-                                             f"request larger than {MAX_REQUEST} bytes"}))
+                        problem = (f"request larger than {MAX_REQUEST} bytes"
+                                   if len(line) > MAX_REQUEST else
+                                   f"request not complete within {REQUEST_DEADLINE:g} s")
+                        conn.sendall(encode({"ok": False, "error": problem}))
+                        _drain(conn)
                         return  # no way to find the next request's start
                     reply = answer(self._op, line)
                     if not reply["ok"]:
@@ -265,6 +272,48 @@ class ControlServer:
         finally:
             with self._lock:
                 self._clients.discard(conn)
+
+
+def _read_request(conn: socket.socket, pending: bytes) -> tuple[bytes, bytes]:
+    """One request line (with its newline) and what followed it; b"" if the client left
+    or stayed silent for IDLE_TIMEOUT; without a newline if it grew past MAX_REQUEST
+    or did not end within REQUEST_DEADLINE of its first byte."""
+    buf = bytearray(pending)
+    deadline = time.monotonic() + REQUEST_DEADLINE if buf else None
+    while b"\n" not in buf:
+        if len(buf) > MAX_REQUEST:
+            return bytes(buf), b""
+        left = IDLE_TIMEOUT if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            return bytes(buf), b""
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(65536)
+        except TimeoutError:
+            return bytes(buf), b""
+        if not chunk:
+            return b"", b""
+        if deadline is None:
+            deadline = time.monotonic() + REQUEST_DEADLINE
+        buf += chunk
+    end = buf.index(b"\n") + 1
+    return bytes(buf[:end]), bytes(buf[end:])
+
+
+def _drain(conn: socket.socket, limit: int = 1 << 20) -> None:
+    """Before closing on a client whose request was refused unread: discard what it is
+    still sending (briefly, boundedly), so that closing does not reset the connection
+    before the client has read why."""
+    end = time.monotonic() + 1.0
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        got = 0
+        while got < limit and time.monotonic() < end:
+            conn.settimeout(max(0.01, end - time.monotonic()))
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            got += len(chunk)
 
 
 def listen(path: Path) -> socket.socket:
@@ -334,6 +383,9 @@ def request(state_dir: Path, obj: dict[str, Any], timeout: float = 10.0) -> Any:
                 line = reader.readline(MAX_REPLY + 1)
         except TimeoutError:
             raise ControlError(f"no reply from the node within {timeout:g} s") from None
+        except OSError as exc:  # a broken pipe here is the node's, not our stdout's
+            raise ControlError(f"the node closed the connection ({exc.strerror or exc}); "
+                               "the command did not happen") from None
     if not line.endswith(b"\n"):
         raise ControlError("the node closed the connection without a complete reply")
     try:
