@@ -14,6 +14,7 @@ through, however long it sat in a queue.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import threading
 from collections import Counter
@@ -106,10 +107,11 @@ class Kernel:
              reply: ReplyCap | None = None) -> None:
         """Queue ``payload`` for the PD serving the cap's object; refusals raise."""
         state = self._state
-        cap = state.caps.get(token.cap_id)
+        cap = state.caps.get(token.cap_id) if caps.well_formed(token) else None
         # Fast path, the common case: a plain message under a sound token to a running PD.
         if (transfer is None and cap is not None and cap.holder == pd == token.holder
-                and cap.sig == token.signature and "write" in cap.rights):
+                and cap.sig is not None and hmac.compare_digest(cap.sig, token.signature)
+                and "write" in cap.rights):
             target = state.objects.get(cap.obj)
             if target is not None and state.pd_status.get(target) == "running":
                 self._route(target, Delivery(target, cap.obj, cap.badge, payload, cap.cap_id,

@@ -69,8 +69,20 @@ def tokens_of(state: State, pd: str) -> list[Token]:
             if c.holder == pd]
 
 
+def well_formed(token: object) -> bool:
+    """Whether ``token`` is a Token of the right field types (anything else a PD hands
+    over is refused and counted, never a TypeError in the kernel)."""
+    return (type(token) is Token and type(token.cap_id) is int
+            and type(token.holder) is str and type(token.signature) is bytes)
+
+
 def check(state: State, presenter: str, token: Token, right: str | None = None) -> Cap:
     """The live cap behind ``token`` if ``presenter`` may use it (with ``right``)."""
+    if not well_formed(token):
+        cap_id = getattr(token, "cap_id", None)
+        raise CapRefused("bad-token", presenter, cap_id if type(cap_id) is int else None,
+                         "malformed token (not an int cap id, str holder, bytes signature)",
+                         right)
     cap = state.caps.get(token.cap_id)
     if cap is None:
         raise CapRefused("no-such-cap", presenter, token.cap_id,
@@ -119,7 +131,7 @@ def mint(state: State, presenter: str, token: Token, rights: tuple[str, ...],
         if cap.badge is not None and badge != cap.badge:
             raise CapRefused("badge-set", presenter, cap.cap_id,
                              f"the badge is already {cap.badge}; a badge is set once")
-        if not 0 <= badge <= MAX_BADGE:
+        if type(badge) is not int or not 0 <= badge <= MAX_BADGE:  # not True, not 1.5
             raise CapRefused("bad-request", presenter, cap.cap_id, "badge out of range")
     holder = presenter if to is None else _target(state, presenter, cap, to)
     return CapGranted(state.next_cap_id, holder, cap.obj, new_rights,
