@@ -15,7 +15,7 @@ through, however long it sat in a queue.
 from __future__ import annotations
 
 import hmac
-import itertools
+import secrets
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -60,10 +60,15 @@ class Delivery(NamedTuple):
 Route = Callable[[str, Delivery], None]
 
 
+MAX_PENDING_CALLS = 1024
+"""Calls one PD may have waiting for their answers; one more is refused and counted."""
+
+
 class Kernel:
     """Checks tokens, journals capability operations, routes messages."""
 
-    def __init__(self, ledger: Ledger, route: Route | None = None) -> None:
+    def __init__(self, ledger: Ledger, route: Route | None = None, *,
+                 reply_ids: Callable[[], int] | None = None) -> None:
         self._ledger = ledger
         # The ledger folds into one State object for its whole life: hold it directly.
         self._state = ledger.state
@@ -72,7 +77,10 @@ class Kernel:
         self._reply_lock = threading.Lock()
         self._replies: dict[int, tuple[str, str]] = {}  # reply id -> (caller, callee)
         self._answers: dict[int, Callable[[Any], None]] = {}  # reply id -> operator's callback
-        self._reply_ids = itertools.count(1)
+        # Unguessable: a callee cannot answer a call it has not been handed yet.  The
+        # simulator passes a seeded source, so that a seed still reproduces a run.
+        self._next_reply_id = reply_ids or (lambda: secrets.randbits(63))
+        self._pending: Counter[str] = Counter()  # caller -> calls not answered yet
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
         self.dropped = 0  # deliveries stopped at the receiver: cap revoked in flight
 
@@ -145,17 +153,33 @@ class Kernel:
                                  "a call needs grant or grant-reply", "grant-reply")
         except CapRefused as exc:
             raise self._refuse(exc) from None
-        reply = ReplyCap(next(self._reply_ids), pd)
-        # Registered before sending: the callee may answer before send() returns.
-        self._replies[reply.reply_id] = (pd, self.owner(cap.obj) or "")
-        if on_reply is not None:
-            self._answers[reply.reply_id] = on_reply
+        with self._reply_lock:
+            if self._pending[pd] >= MAX_PENDING_CALLS:
+                raise self._refuse(CapRefused(
+                    "too-many-calls", pd, cap.cap_id,
+                    f"{MAX_PENDING_CALLS} calls are waiting for their answers already"))
+            reply_id = self._next_reply_id()
+            while reply_id in self._replies:
+                reply_id = self._next_reply_id()
+            reply = ReplyCap(reply_id, pd)
+            # Registered before sending: the callee may answer before send() returns.
+            self._replies[reply_id] = (pd, self.owner(cap.obj) or "")
+            self._pending[pd] += 1
+            if on_reply is not None:
+                self._answers[reply_id] = on_reply
         try:
             self.send(pd, token, payload, reply=reply)
         except CapRefused:
-            self._replies.pop(reply.reply_id, None)
-            self._answers.pop(reply.reply_id, None)
+            self._forget(reply_id)
             raise
+
+    def _forget(self, reply_id: int) -> None:
+        """Drop a reply cap that will not be used (its call was refused or dropped)."""
+        with self._reply_lock:
+            entry = self._replies.pop(reply_id, None)
+            self._answers.pop(reply_id, None)
+            if entry is not None:
+                self._pending[entry[0]] -= 1
 
     def reply(self, pd: str, reply: ReplyCap, payload: Any) -> None:
         """Answer a call, once, to the caller (who sees no badge, only the answer)."""
@@ -165,6 +189,7 @@ class Kernel:
                 raise self._refuse(CapRefused("bad-token", pd, None,
                                               "reply cap unknown, used or not yours"))
             del self._replies[reply.reply_id]
+            self._pending[caller_callee[0]] -= 1
         answer = self._answers.pop(reply.reply_id, None)
         if answer is not None:
             answer(payload)
@@ -184,9 +209,7 @@ class Kernel:
         if d.cap_id not in state.caps or state.pd_status.get(d.target) != "running":
             self.dropped += 1
             if d.reply is not None:  # the call will never be answered: forget its reply cap
-                with self._reply_lock:
-                    self._replies.pop(d.reply.reply_id, None)
-                    self._answers.pop(d.reply.reply_id, None)
+                self._forget(d.reply.reply_id)
             return None
         if d.transfer is None:
             return d

@@ -70,7 +70,8 @@ def build_node(directory: Path, seed: int, *, name: str = "sim-node", role: str 
         MemberAdded(name, keys.public_key, keys.wg_public_key, mesh_ip, None, role),
         *load_default().initial_events(),
     ])
-    kernel = Kernel(ledger)
+    reply_ids = random.Random(f"ppn-sim-replies/{seed}")
+    kernel = Kernel(ledger, reply_ids=lambda: reply_ids.getrandbits(63))
     host = Host(kernel, ledger, clock, random.Random(f"ppn-sim-host/{seed}"))
     if start:
         host.start_all()

@@ -10,7 +10,9 @@ import pytest
 import structlog.testing
 from test_attacks import FLEET, WG, refused, token
 
-from ledger.caps import Token
+from actors import kernel as kernel_module
+from actors.kernel import ReplyCap
+from ledger.caps import CapRefused, Token
 from sims.node import SimNode, build_node, scratch_directory
 
 
@@ -55,3 +57,35 @@ def test_badges_must_be_small_whole_numbers(node: SimNode, badge: Any) -> None:
     refused(node, WG, lambda: wg.mint(original, ("read",), badge=badge, to=FLEET),
             "bad-request", original.cap_id)
     assert wg.mint(original, ("read",), badge=5) is not None  # control: a real badge
+
+
+def test_a_callee_cannot_guess_the_reply_cap_of_a_call_in_flight(node: SimNode) -> None:
+    """Reply ids were 1, 2, 3...: pd-wireguard (the callee) could answer a call before it
+    was handed to it.  Now they are unguessable (seeded in the simulator)."""
+    wg, fleet = node.port(WG), node.port(FLEET)
+    callable_tun = wg.mint(token(node, WG, "tunnel"), ("write", "grant-reply"), to=FLEET)
+    fleet.call(callable_tun, {"op": "ping"})
+    node.host.run_until_idle()
+    for guess in range(1, 50):  # the ids a counter would have given the next calls
+        fleet.call(callable_tun, {"op": "ping"})
+        with pytest.raises(CapRefused):
+            wg.reply(ReplyCap(guess, FLEET), {"op": "pong", "from": "before it was asked"})
+        node.host.run_until_idle()
+    assert node.host.cores[FLEET].received["pong"] == 50  # every real answer went through
+
+
+def test_unanswered_calls_are_bounded(node: SimNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel_module, "MAX_PENDING_CALLS", 5)
+    wg, fleet = node.port(WG), node.port(FLEET)
+    callable_tun = wg.mint(token(node, WG, "tunnel"), ("write", "grant-reply"), to=FLEET)
+    for _ in range(5):
+        fleet.call(callable_tun, {"op": "ping"})  # not delivered yet: five waiting
+    before = node.kernel.refused[(FLEET, "too-many-calls")]
+    with pytest.raises(CapRefused) as err:
+        fleet.call(callable_tun, {"op": "ping"})
+    assert (err.value.code, err.value.cap_id) == ("too-many-calls", callable_tun.cap_id)
+    assert node.kernel.refused[(FLEET, "too-many-calls")] == before + 1
+    node.host.run_until_idle()  # answered: the table is empty again
+    fleet.call(callable_tun, {"op": "ping"})
+    node.host.run_until_idle()
+    assert node.host.cores[FLEET].received["pong"] == 6
