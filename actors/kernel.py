@@ -286,10 +286,15 @@ def _no_route(target: str, d: Delivery) -> None:
 class Port:
     """A PD's handle on the kernel: every call is made as this PD and no other."""
 
-    __slots__ = ("_kernel", "pd")
+    __slots__ = ("_kernel", "_pd")
 
     def __init__(self, kernel: Kernel, pd: str) -> None:
-        self._kernel, self.pd = kernel, pd
+        self._kernel, self._pd = kernel, pd
+
+    @property
+    def pd(self) -> str:
+        """The PD this port acts as: fixed when the kernel made it (no setter)."""
+        return self._pd
 
     def tokens(self) -> list[Token]:
         return caps.tokens_of(self._kernel.state, self.pd)

@@ -89,3 +89,13 @@ def test_unanswered_calls_are_bounded(node: SimNode, monkeypatch: pytest.MonkeyP
     fleet.call(callable_tun, {"op": "ping"})
     node.host.run_until_idle()
     assert node.host.cores[FLEET].received["pong"] == 6
+
+
+def test_a_port_cannot_be_turned_into_another_pds(node: SimNode) -> None:
+    fleet = node.port(FLEET)
+    with pytest.raises(AttributeError):
+        fleet.pd = "pd-ledger"  # type: ignore[misc]
+    assert fleet.pd == FLEET
+    wg_tok = token(node, WG, "tunnel")  # a token of another PD's stays useless to this port
+    refused(node, FLEET, lambda: fleet.send(wg_tok, {"op": "x"}), "not-holder", wg_tok.cap_id,
+            "write")
