@@ -29,6 +29,7 @@ from actors.runtime import LEDGER_SUBDIR, Node
 from actors.system import SystemDescriptionError, load_default
 from ledger.catalog import ROLES, MemberAdded, NodeIdentity
 from ledger.errors import LedgerError, LedgerUsageError
+from ledger.files import fsync_dir
 from ledger.keys import NODE_KEY_FILE, WIREGUARD_KEY_FILE, NodeKeys
 from ledger.log import Ledger
 from ledger.note import verifier_key
@@ -65,7 +66,7 @@ def _node_init(args: argparse.Namespace) -> int:
     if redo:  # kept, not deleted: an auditor may want to see what the torn init left
         os.rename(ledger_dir, state_dir / f"{LEDGER_SUBDIR}.unfinished-{time.time_ns()}")
     os.rename(staging, ledger_dir)
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     print(f"node {name} initialised: {size} records" + (" (an unfinished earlier init "
                                                         "was redone)" if redo else ""))
     print(f"state directory: {state_dir}")
@@ -112,14 +113,6 @@ def _init_keys(state_dir: Path, *, reuse: bool) -> NodeKeys:
     keys = NodeKeys.generate()
     keys.save(state_dir)
     return keys
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _StdlibToStructlog(logging.Handler):

@@ -15,7 +15,7 @@ from typing import Any
 
 from ledger import merkle, nodes, snapshot, verifier
 from ledger.errors import LedgerUsageError
-from ledger.files import FileProblem, read_bounded
+from ledger.files import FileProblem, read_bounded, written_end_of
 from ledger.log import check_anchor, note_checkpoint, read_anchor, read_note_at, writer_active
 from ledger.note import NoteError, verifier_key
 from ledger.proofcheck import check_proof
@@ -200,7 +200,7 @@ def _written_so_far(directory: Path) -> tuple[int, int]:
     if not segs:
         return (0, 0)
     first, path = segs[-1]
-    return first, verifier.segment_limits(directory).get(path.name, 0)
+    return first, written_end_of(path)
 
 
 def _size_before(scan: ScanResult, written: tuple[int, int]) -> int:

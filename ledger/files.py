@@ -9,13 +9,14 @@ more memory than its caller allows.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 from ledger.errors import LedgerDataError
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
 
@@ -24,9 +25,9 @@ class FileProblem(LedgerDataError):
     """A file of the ledger directory cannot be read as what it claims to be: it is not
     a regular file, it is larger than the format allows, or the OS refused to open it."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path, self.reason = path, reason
-        super().__init__(f"{path.name}: {reason}")
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{self.path.name}: {reason}")
 
 
 def kind_of(mode: int) -> str:
@@ -36,7 +37,7 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: Path) -> int:
+def open_regular(path: Path | str) -> int:
     """An fd for reading ``path``, which must be a regular file; :class:`FileProblem` if not.
 
     ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for a
@@ -45,7 +46,9 @@ def open_regular(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
-        raise FileProblem(path, exc.strerror or str(exc)) from None
+        raise FileProblem(path, _open_problem(path, exc)) from None
+    except ValueError as exc:  # an embedded NUL byte
+        raise FileProblem(path, f"cannot open: {exc}") from None
     try:
         mode = os.fstat(fd).st_mode
     except OSError as exc:
@@ -55,6 +58,16 @@ def open_regular(path: Path) -> int:
         os.close(fd)
         raise FileProblem(path, f"is {kind_of(mode)}, not a regular file")
     return fd
+
+
+def _open_problem(path: Path | str, exc: OSError) -> str:
+    """strerror, but name a socket (opening one fails with ENXIO) for what it is."""
+    try:
+        if exc.errno == errno.ENXIO and stat.S_ISSOCK(os.stat(path).st_mode):
+            return "is a socket, not a regular file"
+    except OSError:
+        pass
+    return f"cannot open: {exc.strerror or exc}"
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes | None:
@@ -83,7 +96,7 @@ def read_at_most(fd: int, path: Path, limit: int, what: str) -> bytes:
             chunks.append(chunk)
             got += len(chunk)
     except OSError as exc:
-        raise FileProblem(path, exc.strerror or str(exc)) from None
+        raise FileProblem(path, f"cannot read: {exc.strerror or exc}") from None
     if got > limit:
         raise FileProblem(path, f"larger than {limit} bytes, the most {what} can be")
     return b"".join(chunks)
@@ -150,8 +163,41 @@ def written_end(fd: int, path: Path, size: int) -> int:
     return 0
 
 
+def written_end_of(path: Path, size: int | None = None) -> int:
+    """:func:`written_end` of the first ``size`` bytes (default: all) of the file at
+    ``path``; 0 if it cannot be read (the pass that reads it then says why)."""
+    try:
+        fd = open_regular(path)
+    except FileProblem:
+        return 0
+    try:
+        return written_end(fd, path, file_size(fd, path) if size is None else size)
+    except FileProblem:
+        return 0
+    finally:
+        os.close(fd)
+
+
 def file_size(fd: int, path: Path) -> int:
     try:
         return os.fstat(fd).st_size
     except OSError as exc:
         raise FileProblem(path, exc.strerror or str(exc)) from None
+
+
+def size_or_zero(path: Path) -> int:
+    """A file's size for estimates (progress, a pass's limits); 0 if it cannot be told:
+    the pass that reads the file says why."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (after a file in it was made or renamed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

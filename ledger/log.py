@@ -25,7 +25,7 @@ from ledger import nodes, snapshot, verifier
 from ledger.catalog import REGISTRY, LedgerGenesis, MemberAdded, MemberRemoved
 from ledger.errors import LedgerUsageError
 from ledger.events import EventRegistry
-from ledger.files import FileProblem, open_regular, pread_exact, read_bounded
+from ledger.files import FileProblem, fsync_dir, open_regular, pread_exact, read_bounded
 from ledger.keys import NodeKeys
 from ledger.merkle import CompactTree, leaf_hash
 from ledger.note import (
@@ -565,11 +565,7 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def truncate_tail(tail: TornTail) -> None:

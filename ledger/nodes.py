@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ledger.files import FileProblem, read_bounded
+from ledger.files import FileProblem, fsync_dir, read_bounded
 from ledger.state import Member, State
 
 NODES_FILE = "nodes.jsonl"
@@ -94,8 +94,4 @@ def atomic_write(path: Path, data: bytes, *, mode: int, durable: bool = True) ->
     os.replace(tmp, path)
     if not durable:
         return
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)

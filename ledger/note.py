@@ -37,6 +37,7 @@ __all__ = [
     "open_note",
     "sign_checkpoint",
     "sign_note",
+    "stated_checkpoint",
     "verifier_key",
 ]
 
@@ -400,3 +401,12 @@ def open_checkpoint(note: bytes, verifier: NoteVerifier) -> Checkpoint:
     """Verify ``note`` with ``verifier`` (others' signatures ignored) and parse it."""
     text, _ = open_note(note, [verifier])
     return Checkpoint.parse(text)
+
+
+def stated_checkpoint(note: bytes) -> Checkpoint | None:
+    """What a checkpoint note's text says, unauthenticated (None if it says nothing
+    readable): for a reader that checks the signature elsewhere, or not at all."""
+    try:
+        return Checkpoint.parse(note[:note.rfind(b"\n\n") + 1])
+    except NoteError:
+        return None

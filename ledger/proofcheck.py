@@ -13,18 +13,18 @@ and checked against the exact schema of :func:`ledger.audit.prove_inclusion` /
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ledger import merkle
 from ledger.errors import LedgerDataError, LedgerUsageError
+from ledger.files import FileProblem, open_regular, read_at_most
 from ledger.note import Checkpoint, NoteError, NoteVerifier, open_checkpoint
 
 __all__ = ["MAX_DEPTH", "MAX_INPUT_SIZE", "MAX_PROOF_HASHES", "check_proof", "parse_proof",
@@ -46,10 +46,6 @@ _FIELDS = {
     "consistency": ({"kind", "origin", "old_size", "new_size", "proof"}, set()),
 }
 _KINDS = ", ".join(repr(k) for k in _FIELDS)
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISSOCK, "a socket"))
-
 
 class _Refusal(Exception):
     """Raised inside the JSON reader; :func:`parse_proof` adds the source name."""
@@ -271,37 +267,16 @@ def _read_stdin(limit: int) -> bytes:
                               ) from None
 
 
-def _open_problem(path: str, exc: OSError) -> str:
-    """strerror, but name a socket (open() of one fails with ENXIO) for what it is."""
-    try:
-        if exc.errno == errno.ENXIO and stat.S_ISSOCK(os.stat(path).st_mode):
-            return "is a socket, not a regular file"
-    except OSError:
-        pass
-    return f"cannot open: {exc.strerror or exc}"
-
-
 def _read_file(path: str, limit: int) -> bytes:
-    """Open without blocking or a controlling tty; refuse anything but a regular file."""
+    """A regular file only, opened without blocking (:mod:`ledger.files`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise LedgerDataError(f"{path}: {_open_problem(path, exc)}") from None
-    except ValueError as exc:  # an embedded NUL byte
-        raise LedgerDataError(f"{path!r}: cannot open: {exc}") from None
+        fd = open_regular(path)  # as given: an empty name is no file, not "."
+    except FileProblem as exc:
+        raise LedgerDataError(f"{path}: {exc.reason}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            what = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
-            raise LedgerDataError(f"{path}: is {what}, not a regular file")
-        chunks: list[bytes] = []
-        total = 0
-        while total <= limit and (chunk := os.read(fd, limit + 1 - total)):
-            chunks.append(chunk)
-            total += len(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise LedgerDataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        return read_at_most(fd, Path(path), limit, "a proof or checkpoint input")
+    except FileProblem as exc:
+        raise LedgerDataError(f"{path}: {exc.reason}") from None
     finally:
         os.close(fd)
 

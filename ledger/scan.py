@@ -34,7 +34,14 @@ import nacl.exceptions
 from ledger.catalog import REGISTRY, LedgerGenesis
 from ledger.errors import LedgerDataError
 from ledger.events import EventRegistry, packer
-from ledger.files import FileProblem, file_size, open_regular, pread_exact, written_end
+from ledger.files import (
+    FileProblem,
+    file_size,
+    open_regular,
+    pread_exact,
+    size_or_zero,
+    written_end,
+)
 from ledger.merkle import CompactTree
 from ledger.note import (
     Checkpoint,
@@ -44,6 +51,7 @@ from ledger.note import (
     lone_signature,
     open_checkpoint,
     open_note,
+    stated_checkpoint,
     verifier_key,
 )
 from ledger.records import (
@@ -305,15 +313,6 @@ class _Segment:
             self.fd = -1
 
 
-def _size_hint(path: Path, limit: int | None) -> int:
-    """A segment's size for progress reports only (0 if it cannot be told)."""
-    try:
-        size = path.lstat().st_size
-    except OSError:
-        return 0
-    return size if limit is None else min(size, limit)
-
-
 _CREATION_MAX = 64 << 10
 """More written bytes than a torn ``Ledger.create`` can leave in the first segment (a
 header, the genesis record and its checkpoint take well under 2 KiB)."""
@@ -339,14 +338,6 @@ def _signed(note: bytes, verifier: NoteVerifier) -> bool:
     except NoteError:
         return False
     return True
-
-
-def _note_size(note: bytes) -> int | None:
-    """The tree size a checkpoint note states (None if it states none readably)."""
-    try:
-        return Checkpoint.parse(note[:note.rfind(b"\n\n") + 1]).size
-    except NoteError:
-        return None
 
 
 class _Batch(NamedTuple):
@@ -473,7 +464,7 @@ class LogReader:
         segs = self.segments()
         if not segs:
             raise LedgerCorrupt(str(self.directory), 0, None, "no segment files: not a ledger")
-        self._total = sum(_size_hint(p, limit) for _, p, limit in segs)
+        self._total = sum(size_or_zero(p) if limit is None else limit for _, p, limit in segs)
         gc_was_on = gc.isenabled()
         gc.disable()  # a scan allocates millions of short-lived, acyclic objects
         try:
@@ -723,7 +714,8 @@ class LogReader:
         note = body[1:]
         intact = zlib.crc32(body) == crc and self._verifier is not None and _signed(
             note, self._verifier)
-        return at - 8, end, intact, _note_size(note) if intact else None
+        stated = stated_checkpoint(note) if intact else None
+        return at - 8, end, intact, None if stated is None else stated.size
 
     def _torn(self, info: SegmentInfo, file_size: int, reason: str) -> None:
         res = self.result

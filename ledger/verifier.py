@@ -38,9 +38,9 @@ from typing import Any
 
 import structlog
 
-from ledger.files import FileProblem, open_regular, written_end
+from ledger.files import size_or_zero, written_end_of
 from ledger.merkle import CompactTree
-from ledger.note import Checkpoint, NoteError
+from ledger.note import stated_checkpoint
 from ledger.records import SEGMENT_HEADER
 from ledger.scan import LedgerCorrupt, LogReader, ScanResult, list_segments
 from ledger.state import State, apply_items
@@ -72,35 +72,13 @@ def segment_limits(directory: Path, *, live: bool = True) -> dict[str, int]:
     must not read different logs.
     """
     segs = list_segments(directory)
-    limits = {p.name: _size(p) for _, p in segs}
+    limits = {p.name: size_or_zero(p) for _, p in segs}
     if live and segs:
         last = segs[-1][1]
         size = limits[last.name]
         # never into the header (its last byte, the first seq's low byte, may be zero)
-        limits[last.name] = max(_written_end(last, size), min(size, SEGMENT_HEADER.size))
+        limits[last.name] = max(written_end_of(last, size), min(size, SEGMENT_HEADER.size))
     return limits
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _written_end(path: Path, size: int) -> int:
-    """Offset after the last non-zero byte among the first ``size`` bytes of ``path``
-    (0 if it cannot be read: the pass that reads it then says why)."""
-    try:
-        fd = open_regular(path)
-    except FileProblem:
-        return 0
-    try:
-        return written_end(fd, path, size)
-    except FileProblem:
-        return 0
-    finally:
-        os.close(fd)
 
 
 def tree_pass(directory: Path, limits: dict[str, int] | None,
@@ -176,20 +154,13 @@ def _two_halves(directory: Path, limits: dict[str, int], pinned_key: bytes | Non
                                                                       scan.checkpoints):
         return None
     tree_now = CompactTree(tree.frontier, tree.count)
-    if scan.last_note is None or _note_root(scan.last_note) != tree_now.root():
+    stated = None if scan.last_note is None else stated_checkpoint(scan.last_note)
+    if stated is None or stated.root_hash != tree_now.root():
         log.warning("ledger.verify_halves_disagree", records=scan.count)
         return None
     scan.tree = tree_now
     scan.prev_hash, scan.last_ts = tree.prev_hash, tree.last_ts
     return scan, state
-
-
-def _note_root(note: bytes) -> bytes | None:
-    """The root hash a checkpoint note states (its signature is checked elsewhere)."""
-    try:
-        return Checkpoint.parse(note[:note.rfind(b"\n\n") + 1]).root_hash
-    except NoteError:
-        return None
 
 
 class TreeWorker:

@@ -3,27 +3,18 @@ counted refusals, never a TypeError in the kernel or a cap with a bool badge."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog.testing
+import test_attacks
 from test_attacks import FLEET, WG, refused, token
 
 from actors import kernel as kernel_module
 from actors.kernel import ReplyCap
 from ledger.caps import CapRefused, Token
-from sims.node import SimNode, build_node, scratch_directory
+from sims.node import SimNode
 
-
-@pytest.fixture
-def node() -> Iterator[SimNode]:
-    with scratch_directory("ppn-loose-") as d, structlog.testing.capture_logs():
-        n = build_node(d / "ledger", seed=12)
-        try:
-            yield n
-        finally:
-            n.close()
+node = test_attacks.node  # the same fixture: a simulated node, real ledger and kernel
 
 
 @pytest.mark.parametrize("make", [

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
+
+import pytest
 
 from ledger import verifier
 from ledger.catalog import CapGranted, MemberAdded, MemberRemoved, PdDeclared
 from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
-from ledger.records import FRAME_HEADER
+from ledger.records import FRAME_HEADER, KIND_CHECKPOINT, KIND_RECORD
 from ledger.scan import LogReader, list_segments
 from ledger.seal import clear_append_only
 from ledger.state import State, apply
 
 ORIGIN = "test-node.ppn/ledger"
 NO_FLAG = Options(set_append_only_flag=False)
+QUIET = Options(set_append_only_flag=False, anchor_every_batches=0, anchor_every_seconds=0)
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 
 
 def counting_clock(start: int = 1_700_000_000_000_000_000) -> Callable[[], int]:
@@ -88,6 +96,51 @@ def zero(path: Path, offset: int, n: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(bytes(n))
+
+
+def damaged_last_batch(d: Path, garbage: bool = False,
+                       options: Options = NO_FLAG) -> tuple[NodeKeys, int, int]:
+    """A closed ledger whose last batch (40 records over several pages) has a zero page
+    (or, with ``garbage``, a page of random bytes) in its middle while its checkpoint
+    survives; (keys, the batch's first seq, the size after it)."""
+    led, keys = new_ledger(d, options=options)
+    led.append_many(list(sample_events(10)))
+    start = led.size
+    led.append_many([PdDeclared(f"pd-{i}-" + "x" * 300, i) for i in range(40)])
+    size = led.size
+    led.close()
+    last = segments(d)[-1]
+    fr = frames(last)
+    first_off = [o for o, k, _ in fr if k == KIND_RECORD][start]
+    end_off, kind, _ = fr[-1]
+    assert kind == KIND_CHECKPOINT and end_off - first_off > 3 * 4096
+    page = ((first_off + end_off) // 2) // 4096 * 4096
+    with open(last, "r+b") as f:
+        f.seek(page)
+        f.write(os.urandom(4096) if garbage else bytes(4096))
+    return keys, start, size
+
+
+def python(script: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter (a hang fails the test, it cannot stall it)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s: a hang")
+
+
+def ppn(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real CLI, as text; a hang fails the test."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("PPN_DEBUG", None)
+    try:
+        return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`ppn {' '.join(args)}` still running after {timeout} s: a hang")
 
 
 def unseal_all(path: Path) -> None:

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 import tracemalloc
@@ -35,7 +32,19 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers import flip, frames, member, new_ledger, sample_events, segments, zero
+from helpers import (
+    QUIET,
+    damaged_last_batch,
+    flip,
+    frames,
+    member,
+    new_ledger,
+    ppn,
+    python,
+    sample_events,
+    segments,
+    zero,
+)
 
 from ledger import audit, recover, scan
 from ledger.catalog import PdDeclared
@@ -46,57 +55,7 @@ from ledger.note import Checkpoint
 from ledger.records import FRAME_HEADER, KIND_CHECKPOINT, KIND_RECORD
 from ledger.scan import DamagedLastBatch, LedgerCorrupt, LedgerNotInitialised, LogReader
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 ORIGIN = "test-node.ppn/ledger"
-QUIET = Options(set_append_only_flag=False, anchor_every_batches=0, anchor_every_seconds=0)
-
-
-
-
-
-
-
-
-def python(script: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a fresh interpreter (a hang fails the test, it cannot stall it)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
-    try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
-                              cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"still running after {timeout} s: a hang")
-
-
-def ppn(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("PPN_DEBUG", None)
-    try:
-        return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"`ppn {' '.join(args)}` still running after {timeout} s: a hang")
-
-
-def _damaged_last_batch(d: Path) -> tuple[NodeKeys, int, int]:
-    """A closed ledger whose last batch (40 records over several pages) has a zero page in
-    its middle while its checkpoint survives: the textbook DamagedLastBatch."""
-    led, keys = new_ledger(d, options=QUIET)
-    led.append_many(list(sample_events(10)))
-    start = led.size
-    led.append_many([PdDeclared(f"pd-{i}-" + "x" * 300, i) for i in range(40)])
-    size = led.size
-    led.close()
-    last = segments(d)[-1]
-    fr = frames(last)
-    first_off = [o for o, k, _ in fr if k == KIND_RECORD][start]
-    end_off = fr[-1][0]
-    page = ((first_off + end_off) // 2) // 4096 * 4096
-    with open(last, "r+b") as f:
-        f.seek(page)
-        f.write(bytes(4096))
-    return keys, start, size
 
 
 # ------------------------------------------------ 1. recover drops more than the last batch
@@ -306,7 +265,7 @@ def test_recover_holds_the_lock_until_its_decision_is_recorded(
     decision), and recover fails after having cut the segment.  The probe below takes
     the lock at exactly that moment."""
     d = tmp_path / "l"
-    keys, _, _ = _damaged_last_batch(d)
+    keys, _, _ = damaged_last_batch(d, options=QUIET)
     real_open = Ledger.open
     seen: list[str] = []
 
@@ -346,7 +305,7 @@ def test_a_second_recovery_keeps_what_the_first_kept(tmp_path: Path) -> None:
     the second recovery fails with a permission error instead.  Use O_EXCL and a unique
     name."""
     d = tmp_path / "l"
-    keys, _, _ = _damaged_last_batch(d)
+    keys, _, _ = damaged_last_batch(d, options=QUIET)
     first = recover.drop_last_batch(d, keys)
     last = segments(d)[-1]
     off, kind, _ = [f for f in frames(last) if f[1] == KIND_RECORD][-1]

@@ -24,50 +24,32 @@ import fcntl
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from helpers import flip, frames, member, new_ledger, sample_events, segments
+from helpers import (
+    QUIET,
+    damaged_last_batch,
+    flip,
+    frames,
+    member,
+    new_ledger,
+    ppn,
+    python,
+    sample_events,
+    segments,
+)
 
 from ledger import audit, recover, scan
 from ledger.catalog import MemberAdded, MemberRemoved, PdDeclared
 from ledger.errors import LedgerUsageError
 from ledger.keys import NodeKeys
-from ledger.log import Ledger, Options
+from ledger.log import Ledger
 from ledger.records import KIND_CHECKPOINT, KIND_RECORD
 from ledger.scan import DamagedLastBatch, LedgerCorrupt, LogReader
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 ORIGIN = "test-node.ppn/ledger"
-QUIET = Options(set_append_only_flag=False, anchor_every_batches=0, anchor_every_seconds=0)
-
-
-
-
-
-
-def python(script: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
-    try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
-                              cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"still running after {timeout} s: a hang")
-
-
-def ppn(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("PPN_DEBUG", None)
-    try:
-        return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"`ppn {' '.join(args)}` still running after {timeout} s: a hang")
 
 
 # ------------------------------------ 1. a bit flip in the last checkpoint: silent truncation
@@ -207,21 +189,6 @@ def test_node_init_refuses_a_committed_ledger_without_an_anchor(
 
 # ------------------------------------ 4. recover: truncation before the anchor is brought back
 
-def _damaged_last_batch(d: Path) -> NodeKeys:
-    led, keys = new_ledger(d, options=QUIET)
-    led.append_many(list(sample_events(10)))
-    start = led.size
-    led.append_many([PdDeclared(f"pd-{i}-" + "x" * 300, i) for i in range(40)])
-    led.close()
-    last = segments(d)[-1]
-    fr = frames(last)
-    first_off = [o for o, k, _ in fr if k == KIND_RECORD][start]
-    page = ((first_off + fr[-1][0]) // 2) // 4096 * 4096
-    with open(last, "r+b") as f:
-        f.seek(page)
-        f.write(bytes(4096))
-    return keys
-
 
 def test_a_recover_interrupted_after_truncation_can_be_finished(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,7 +201,7 @@ def test_a_recover_interrupted_after_truncation_can_be_finished(
     finishes (or the anchor is moved back first -- the checkpoint at the new end is
     already in the log -- and truncation done last)."""
     d = tmp_path / "l"
-    keys = _damaged_last_batch(d)
+    keys, _, _ = damaged_last_batch(d, options=QUIET)
 
     def no_space(*a: object, **k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

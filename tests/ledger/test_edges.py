@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import NO_FLAG, counting_clock, frames, new_ledger, sample_events, segments, unseal_all
+from helpers import (
+    NO_FLAG,
+    counting_clock,
+    damaged_last_batch,
+    frames,
+    new_ledger,
+    sample_events,
+    segments,
+    unseal_all,
+)
 
 from ledger import audit, recover, scan
 from ledger.catalog import REGISTRY, LedgerGenesis, LedgerRecovered, PdDeclared
@@ -260,25 +269,9 @@ def test_special_files_are_refused_without_blocking(tmp_path: Path, which: str,
 # ------------------------------------------------------------ a damaged last batch
 
 def _damaged_last_batch(tmp_path: Path, how: str) -> tuple[Path, NodeKeys, int, int]:
-    """A closed ledger whose last batch (many records, several pages) is damaged in
-    the middle while its checkpoint survives; (dir, keys, batch start seq, size)."""
+    """(dir, keys, batch start seq, size) of :func:`helpers.damaged_last_batch`."""
     d = tmp_path / "l"
-    led, keys = new_ledger(d)
-    led.append_many(list(sample_events(10)))
-    start = led.size
-    led.append_many([PdDeclared(f"pd-{i}-" + "x" * 300, i) for i in range(40)])
-    size = led.size
-    led.close()
-    last = segments(d)[-1]
-    fr = frames(last)
-    first_off = [o for o, k, _ in fr if k == KIND_RECORD][start]
-    end_off, kind, _ = fr[-1]
-    assert kind == KIND_CHECKPOINT and end_off - first_off > 3 * 4096
-    page = ((first_off + end_off) // 2) // 4096 * 4096
-    with open(last, "r+b") as f:
-        f.seek(page)
-        f.write(bytes(4096) if how == "zero page" else os.urandom(4096))
-    return d, keys, start, size
+    return (d, *damaged_last_batch(d, garbage=how != "zero page"))
 
 
 def test_garbage_in_the_last_batch_is_not_a_torn_write(tmp_path: Path) -> None:
