@@ -228,6 +228,13 @@ class EventRegistry:
             raise EventTypeError(f"{type(event).__name__} is not a registered event type")
         return et
 
+    def type_of_class(self, cls: type[Any]) -> EventType:
+        """The registration of event class ``cls``; :class:`EventTypeError` if none."""
+        et = self._by_cls.get(cls)
+        if et is None:
+            raise EventTypeError(f"{cls.__name__} is not a registered event type")
+        return et
+
     def by_tag(self, tag: str) -> EventType | None:
         return self._by_tag.get(tag)
 

@@ -63,7 +63,7 @@ from ledger.scan import (
     segment_name,
 )
 from ledger.seal import seal_segment
-from ledger.state import State, apply, apply_items
+from ledger.state import UNFIT, State, apply, apply_items, unfit
 
 log = structlog.get_logger("ledger")
 
@@ -110,6 +110,10 @@ class Options:
             raise LedgerUsageError(f"segment_bytes must be 1..{most}")
         if self.anchor_every_batches < 0 or self.anchor_every_seconds < 0:
             raise LedgerUsageError("anchor refresh intervals cannot be negative")
+
+
+class EventUnfit(LedgerUsageError):
+    """A batch holds an event the fold could not apply to the state it would meet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,7 @@ class Ledger:
         self._snap_size = 0
         self._lock = threading.Lock()  # the queue, the leader flag, closing
         self._commit_lock = threading.Lock()  # held while a batch is written and folded
+        self._fit_lock = threading.Lock()  # a conditional batch: checked, then appended
         self._idle = threading.Event()  # set while no leader is active
         self._idle.set()
         self._queue: deque[_Pending] = deque()
@@ -283,13 +288,33 @@ class Ledger:
         return self.append_many([event])[0]
 
     def append_many(self, events: Sequence[object]) -> list[Receipt]:
-        """Append events as one unit (same batch, consecutive seqs); durable on return."""
+        """Append events as one unit (same batch, consecutive seqs); durable on return.
+
+        A batch the fold could not apply whole -- a grant of a cap id that exists, a
+        revoke of one that does not, a PD status change its transition table lacks --
+        is refused with :class:`EventUnfit` and nothing is appended: no sequence of
+        appends leaves a log whose own fold cannot replay it.
+        """
         items = [self._prepare(e) for e in events]
         if not items:
             return []
         if sum(len(data) + 200 for _, data, _ in items) > MAX_BATCH_BYTES:
             raise LedgerUsageError(f"{len(items)} events are more than one batch may hold "
                                    f"({MAX_BATCH_BYTES} bytes); append them in parts")
+        if not any(type(e) in UNFIT for e in events):
+            return self._append_items(items)
+        # Checked and appended under one lock: no other conditional batch can change
+        # what this one is checked against before it is folded in.
+        with self._fit_lock:
+            found = unfit(self._state, events)
+            if found is not None:
+                i, why = found
+                tag = self.registry.type_of(events[i]).tag
+                raise EventUnfit(f"event {i + 1} of {len(items)} ({tag}): {why}; "
+                                 "nothing was appended")
+            return self._append_items(items)
+
+    def _append_items(self, items: list[tuple[Any, bytes, bytes | None]]) -> list[Receipt]:
         p = _Pending(items)
         with self._lock:
             self._check_usable()

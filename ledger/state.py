@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
@@ -148,12 +148,14 @@ def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int, sig: bytes 
 
 
 def _pd_declared(s: State, e: c.PdDeclared, seq: int, ts: int, sig: bytes | None) -> None:
+    # A PD declared again keeps its status: a declaration states a priority and never
+    # brings a failed or reaped PD back (only pd.spawned does that).
     s.pds[e.name] = e.priority
-    s.pd_status[e.name] = "running"
+    s.pd_status.setdefault(e.name, "running")
 
 
 def _cap_granted(s: State, e: c.CapGranted, seq: int, ts: int, sig: bytes | None) -> bool:
-    if e.cap_id in s.caps or (e.parent is not None and e.parent not in s.caps):
+    if _unfit_grant(s, e) is not None:
         return False
     s.caps[e.cap_id] = Cap(e.cap_id, e.holder, e.obj, e.rights, e.badge, e.parent, e.via,
                            seq, sig)
@@ -207,24 +209,135 @@ def _cap_revoked(s: State, e: c.CapRevoked, seq: int, ts: int, sig: bytes | None
     return True
 
 
-def _pd_restarted(s: State, e: c.PdRestarted, seq: int, ts: int, sig: bytes | None) -> None:
+# --------------------------------------------------------------------- PD status
+PD_TRANSITIONS: dict[tuple[str, type[Any]], str] = {
+    ("running", c.PdRestarted): "running",
+    ("running", c.PdFailed): "failed",
+    ("running", c.PdReaped): "reaped",
+    ("reaped", c.PdSpawned): "running",
+    ("failed", c.PdSpawned): "running",
+}
+"""A PD's status, by (status now, lifecycle event) -> status after.  A PD is
+``running`` from its declaration.  A pair missing here is not a transition: the
+lifecycle refuses it (:func:`pd_transition`) and the fold changes nothing."""
+
+
+def pd_transition(s: State, pd: str, event_type: type[Any]) -> str | None:
+    """Why ``event_type`` cannot happen to ``pd`` now, or None if it can."""
+    status = s.pd_status.get(pd)
+    if status is not None and (status, event_type) in PD_TRANSITIONS:
+        return None
+    tag = c.REGISTRY.type_of_class(event_type).tag
+    allowed = sorted(a for a, t in PD_TRANSITIONS if t is event_type)
+    return (f"{tag} does not apply to {pd}: its status is {status or 'undeclared'}, "
+            f"and {tag} needs {' or '.join(allowed)}")
+
+
+def _lifecycle(s: State, e: Any) -> bool:
+    to = PD_TRANSITIONS.get((s.pd_status.get(e.name, ""), type(e)))
+    if to is None:
+        return False
+    s.pd_status[e.name] = to
+    return True
+
+
+def _pd_restarted(s: State, e: c.PdRestarted, seq: int, ts: int, sig: bytes | None) -> bool:
+    if not _lifecycle(s, e):
+        return False
     s.restarts[e.name] = s.restarts.get(e.name, 0) + 1
+    return True
 
 
-def _pd_failed(s: State, e: c.PdFailed, seq: int, ts: int, sig: bytes | None) -> None:
-    s.pd_status[e.name] = "failed"
+def _pd_failed(s: State, e: c.PdFailed, seq: int, ts: int, sig: bytes | None) -> bool:
+    return _lifecycle(s, e)
 
 
-def _pd_reaped(s: State, e: c.PdReaped, seq: int, ts: int, sig: bytes | None) -> None:
-    s.pd_status[e.name] = "reaped"
+def _pd_reaped(s: State, e: c.PdReaped, seq: int, ts: int, sig: bytes | None) -> bool:
+    if not _lifecycle(s, e):
+        return False
     for cap in [k for k in s.caps.values() if k.holder == e.name]:
         if cap.cap_id in s.caps:
             _cap_revoked(s, c.CapRevoked(cap.cap_id, 0), seq, ts, None)
             _cap_deleted(s, c.CapDeleted(cap.cap_id, e.name, "reaped"), seq, ts, None)
+    return True
 
 
-def _pd_spawned(s: State, e: c.PdSpawned, seq: int, ts: int, sig: bytes | None) -> None:
-    s.pd_status[e.name] = "running"
+def _pd_spawned(s: State, e: c.PdSpawned, seq: int, ts: int, sig: bytes | None) -> bool:
+    return _lifecycle(s, e)
+
+
+# --------------------------------------------------------------------- fitting
+def _unfit_grant(s: State, e: c.CapGranted) -> str | None:
+    if e.cap_id in s.caps:
+        return f"cap #{e.cap_id} exists already"
+    if e.parent is not None and e.parent not in s.caps:
+        return f"its parent cap #{e.parent} does not exist"
+    return None
+
+
+def _unfit_cap(s: State, e: Any) -> str | None:
+    return None if e.cap_id in s.caps else f"cap #{e.cap_id} does not exist"
+
+
+def _unfit_lifecycle(s: State, e: Any) -> str | None:
+    return pd_transition(s, e.name, type(e))
+
+
+UNFIT: dict[type[Any], Callable[[State, Any], str | None]] = {
+    c.CapGranted: _unfit_grant,
+    c.CapMoved: _unfit_cap,
+    c.CapDeleted: _unfit_cap,
+    c.CapRevoked: _unfit_cap,
+    c.PdRestarted: _unfit_lifecycle,
+    c.PdFailed: _unfit_lifecycle,
+    c.PdReaped: _unfit_lifecycle,
+    c.PdSpawned: _unfit_lifecycle,
+}
+"""Events that fit only some states, and why one does not fit.  Every other event
+always applies.  Each condition here is the one its applier tests."""
+
+
+def unfit(state: State, events: Sequence[Any]) -> tuple[int, str] | None:
+    """The first event of ``events`` (as one batch, in order) that would not apply, and
+    why; None if the fold applies every one.  ``state`` is not changed."""
+    conditional = [i for i, e in enumerate(events) if type(e) in UNFIT]
+    if not conditional:
+        return None
+    if len(conditional) == 1:
+        i = conditional[0]
+        why = UNFIT[type(events[i])](state, events[i])
+        return None if why is None else (i, why)
+    if all(type(events[i]) is c.CapGranted for i in conditional):
+        granted: set[int] = set()  # grants only: no cap disappears within the batch
+        for i in conditional:
+            e = events[i]
+            if e.cap_id in state.caps or e.cap_id in granted:
+                return i, f"cap #{e.cap_id} exists already"
+            if e.parent is not None and e.parent not in state.caps and e.parent not in granted:
+                return i, f"its parent cap #{e.parent} does not exist"
+            granted.add(e.cap_id)
+        return None
+    trial = _trial(state)
+    for i, e in enumerate(events):
+        check = UNFIT.get(type(e))
+        why = check(trial, e) if check is not None else None
+        if why is not None:
+            return i, why
+        apply(trial, e, trial.seq + 1, 0)
+    return None
+
+
+def _trial(state: State) -> State:
+    """A copy to try a batch on: the capability table deep, the small tables shallow."""
+    t = State(seq=state.seq, origin=state.origin, signing_key=state.signing_key,
+              node=state.node, pds=dict(state.pds), members=dict(state.members),
+              caps=copy.deepcopy(state.caps), pd_status=dict(state.pd_status),
+              restarts=dict(state.restarts), next_cap_id=state.next_cap_id,
+              objects=dict(state.objects))
+    for k in t.caps.values():
+        if k.parent is not None:
+            t.children.setdefault(k.parent, []).append(k.cap_id)
+    return t
 
 
 APPLIERS: dict[type[Any], Applier] = {

@@ -16,7 +16,7 @@ import pytest
 from ledger import verifier
 from ledger.catalog import CapGranted, MemberAdded, MemberRemoved, PdDeclared
 from ledger.keys import NodeKeys
-from ledger.log import Ledger, Options
+from ledger.log import EventUnfit, Ledger, Options
 from ledger.records import FRAME_HEADER, KIND_CHECKPOINT, KIND_RECORD
 from ledger.scan import LogReader, list_segments
 from ledger.seal import clear_append_only
@@ -39,17 +39,36 @@ def member(i: int) -> MemberAdded:
                        f"10.8.0.{i % 250 + 2}", f"192.0.2.{i % 250 + 1}:51820", "node")
 
 
+_GRANT_IDS = itertools.count(1)
+"""Cap ids for sample grants, fresh per grant: the ledger refuses a second grant of an id."""
+
+
 def sample_events(n: int) -> Iterator[object]:
     for i in range(n):
         k = i % 5
         if k == 0:
             yield member(i)
         elif k == 1:
-            yield CapGranted(i, "pd-fleet", "tunnel", ("read",), i, None, "mint")
+            yield CapGranted(next(_GRANT_IDS), "pd-fleet", "tunnel", ("read",), i, None, "mint")
         elif k == 2:
             yield MemberRemoved(f"node-{i - 2}", "left")
         else:
             yield PdDeclared(f"pd-{i}", i)
+
+
+def append_fitting(led: Ledger, batches: list[list[Any]]) -> int:
+    """Append each batch; one the fold could not apply is refused whole, changing nothing.
+    Returns how many events were appended."""
+    n = 0
+    for b in batches:
+        size, root = led.size, led.root()
+        try:
+            led.append_many(b)
+        except EventUnfit:
+            assert (led.size, led.root()) == (size, root)
+        else:
+            n += len(b)
+    return n
 
 
 def new_ledger(path: Path, keys: NodeKeys | None = None,

@@ -14,11 +14,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from helpers import NO_FLAG, counting_clock
+import pytest
+from helpers import NO_FLAG, append_fitting, counting_clock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger import audit
+from ledger import log as log_module
 from ledger.catalog import (
     CapDeleted,
     CapGranted,
@@ -31,7 +33,7 @@ from ledger.catalog import (
     PdSpawned,
 )
 from ledger.keys import NodeKeys
-from ledger.log import Ledger
+from ledger.log import EventUnfit, Ledger
 from ledger.scan import LogReader
 from ledger.state import INAPPLICABLE, State, apply_items
 
@@ -49,11 +51,27 @@ def review_batch() -> list[object]:
             CapDeleted(1, "pd-a", "x")]
 
 
-def test_the_reviews_batch_no_longer_bricks_the_ledger(tmp_path: Path) -> None:
+def test_the_ledger_refuses_a_batch_its_fold_cannot_apply(tmp_path: Path) -> None:
+    d = tmp_path / "l"
+    led = Ledger.create(d, KEYS, "t.ppn/ledger", clock=counting_clock(), options=NO_FLAG)
+    size, root = led.size, led.root()
+    with pytest.raises(EventUnfit, match=r"event 4 of 6 \(cap.granted\): cap #5 exists"):
+        led.append_many(review_batch())
+    assert (led.size, led.root()) == (size, root) and not led.state.caps
+    led.append(PdDeclared("after", 1))  # later appends still work
+    led.close()
+    with Ledger.open(d, KEYS, options=NO_FLAG) as again:
+        assert again.size == size + 1
+
+
+def test_a_log_an_older_writer_filled_with_unfit_events_still_replays(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fold stays total for logs this writer did not check (an older one's, say)."""
+    monkeypatch.setattr(log_module, "unfit", lambda state, events: None)
     d = tmp_path / "l"
     led = Ledger.create(d, KEYS, "t.ppn/ledger", clock=counting_clock(), options=NO_FLAG)
     led.append_many(review_batch())
-    led.append(PdDeclared("after", 1))  # later appends still work
+    led.append(PdDeclared("after", 1))
     counts = dict(led.state.event_counts)
     led.close()
     assert counts["cap.granted" + INAPPLICABLE] == 1  # the second grant of id 5
@@ -89,19 +107,20 @@ events = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=st.lists(st.lists(events, min_size=1, max_size=6), min_size=1, max_size=8))
 def test_no_sequence_of_appends_bricks_the_log(batches: list[list[Any]]) -> None:
-    """Any events, any fields, in any batches: every append commits, the ledger reopens,
-    verify passes, and replay gives the live state exactly."""
+    """Any events, any fields, in any batches: each batch commits whole or is refused whole
+    (changing nothing), nothing unfit ever lands, the ledger reopens, verify passes, and
+    replay gives the live state exactly."""
     d = Path(tempfile.mkdtemp()) / "l"
     try:
         led = Ledger.create(d, KEYS, "t.ppn/ledger", clock=counting_clock(), options=NO_FLAG)
-        for batch in batches:
-            led.append_many(batch)
+        appended = append_fitting(led, batches)
         live = led.state.to_obj()
         led.close()
+        assert not [k for k in live["event_counts"] if k.endswith(INAPPLICABLE)]
         assert replayed(d).to_obj() == live
         with Ledger.open(d, KEYS, options=NO_FLAG) as again:
             assert again.state.to_obj() == live
-        assert audit.verify(d, jobs=1).records == 1 + sum(map(len, batches))
+        assert audit.verify(d, jobs=1).records == 1 + appended
         for cap in replayed(d).caps.values():  # the derivation tree stays a tree
             assert cap.parent is None or cap.parent in live_caps(live)
     finally:

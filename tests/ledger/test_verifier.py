@@ -17,7 +17,15 @@ from typing import Any
 
 import nacl.signing
 import pytest
-from helpers import InProcessWorker, member, new_ledger, sample_events, segments, unseal_all
+from helpers import (
+    InProcessWorker,
+    append_fitting,
+    member,
+    new_ledger,
+    sample_events,
+    segments,
+    unseal_all,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_properties import (
@@ -68,8 +76,7 @@ def test_parallel_finds_the_same_first_failure(tamper: Tamper, bs: list[list[Any
     work = Path(tempfile.mkdtemp(prefix="ppn-par-"))
     try:
         led, _ = new_ledger(work / "l", options=SMALL_SEGMENTS)
-        for b in bs:
-            led.append_many(b)
+        append_fitting(led, bs)
         led.close()
         unseal_all(work / "l")
         intact = _outcome(work / "l", jobs=1)
