@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ipaddress
 import json
 import logging
 import os
@@ -27,16 +26,15 @@ from actors.lifecycle import HostError
 from actors.logs import configure_logging
 from actors.runtime import LEDGER_SUBDIR, Node
 from actors.system import SystemDescriptionError, load_default
-from ledger.catalog import ROLES, MemberAdded, NodeIdentity
+from ledger import commands
+from ledger.catalog import ROLES
+from ledger.commands import NAME_RE
 from ledger.errors import LedgerError, LedgerUsageError
 from ledger.files import fsync_dir
 from ledger.keys import NODE_KEY_FILE, WIREGUARD_KEY_FILE, NodeKeys
 from ledger.log import Ledger
 from ledger.note import verifier_key
 from ledger.scan import LedgerCorrupt, LedgerNotInitialised, LogReader
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-MESH = ipaddress.ip_network("10.8.0.0/24")
 
 
 def _node_init(args: argparse.Namespace) -> int:
@@ -56,12 +54,8 @@ def _node_init(args: argparse.Namespace) -> int:
         shutil.rmtree(staging)  # a torn earlier init: nothing in it was ever used
     origin = f"{name}.ppn/ledger"
     with Ledger.create(staging, keys, origin) as ledger:
-        ledger.append_many([
-            NodeIdentity(name, keys.public_key, keys.wg_public_key, args.mesh_ip, args.role),
-            MemberAdded(name, keys.public_key, keys.wg_public_key, args.mesh_ip,
-                        args.endpoint, args.role),
-            *system.initial_events(),
-        ])
+        ledger.append_many(system.first_events(name, keys, args.mesh_ip, args.role,
+                                                args.endpoint))
         size = ledger.size
     if redo:  # kept, not deleted: an auditor may want to see what the torn init left
         os.rename(ledger_dir, state_dir / f"{LEDGER_SUBDIR}.unfinished-{time.time_ns()}")
@@ -228,6 +222,27 @@ def _add_node_commands(node: Any) -> None:
     ping.set_defaults(func=_node_ping)
 
 
+def _net_links(args: argparse.Namespace) -> int:
+    links = _ask(args, "net.links")
+    if args.json:
+        print(json.dumps(links, indent=2))
+        return 0
+    for link in links:
+        addrs = ", ".join(f"{a['address']}/{a['prefixlen']}" for a in link["addresses"])
+        print(f"{link['index']:>3} {link['name']:<16} {link['state']:<8} mtu {link['mtu']:<6} "
+              f"{link['mac'] or '-':<17} {addrs or '-'}")
+    return 0
+
+
+def _add_net_commands(top: Any) -> None:
+    net = top.add_parser("net", help="the running node's network, as pd-net-driver sees it"
+                         ).add_subparsers(dest="cmd", required=True)
+    links = net.add_parser("links", help="links and their addresses (netlink)")
+    links.add_argument("--state-dir", required=True)
+    links.add_argument("--json", action="store_true")
+    links.set_defaults(func=_net_links)
+
+
 def _add_caps_commands(top: Any) -> None:
     caps = top.add_parser("caps", help="the running node's capabilities").add_subparsers(
         dest="cmd", required=True)
@@ -266,10 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--name", required=True)
     init.add_argument("--mesh-ip", default="10.8.0.1", type=_mesh_ip)
     init.add_argument("--role", choices=ROLES, default="node")
-    init.add_argument("--endpoint", default=None, help="underlay HOST:PORT peers dial")
+    init.add_argument("--endpoint", default=None, type=_endpoint,
+                      help="underlay IP:PORT peers dial")
     init.set_defaults(func=_node_init)
     _add_node_commands(node)
     _add_caps_commands(top)
+    _add_net_commands(top)
 
     add_ledger_commands(top)
     return p
@@ -277,12 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _mesh_ip(text: str) -> str:
     try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
-    if ip not in MESH or ip in (MESH.network_address, MESH.broadcast_address):
-        raise argparse.ArgumentTypeError(f"{ip} is not a host address in {MESH}")
-    return str(ip)
+        return str(commands.mesh_ip(text))
+    except commands.EventInvalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _endpoint(text: str) -> str:
+    try:
+        ip, port = commands.endpoint(text)
+    except commands.EventInvalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"{ip}:{port}"
 
 
 def _one_line(exc: BaseException, limit: int = 800) -> str:

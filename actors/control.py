@@ -15,6 +15,8 @@ Commands (fields in brackets are optional):
 * ``caps.revoke cap``              -- delete every descendant of ``cap``
 * ``caps.mint cap rights to [badge]`` -- derive a cap from ``cap`` into PD ``to``
 * ``ping [pd] [cap]``              -- call a PD and return its answer
+* ``net.links``                    -- the node's links and addresses (pd-net-driver,
+                                      reached through pd-network-admin)
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Operator(Protocol):
     def mint(self, cap_id: int, rights: list[str], to: str,
              badge: int | None = None) -> int: ...
     def ping(self, pd: str | None = None, cap_id: int | None = None) -> Any: ...
+    def net_links(self) -> list[dict[str, Any]]: ...
 
 
 # ----------------------------------------------------------------- request decoding
@@ -102,6 +105,7 @@ COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, opti
     "caps.revoke": ({"cap"}, set()),
     "caps.mint": ({"cap", "rights", "to"}, {"badge"}),
     "ping": (set(), {"pd", "cap"}),
+    "net.links": (set(), set()),
 }
 
 
@@ -164,6 +168,8 @@ def execute(op: Operator, cmd: str, f: dict[str, Any]) -> Any:
                 "parent": f["cap"]}
     if cmd == "ping":
         return op.ping(f.get("pd"), f.get("cap"))
+    if cmd == "net.links":
+        return op.net_links()
     raise RequestError(f"unknown command {cmd!r}")  # COMMANDS and this list disagree
 
 

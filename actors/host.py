@@ -1,23 +1,21 @@
 """The node host: each protection domain a pykka actor around its sans-I/O core.
 
-An actor is a thin shell.  Its inbox receives :class:`~actors.kernel.Delivery` s
-(from the kernel's one ``route``), timer ticks and the host's own queries; for a
-delivery it asks ``kernel.accept`` first (a cap revoked while the message sat in
-the queue stops it here), hands it to the core with the wall-clock time, and
-carries out the returned actions: events are journalled first, then messages,
-replies and timers.
+This host is mechanism only: threads, the wall clock, one timer thread, and the
+PDs' adapters.  What a core's actions mean, when a PD restarts or fails, how it is
+reaped or spawned: all of that is the engine's (``actors.engine``), which the
+simulator's host runs too.
 
-The host keeps its own name -> actor map; nothing is looked up in pykka's
-global registry (that would be ambient authority).  Supervision is per PD: a
-handler that raises is journalled as ``PdRestarted`` and the PD gets a fresh core
-started from the ledger; more than ``restart_limit`` crashes within
-``restart_window`` seconds are journalled as ``PdFailed`` and the PD is stopped,
-while the node runs on.
+An actor is a thin shell.  Deliveries reach it only through its :class:`_Mailbox`,
+which only the kernel's route fills (a :class:`~actors.kernel.Delivery` told into
+its pykka inbox is ignored); timer ticks, I/O answers and unsolicited input come
+as their own messages.  The host keeps its own name -> actor map; nothing is
+looked up in pykka's global registry (that would be ambient authority).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import threading
@@ -30,17 +28,18 @@ from typing import Any
 import pykka
 import structlog
 
-from actors.core import Action, Append, Call, Core, IoRequest, Reply, Send, SetTimer, make_core
+from actors.engine import Cell, CoreFactory, Engine
+from actors.io.base import Adapter
 from actors.kernel import Delivery, Kernel
-from actors.lifecycle import CrashWindow, HostError, require_spawnable, require_status
-from ledger import caps
+from actors.lifecycle import HostError
+from actors.pds import make_core
+from actors.pds.base import Action, IoAnswer, IoFailure, IoInput, IoRequest
 from ledger.caps import CapRefused
-from ledger.catalog import PdFailed, PdReaped, PdSpawned
 from ledger.log import Ledger
 
 log = structlog.get_logger("host")
 
-CoreFactory = Callable[[str], Core]
+__all__ = ["CoreFactory", "Host", "HostError", "Timers"]
 
 @dataclass(frozen=True, slots=True)
 class _Tick:
@@ -48,6 +47,22 @@ class _Tick:
 
     name: str
     generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """An adapter's answer to a request the core with ``generation`` made."""
+
+    generation: int
+    answer: IoAnswer
+
+
+@dataclass(frozen=True, slots=True)
+class _Input:
+    """What an adapter was told unasked, while the core had ``generation``."""
+
+    generation: int
+    event: IoInput
 
 
 class _CoreStatus:
@@ -144,146 +159,72 @@ class Timers:
 
 
 class PdActor(pykka.ThreadingActor):
-    """One protection domain: an inbox, a core, and the PD's port on the kernel."""
+    """One protection domain: an inbox and the PD's cell, run by the engine."""
 
     use_daemon_thread = True  # a PD stuck in a handler must not keep the process alive
 
-    def __init__(self, host: Host, pd: str) -> None:
+    def __init__(self, host: Host, cell: Cell) -> None:
         super().__init__()
-        self.pd = pd
+        self.pd = cell.pd
         self._host = host
-        self._port = host.kernel.port(pd)
-        self._core: Core | None = None
-        self._generation = 0
+        self._engine = host.engine
+        self.cell = cell
 
     # ----------------------------------------------------------------- pykka hooks
     def on_start(self) -> None:
-        try:
-            self._fresh_core()
-        except Exception as exc:
-            self._crashed(exc)
+        self._engine.boot(self.cell)
 
     def on_receive(self, message: Any) -> Any:
+        engine, cell = self._engine, self.cell
         if message is _DRAIN:
             self._drain()
-        elif type(message) is Delivery:
-            self._deliver(message)
-        elif isinstance(message, _Tick):
-            if message.generation == self._generation and self._core is not None:
-                name = message.name
-                self._step(lambda core, now: core.timer(name, now))
+        elif type(message) is _Tick:
+            engine.tick(cell, message.name, message.generation)
+        elif type(message) is _Answer:
+            engine.answer(cell, message.generation, message.answer)
+        elif type(message) is _Input:
+            engine.unsolicited(cell, message.generation, message.event)
         elif isinstance(message, _CoreStatus):
             # Deliveries posted before the query are answered for first: a status
             # query is a barrier, as it would be in a single FIFO inbox.
             self._drain()
-            return None if self._core is None else self._core.status()
-        else:
+            return engine.status(cell)
+        else:  # a Delivery told straight into the inbox is not the kernel's route
+            engine.dropped["not from the kernel's route"] += 1
             log.warning("pd.unknown_message", pd=self.pd, kind=type(message).__name__)
         return None
 
-    # ----------------------------------------------------------------- handling
     def _drain(self) -> None:
         mailbox = self._host.mailbox(self.pd)
         if mailbox is None:
             return
+        engine, cell = self._engine, self.cell
         for d in mailbox.take():
-            self._deliver(d)
+            engine.deliver(cell, d)
         if mailbox.settle():  # more came in: go round pykka's inbox again, so timers and
             self.actor_ref.tell(_DRAIN)  # status queries are not starved by a flood
-
-    def _deliver(self, message: Delivery) -> None:
-        try:
-            d = self._host.kernel.accept(message)
-        except Exception as exc:  # journalling a transferred cap failed
-            self._crashed(exc)
-            return
-        if d is None:  # counted by the kernel; a flood must not become a flood of lines
-            log.debug("pd.delivery_dropped", pd=self.pd, cap=message.cap_id)
-            return
-        core = self._core
-        if core is None:
-            return
-        try:
-            actions = core.handle(d, self._host.clock())
-            if actions:
-                self._carry_out(actions)
-        except Exception as exc:
-            self._crashed(exc)
-
-    def _step(self, run: Callable[[Core, float], list[Action]]) -> None:
-        core = self._core
-        if core is None:
-            return
-        try:
-            self._carry_out(run(core, self._host.clock()))
-        except Exception as exc:
-            self._crashed(exc)
-
-    def _carry_out(self, actions: list[Action]) -> None:
-        events = [a.event for a in actions if isinstance(a, Append)]
-        if events:  # journal, then act
-            self._host.ledger.append_many(events)
-        for action in actions:
-            if isinstance(action, Append):
-                continue
-            try:
-                self._act(action)
-            except CapRefused as exc:  # the kernel counted it; the PD lives on
-                log.info("pd.action_refused", pd=self.pd, action=type(action).__name__,
-                         code=exc.code, reason=str(exc))
-
-    def _act(self, action: Action) -> None:
-        if isinstance(action, Send):
-            self._port.send(action.token, action.payload, action.transfer)
-        elif isinstance(action, Call):
-            self._port.call(action.token, action.payload)
-        elif isinstance(action, Reply):
-            self._port.reply(action.reply, action.payload)
-        elif isinstance(action, SetTimer):
-            self._host.set_timer(self.pd, action.name, action.delay, self._generation)
-        elif isinstance(action, IoRequest):
-            self._host.io_request(self.pd, action)
-        else:
-            raise TypeError(f"{self.pd}: core returned {action!r}, not an action")
-
-    # ----------------------------------------------------------------- supervision
-    def _fresh_core(self) -> None:
-        """A new core started from the ledger's state, as after a crash or a spawn."""
-        self._generation += 1  # timers the old core set are now stale
-        self._core = None
-        core = self._host.make_core(self.pd)
-        state = self._host.ledger.state_copy()
-        actions = core.start(caps.tokens_of(state, self.pd), state, self._host.clock())
-        self._core = core
-        self._carry_out(actions)
-
-    def _crashed(self, exc: Exception) -> None:
-        while True:
-            if not self._host.supervise(self.pd, exc):
-                self._core = None
-                self.stop()
-                return
-            try:
-                self._fresh_core()
-                return
-            except Exception as again:  # the restart itself crashed: that counts too
-                exc = again
 
 
 class Host:
     """Runs every PD as an actor; the kernel's only route to them."""
 
     def __init__(self, ledger: Ledger, kernel: Kernel, *, make_core: CoreFactory = make_core,
+                 adapters: dict[str, Adapter] | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
                  restart_limit: int = 3, restart_window: float = 60.0) -> None:
-        self.ledger, self.kernel, self.make_core, self.clock = ledger, kernel, make_core, clock
+        self.ledger, self.kernel, self.clock = ledger, kernel, clock
         self._monotonic = monotonic
         self._refs: dict[str, pykka.ActorRef[PdActor]] = {}
         self._mailboxes: dict[str, _Mailbox] = {}
-        self._crashes = CrashWindow(restart_limit, restart_window)
-        self._lock = threading.Lock()  # guards _refs and _crashes
+        self._cells: dict[str, Cell] = {}
+        self._lock = threading.Lock()  # guards _refs and _mailboxes
+        self._adapters = dict(adapters or {})
         self.timers = Timers(monotonic)
+        self.engine = Engine(kernel, self, make_core, restart_limit=restart_limit,
+                             restart_window=restart_window)
+        for pd, adapter in self._adapters.items():
+            adapter.attach(functools.partial(self._unsolicited, pd))
         kernel.set_route(self.route)
 
     # ----------------------------------------------------------------- routing
@@ -307,12 +248,54 @@ class Host:
             if ref is not None:
                 ref.tell(message)
 
+    # ----------------------------------------------------------------- the mechanism
+    def now(self) -> float:
+        return self.clock()
+
+    def elapsed(self) -> float:
+        return self._monotonic()
+
     def set_timer(self, pd: str, name: str, delay: float, generation: int) -> None:
         self.timers.schedule(delay, lambda: self._tell(pd, _Tick(name, generation)))
 
-    def io_request(self, pd: str, request: IoRequest) -> None:
-        """PD adapters arrive with later issues; until then a request is only logged."""
-        log.warning("host.io_unhandled", pd=pd, kind=request.kind)
+    def submit_io(self, pd: str, generation: int, request: IoRequest) -> None:
+        adapter = self._adapters.get(pd)
+        if adapter is None:
+            self._tell(pd, _Answer(generation, _no_adapter(pd, request)))
+            return
+        adapter.submit(request, lambda answer: self._tell(pd, _Answer(generation, answer)))
+
+    def _unsolicited(self, pd: str, event: IoInput) -> None:
+        """Stamped with the core's generation as the adapter says it: if the core is
+        replaced before it is handled, it is dropped."""
+        cell = self._cells.get(pd)
+        if cell is not None:
+            self._tell(pd, _Input(cell.generation, event))
+
+    def refused(self, pd: str, action: Action, exc: CapRefused) -> None:
+        log.info("pd.action_refused", pd=pd, action=type(action).__name__, code=exc.code,
+                 reason=str(exc))
+
+    def start(self, pd: str) -> None:
+        with self._lock:
+            if pd in self._refs and self._refs[pd].is_alive():
+                raise HostError(f"{pd} is already running")
+        cell = Cell(pd)
+        self._cells[pd] = cell
+        ref = PdActor.start(self, cell)
+        with self._lock:
+            self._refs[pd] = ref
+            self._mailboxes[pd] = _Mailbox(ref)
+        log.info("host.pd_started", pd=pd)
+
+    def stop(self, pd: str) -> None:
+        """Ask ``pd``'s actor to stop, without waiting (the caller may be its handler)."""
+        with self._lock:
+            ref = self._refs.pop(pd, None)
+            self._mailboxes.pop(pd, None)
+        if ref is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.stop(block=False)
 
     # ----------------------------------------------------------------- lifecycle
     def running(self) -> list[str]:
@@ -321,36 +304,24 @@ class Host:
 
     def start_all(self) -> None:
         """Start every PD the ledger says is running, highest priority first."""
-        state = self.ledger.state
-        for pd in sorted(state.pds, key=lambda p: (-state.pds[p], p)):
-            if state.pd_status.get(pd) == "running":
-                self._start(pd)
-            else:
-                log.info("host.pd_not_started", pd=pd, status=state.pd_status.get(pd))
+        self.engine.start_all()
 
-    def _start(self, pd: str) -> None:
-        with self._lock:
-            self._crashes.forget(pd)
-            if pd in self._refs and self._refs[pd].is_alive():
-                raise HostError(f"{pd} is already running")
-        ref = PdActor.start(self, pd)
-        with self._lock:
-            self._refs[pd] = ref
-            self._mailboxes[pd] = _Mailbox(ref)
-        log.info("host.pd_started", pd=pd)
+    def reap(self, pd: str, reason: str) -> None:
+        self.engine.reap(pd, reason)
+        log.info("host.pd_reaped", pd=pd, reason=reason)
 
-    def _stop_actor(self, pd: str) -> None:
-        """Ask ``pd``'s actor to stop, without waiting (the caller may be a PD's handler)."""
-        with self._lock:
-            ref = self._refs.pop(pd, None)
-            self._mailboxes.pop(pd, None)
-        if ref is not None:
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.stop(block=False)
+    def spawn(self, pd: str, reason: str) -> None:
+        self.engine.spawn(pd, reason)
 
     def stop_all(self, timeout: float = 5.0) -> None:
-        """Stop the timers and every PD: all asked at once, all waited for within ``timeout``."""
+        """Stop the timers, the adapters and every PD: all asked at once, all waited for
+        within ``timeout``."""
         self.timers.stop()
+        for adapter in self._adapters.values():
+            try:
+                adapter.close()
+            except Exception as exc:  # closing must reach every PD regardless
+                log.warning("host.adapter_close_failed", error=repr(exc))
         with self._lock:
             refs, self._refs = self._refs, {}
             self._mailboxes = {}
@@ -364,45 +335,6 @@ class Host:
                 done.get(timeout=max(0.0, deadline - self._monotonic()))
             except pykka.Timeout:  # stuck in a handler; its daemon thread dies with us
                 log.warning("host.pd_stop_timeout", pd=pd, timeout=timeout)
-
-    def reap(self, pd: str, reason: str) -> None:
-        """End a PD's work (pd-genesis after a ceremony): its caps go, its actor stops.
-
-        Does not wait for the actor (a PD may ask for this from its handler); messages
-        still queued for it are dropped by ``kernel.accept``, as its status is reaped.
-        """
-        require_status(self.ledger.state, pd, "running", "reap")
-        self.kernel.journal(PdReaped(pd, reason))
-        self._stop_actor(pd)
-        log.info("host.pd_reaped", pd=pd, reason=reason)
-
-    def spawn(self, pd: str, reason: str) -> None:
-        """Run a reaped (or failed) PD again, with a fresh core."""
-        require_spawnable(self.ledger.state, pd)
-        self.kernel.journal(PdSpawned(pd, reason))
-        self._start(pd)
-
-    def supervise(self, pd: str, exc: Exception) -> bool:
-        """Journal a crash of ``pd``'s handler; True if the PD may restart, False if failed."""
-        with self._lock:
-            event = self._crashes.crash(pd, exc, self._monotonic())
-            failed = isinstance(event, PdFailed)
-            if failed:
-                self._refs.pop(pd, None)
-                self._mailboxes.pop(pd, None)
-        reason = event.reason
-        try:
-            self.kernel.journal(event)
-        except Exception as journal_exc:  # the ledger is broken: stop the PD, unjournalled
-            log.critical("host.supervision_unjournalled", pd=pd, reason=reason,
-                         error=repr(journal_exc))
-            with self._lock:
-                self._refs.pop(pd, None)
-                self._mailboxes.pop(pd, None)
-            return False
-        log.error("host.pd_failed" if failed else "host.pd_restarted", pd=pd, reason=reason,
-                  exc_info=exc)
-        return not failed
 
     # ----------------------------------------------------------------- queries
     def core_status(self, pd: str, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -419,3 +351,7 @@ class Host:
         except (pykka.ActorDeadError, pykka.Timeout):
             return None
         return result
+
+
+def _no_adapter(pd: str, request: IoRequest) -> IoAnswer:
+    return IoFailure(request.request_id, f"{pd} has no adapter on this node")

@@ -7,9 +7,20 @@ fold maintains), journals every capability operation before it takes effect,
 and hands deliveries to the host through a ``route`` callback.  It never looks
 an actor up by name in a registry: the host gives it one route.
 
-Revocation is immediate: a delivery is checked again when the receiver is about
-to see it, so once ``revoke`` has returned, nothing sent under a revoked cap gets
-through, however long it sat in a queue.
+* Messages travel by value: a payload is encoded at send (plain data, at most
+  ``wire.MAX_MESSAGE_BYTES``; anything else is refused at the sender) and decoded
+  for the receiver, who sees a :class:`~actors.pds.base.Message`: the object, the
+  badge, its own copy of the payload, an opaque reply cap -- nothing else of the
+  sender.
+* Only the kernel makes deliveries: each carries the kernel's private seal, and
+  :meth:`Kernel.accept` refuses (and counts) any other.
+* Revocation is immediate: a delivery is checked again when the receiver is about
+  to see it, so once ``revoke`` has returned nothing sent under a revoked cap gets
+  through, however long it sat in a queue.
+* Journalling is an act under authority (:meth:`Kernel.journal_as`): a PD appends
+  only through its write capability on ``ledger.append``, only event families the
+  system description gives it, and only events a command in ``ledger.commands``
+  accepts.
 """
 
 from __future__ import annotations
@@ -18,43 +29,44 @@ import hmac
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import structlog
 
-from ledger import caps
+from actors import wire
+from actors.pds.base import Held, Message, PdView, ReplyCap
+from actors.system import JOURNAL_OBJECT, load_default
+from ledger import caps, commands
 from ledger.caps import CapRefused, Token
-from ledger.catalog import CapGranted
+from ledger.catalog import REGISTRY, CapGranted
+from ledger.errors import LedgerUsageError
 from ledger.log import Ledger
-from ledger.state import State
+from ledger.state import State, pd_transition
 
 log = structlog.get_logger("kernel")
 
-
-@dataclass(frozen=True, slots=True)
-class ReplyCap:
-    """A one-shot right to answer one call; made per call, never journaled (as in seL4)."""
-
-    reply_id: int
-    caller: str
+OPERATOR = "operator"
+"""Who the node's owner is, in the kernel's refusal counters."""
 
 
 class Delivery(NamedTuple):
-    """A message as its receiver sees it: the badge is all it learns of the sender.
+    """A message in flight, as the kernel made it (never seen by a core).
 
     A NamedTuple rather than a dataclass: one is built per message, and this is
-    the cheapest immutable record Python has.
+    the cheapest immutable record Python has.  ``seal`` is the kernel's own
+    object: a delivery made anywhere else is refused at the receiver.
     """
 
     target: str
     obj: str
     badge: int | None
-    payload: Any
+    data: bytes
     cap_id: int
-    transfer: Token | None = None
-    reply: ReplyCap | None = None
+    transfer: Token | None
+    reply: ReplyCap | None
+    tag: int | None
+    seal: object
 
 
 Route = Callable[[str, Delivery], None]
@@ -64,25 +76,44 @@ MAX_PENDING_CALLS = 1024
 """Calls one PD may have waiting for their answers; one more is refused and counted."""
 
 
+class _Call(NamedTuple):
+    caller: str
+    callee: str
+    tag: int
+    answer: Callable[[Any], None] | None
+
+
+SECTIONS: dict[str, Callable[[State], Any]] = {
+    "mesh": lambda s: {m.name: {"name": m.name, "signing_key": m.signing_key,
+                                "wg_public_key": m.wg_public_key, "mesh_ip": m.mesh_ip,
+                                "endpoint": m.endpoint, "role": m.role}
+                       for m in s.members.values()},
+}
+"""Event family -> the part of the state that family's events build (as plain data)."""
+
+
 class Kernel:
     """Checks tokens, journals capability operations, routes messages."""
 
     def __init__(self, ledger: Ledger, route: Route | None = None, *,
-                 reply_ids: Callable[[], int] | None = None) -> None:
+                 reply_ids: Callable[[], int] | None = None,
+                 journals: Mapping[str, frozenset[str]] | None = None) -> None:
         self._ledger = ledger
         # The ledger folds into one State object for its whole life: hold it directly.
         self._state = ledger.state
         self._route: Route = route or _no_route
+        self._seal = object()
+        self._journals = dict(load_default().journals if journals is None else journals)
         self._ops = threading.Lock()  # one capability operation at a time
         self._reply_lock = threading.Lock()
-        self._replies: dict[int, tuple[str, str]] = {}  # reply id -> (caller, callee)
-        self._answers: dict[int, Callable[[Any], None]] = {}  # reply id -> operator's callback
+        self._calls: dict[int, _Call] = {}  # reply id -> the call it answers
         # Unguessable: a callee cannot answer a call it has not been handed yet.  The
         # simulator passes a seeded source, so that a seed still reproduces a run.
         self._next_reply_id = reply_ids or (lambda: secrets.randbits(63))
         self._pending: Counter[str] = Counter()  # caller -> calls not answered yet
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
         self.dropped = 0  # deliveries stopped at the receiver: cap revoked in flight
+        self.forged = 0  # deliveries the kernel did not make, refused at the receiver
 
     def set_route(self, route: Route) -> None:
         self._route = route
@@ -104,15 +135,38 @@ class Kernel:
             raise KeyError(f"no protection domain {pd!r}")
         return Port(self, pd)
 
+    def operator(self) -> OperatorPort:
+        """The node owner's handle (the control socket's): refusals are counted as its."""
+        return OperatorPort(self)
+
+    def view(self, pd: str) -> PdView:
+        """What ``pd``'s core is started with: its own caps and the state it journals."""
+        state = self._state
+        held = tuple(Held(caps.token_for(c), c.obj, c.rights, c.badge)
+                     for c in sorted(state.caps.values(), key=lambda c: c.cap_id)
+                     if c.holder == pd)
+        node = state.node
+        public = None if node is None else {k: node[k] for k in ("name", "role", "mesh_ip")}
+        owned = {f: SECTIONS[f](state) for f in sorted(self._journals.get(pd, ()))
+                 if f in SECTIONS}
+        return PdView(pd, held, public, owned)
+
     # ----------------------------------------------------------------- messages
-    def _refuse(self, exc: CapRefused) -> CapRefused:
-        self.refused[(exc.pd, exc.code)] += 1
-        log.info("kernel.refused", pd=exc.pd, cap=exc.cap_id, code=exc.code, right=exc.right,
-                 reason=str(exc))
+    def _refuse(self, exc: CapRefused, who: str | None = None) -> CapRefused:
+        self.refused[(who or exc.pd, exc.code)] += 1
+        log.info("kernel.refused", pd=who or exc.pd, cap=exc.cap_id, code=exc.code,
+                 right=exc.right, reason=str(exc))
         return exc
 
+    def _encode(self, pd: str, cap_id: int | None, payload: Any, who: str | None) -> bytes:
+        try:
+            return wire.encode(payload)
+        except wire.NotPlainData as exc:
+            raise self._refuse(CapRefused("bad-message", pd, cap_id, str(exc)), who) from None
+
     def send(self, pd: str, token: Token, payload: Any, *, transfer: Token | None = None,
-             reply: ReplyCap | None = None) -> None:
+             reply: ReplyCap | None = None, tag: int | None = None,
+             who: str | None = None) -> None:
         """Queue ``payload`` for the PD serving the cap's object; refusals raise."""
         state = self._state
         cap = state.caps.get(token.cap_id) if caps.well_formed(token) else None
@@ -122,8 +176,9 @@ class Kernel:
                 and "write" in cap.rights):
             target = state.objects.get(cap.obj)
             if target is not None and state.pd_status.get(target) == "running":
-                self._route(target, Delivery(target, cap.obj, cap.badge, payload, cap.cap_id,
-                                             None, reply))
+                data = self._encode(pd, cap.cap_id, payload, who)
+                self._route(target, Delivery(target, cap.obj, cap.badge, data, cap.cap_id,
+                                             None, reply, tag, self._seal))
                 return
         try:  # the full checks, which say precisely why a send is refused
             cap = caps.check(state, pd, token, "write")
@@ -135,16 +190,17 @@ class Kernel:
                 raise CapRefused("bad-target", pd, cap.cap_id,
                                  f"{cap.obj} is served by no running PD")
         except CapRefused as exc:
-            raise self._refuse(exc) from None
-        self._route(target, Delivery(target, cap.obj, cap.badge, payload, cap.cap_id,
-                                     transfer, reply))
+            raise self._refuse(exc, who) from None
+        data = self._encode(pd, cap.cap_id, payload, who)
+        self._route(target, Delivery(target, cap.obj, cap.badge, data, cap.cap_id,
+                                     transfer, reply, tag, self._seal))
 
-    def call(self, pd: str, token: Token, payload: Any, *,
-             on_reply: Callable[[Any], None] | None = None) -> None:
+    def call(self, pd: str, token: Token, payload: Any, *, tag: int = 0,
+             on_reply: Callable[[Any], None] | None = None, who: str | None = None) -> None:
         """Send with a one-shot reply cap; needs ``grant`` or ``grant-reply``.
 
-        ``on_reply`` is for the operator's calls (a :class:`Port` never passes it):
-        the answer goes to it instead of being routed to ``pd``.
+        The answer comes back to ``pd`` as a ``"reply"`` message carrying ``tag``;
+        the operator's calls pass ``on_reply`` instead, which gets the answer.
         """
         try:  # the token first: a PD learns nothing of a cap it does not hold
             cap = caps.check(self.state, pd, token)
@@ -152,23 +208,20 @@ class Kernel:
                 raise CapRefused("missing-right", pd, token.cap_id,
                                  "a call needs grant or grant-reply", "grant-reply")
         except CapRefused as exc:
-            raise self._refuse(exc) from None
+            raise self._refuse(exc, who) from None
         with self._reply_lock:
             if self._pending[pd] >= MAX_PENDING_CALLS:
                 raise self._refuse(CapRefused(
                     "too-many-calls", pd, cap.cap_id,
-                    f"{MAX_PENDING_CALLS} calls are waiting for their answers already"))
+                    f"{MAX_PENDING_CALLS} calls are waiting for their answers already"), who)
             reply_id = self._next_reply_id()
-            while reply_id in self._replies:
+            while reply_id in self._calls:
                 reply_id = self._next_reply_id()
-            reply = ReplyCap(reply_id, pd)
             # Registered before sending: the callee may answer before send() returns.
-            self._replies[reply_id] = (pd, self.owner(cap.obj) or "")
+            self._calls[reply_id] = _Call(pd, self.owner(cap.obj) or "", tag, on_reply)
             self._pending[pd] += 1
-            if on_reply is not None:
-                self._answers[reply_id] = on_reply
         try:
-            self.send(pd, token, payload, reply=reply)
+            self.send(pd, token, payload, reply=ReplyCap(reply_id), who=who)
         except CapRefused:
             self._forget(reply_id)
             raise
@@ -176,73 +229,129 @@ class Kernel:
     def _forget(self, reply_id: int) -> None:
         """Drop a reply cap that will not be used (its call was refused or dropped)."""
         with self._reply_lock:
-            entry = self._replies.pop(reply_id, None)
-            self._answers.pop(reply_id, None)
+            entry = self._calls.pop(reply_id, None)
             if entry is not None:
-                self._pending[entry[0]] -= 1
+                self._pending[entry.caller] -= 1
 
     def reply(self, pd: str, reply: ReplyCap, payload: Any) -> None:
         """Answer a call, once, to the caller (who sees no badge, only the answer)."""
+        reply_id = reply.reply_id if type(reply) is ReplyCap else None
+        data = self._encode(pd, None, payload, None)
         with self._reply_lock:  # check, then consume: a wrong PD must not use it up
-            caller_callee = self._replies.get(reply.reply_id)
-            if caller_callee is None or caller_callee != (reply.caller, pd):
+            entry = self._calls.get(reply_id) if reply_id is not None else None
+            if reply_id is None or entry is None or entry.callee != pd:
                 raise self._refuse(CapRefused("bad-token", pd, None,
                                               "reply cap unknown, used or not yours"))
-            del self._replies[reply.reply_id]
-            self._pending[caller_callee[0]] -= 1
-        answer = self._answers.pop(reply.reply_id, None)
-        if answer is not None:
-            answer(payload)
+            del self._calls[reply_id]
+            self._pending[entry.caller] -= 1
+        if entry.answer is not None:
+            entry.answer(wire.decode(data))
             return
-        self._route(reply.caller, Delivery(reply.caller, "reply", None, payload, 0))
+        self._route(entry.caller, Delivery(entry.caller, "reply", None, data, 0, None, None,
+                                           entry.tag, self._seal))
 
-    def accept(self, d: Delivery) -> Delivery | None:
-        """At the receiver: the delivery to hand to the core, or None if it must not arrive.
+    def accept(self, d: Delivery) -> Message | None:
+        """At the receiver: the message for its core, or None if it must not arrive.
 
         Called on the receiver's side just before its handler runs, so a revoke that
         returned earlier stops messages already queued.  A capability carried in the
         message is granted to the receiver here, journaled first.
         """
+        if type(d) is not Delivery or d.seal is not self._seal:
+            self.forged += 1
+            log.warning("kernel.forged_delivery", kind=type(d).__name__)
+            return None
         if d.cap_id == 0:  # a reply: its one-shot cap was consumed by ``reply``
-            return d
+            return Message("reply", None, wire.decode(d.data), None, None, d.tag)
         state = self._state
         if d.cap_id not in state.caps or state.pd_status.get(d.target) != "running":
             self.dropped += 1
             if d.reply is not None:  # the call will never be answered: forget its reply cap
                 self._forget(d.reply.reply_id)
             return None
-        if d.transfer is None:
-            return d
+        held = None
+        if d.transfer is not None:
+            try:
+                with self._ops:
+                    sender = state.caps[d.cap_id]
+                    event = caps.transfer(self.state, sender.holder, caps.token_for(sender),
+                                          d.transfer, d.target)
+                    token = self._journal_grant(event)
+            except (CapRefused, KeyError, LedgerUsageError):
+                self.dropped += 1
+                return None
+            held = Held(token, event.obj, event.rights, event.badge)
+        return Message(d.obj, d.badge, wire.decode(d.data), held, d.reply, None)
+
+    # ----------------------------------------------------------------- journalling
+    def journal_as(self, pd: str, events: Sequence[object]) -> None:
+        """Append ``events`` for ``pd``, all or none, if its authority covers every one.
+
+        ``pd`` needs a live write capability on ``ledger.append``; each event must be
+        of a family the system description gives ``pd`` and pass its command's check.
+        Anything else is refused (raised and counted) and nothing is appended.
+        """
+        state = self._state
         try:
-            with self._ops:
-                sender = state.caps[d.cap_id]
-                event = caps.transfer(self.state, sender.holder, caps.token_for(sender),
-                                      d.transfer, d.target)
-                token = self._journal_grant(event)
-        except (CapRefused, KeyError):
-            self.dropped += 1
-            return None
-        return Delivery(d.target, d.obj, d.badge, d.payload, d.cap_id, token, d.reply)
+            cap = next((c for c in state.caps.values() if c.holder == pd
+                        and c.obj == JOURNAL_OBJECT and "write" in c.rights), None)
+            if cap is None:
+                raise CapRefused("no-journal-cap", pd, None,
+                                 f"holds no write capability on {JOURNAL_OBJECT}", "write")
+            allowed = self._journals.get(pd, frozenset())
+            for event in events:
+                try:
+                    tag = REGISTRY.type_of(event).tag
+                except LedgerUsageError:
+                    raise CapRefused("bad-event", pd, cap.cap_id,
+                                     f"a {type(event).__name__} is not an event") from None
+                family = tag.split(".", 1)[0]
+                if family not in allowed:
+                    raise CapRefused("not-its-family", pd, cap.cap_id,
+                                     f"may not journal {tag}: the system description gives "
+                                     f"it {', '.join(sorted(allowed)) or 'no'} families")
+                try:
+                    commands.check(state, event)
+                except commands.EventInvalid as exc:
+                    raise CapRefused("bad-event", pd, cap.cap_id, f"{tag}: {exc}") from None
+            self._ledger.append_many(events)
+        except CapRefused as exc:
+            raise self._refuse(exc) from None
+        except LedgerUsageError as exc:  # the batch as a whole did not fit the state
+            raise self._refuse(CapRefused("bad-event", pd, None, str(exc))) from None
+
+    def lifecycle(self, event: Any) -> None:
+        """Append a PD lifecycle event (restarted, failed, reaped, spawned), if the PD's
+        status allows it (:data:`ledger.state.PD_TRANSITIONS`); else :class:`CapRefused`.
+
+        Under the capability-operation lock: a reap deletes caps in the fold, and no
+        capability command may be checked against a state changing beneath it.
+        """
+        with self._ops:
+            why = pd_transition(self._state, event.name, type(event))
+            if why is not None:
+                raise CapRefused("bad-transition", event.name, None, why)
+            self._ledger.append(event)
 
     # ----------------------------------------------------------------- cap operations
     def _journal_grant(self, event: CapGranted) -> Token:
         self._ledger.append(event)
         return caps.token_for(self.state.caps[event.cap_id])
 
-    def _op(self, pd: str, command: Callable[[State], Any]) -> Any:
+    def _op(self, pd: str, command: Callable[[State], Any], who: str | None = None) -> Any:
         with self._ops:
             try:
                 event = command(self.state)
             except CapRefused as exc:
-                raise self._refuse(exc) from None
+                raise self._refuse(exc, who) from None
             if isinstance(event, CapGranted):
                 return self._journal_grant(event)
             self._ledger.append(event)
             return event
 
     def mint(self, pd: str, token: Token, rights: tuple[str, ...], badge: int | None = None,
-             to: str | None = None) -> Token:
-        tok: Token = self._op(pd, lambda s: caps.mint(s, pd, token, rights, badge, to))
+             to: str | None = None, *, who: str | None = None) -> Token:
+        tok: Token = self._op(pd, lambda s: caps.mint(s, pd, token, rights, badge, to), who)
         return tok
 
     def copy(self, pd: str, token: Token, to: str | None = None) -> Token:
@@ -256,27 +365,10 @@ class Kernel:
     def delete(self, pd: str, token: Token) -> None:
         self._op(pd, lambda s: caps.delete(s, pd, token))
 
-    def revoke(self, pd: str, token: Token) -> int:
+    def revoke(self, pd: str, token: Token, *, who: str | None = None) -> int:
         """Delete every descendant; returns how many.  Queued messages under them die too."""
-        event = self._op(pd, lambda s: caps.revoke(s, pd, token))
+        event = self._op(pd, lambda s: caps.revoke(s, pd, token), who)
         return int(event.descendants)
-
-    def journal(self, event: object) -> None:
-        """Append a PD lifecycle event (restarted, failed, reaped, spawned).
-
-        Under the capability-operation lock: a reap deletes caps in the fold, and no
-        capability command may be checked against a state changing beneath it.
-        """
-        with self._ops:
-            self._ledger.append(event)
-
-    # ----------------------------------------------------------------- operator
-    def operator_token(self, cap_id: int) -> Token:
-        """The operator (the node's owner, via the control socket) may act on any cap."""
-        cap = self.state.caps.get(cap_id)
-        if cap is None:
-            raise CapRefused("no-such-cap", "operator", cap_id, "no such capability")
-        return caps.token_for(cap)
 
 
 def _no_route(target: str, d: Delivery) -> None:
@@ -302,11 +394,14 @@ class Port:
     def send(self, token: Token, payload: Any, transfer: Token | None = None) -> None:
         self._kernel.send(self.pd, token, payload, transfer=transfer)
 
-    def call(self, token: Token, payload: Any) -> None:
-        self._kernel.call(self.pd, token, payload)
+    def call(self, token: Token, payload: Any, tag: int = 0) -> None:
+        self._kernel.call(self.pd, token, payload, tag=tag)
 
     def reply(self, reply: ReplyCap, payload: Any) -> None:
         self._kernel.reply(self.pd, reply, payload)
+
+    def journal(self, events: Sequence[object]) -> None:
+        self._kernel.journal_as(self.pd, events)
 
     def mint(self, token: Token, rights: tuple[str, ...], badge: int | None = None,
              to: str | None = None) -> Token:
@@ -323,3 +418,38 @@ class Port:
 
     def revoke(self, token: Token) -> int:
         return self._kernel.revoke(self.pd, token)
+
+
+class OperatorPort:
+    """The node owner's handle: acts on any capability by id, as the control socket asks.
+
+    It never hands out a token; every operation still goes through the kernel's
+    checks and journal, and a refusal is counted against the operator, not the PD
+    that holds the capability.
+    """
+
+    __slots__ = ("_kernel",)
+
+    def __init__(self, kernel: Kernel) -> None:
+        self._kernel = kernel
+
+    def _token(self, cap_id: int) -> Token:
+        cap = self._kernel.state.caps.get(cap_id)
+        if cap is None:
+            raise self._kernel._refuse(CapRefused("no-such-cap", OPERATOR, cap_id,
+                                                  "no such capability"))
+        return caps.token_for(cap)
+
+    def revoke(self, cap_id: int) -> int:
+        token = self._token(cap_id)
+        return self._kernel.revoke(token.holder, token, who=OPERATOR)
+
+    def mint(self, cap_id: int, rights: tuple[str, ...], to: str,
+             badge: int | None = None) -> int:
+        token = self._token(cap_id)
+        return self._kernel.mint(token.holder, token, rights, badge, to, who=OPERATOR).cap_id
+
+    def call(self, cap_id: int, payload: Any, on_reply: Callable[[Any], None]) -> None:
+        """Call through ``cap_id`` as its holder would; ``on_reply`` gets the answer."""
+        token = self._token(cap_id)
+        self._kernel.call(token.holder, token, payload, on_reply=on_reply, who=OPERATOR)

@@ -5,10 +5,13 @@ directory, replays it and truncates a torn tail), builds the kernel and the host
 starts every PD the ledger says is running and serves the control socket.
 ``stop()`` undoes that in reverse order and closes the ledger.
 
-The operator's commands (what the control socket serves) are methods here; each
-acts with the operator's authority (``kernel.operator_token``), and every
-capability change still goes through the kernel, so it is checked and journalled
-like any other.
+The operator's commands (what the control socket serves) are methods here.  A
+command that changes the node (or asks a PD for what it alone can see) enters at
+pd-network-admin, the operator's PD, as a call, and reaches the PD that does the
+work under a capability pd-network-admin holds (:meth:`Node.admin`).  The
+kernel-level experiments (``caps mint``, ``caps revoke``, ``ping``) act through
+the kernel's operator port: checked and journalled like any other operation,
+refusals counted against the operator.
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from actors.control import SOCKET_NAME, ControlError, ControlServer
-from actors.core import make_core
-from actors.host import CoreFactory, Host
-from actors.kernel import Kernel
+from actors.engine import CoreFactory
+from actors.host import Host
+from actors.io.base import Adapter
+from actors.io.netlink import NetlinkAdapter
+from actors.kernel import Kernel, OperatorPort
+from actors.pds import make_core
 from ledger.errors import LedgerUsageError
 from ledger.keys import NodeKeys
 from ledger.log import Ledger
@@ -34,6 +41,14 @@ log = structlog.get_logger("node")
 
 LEDGER_SUBDIR = "ledger"
 PING_TIMEOUT = 2.0
+ADMIN = "pd-network-admin"
+ADMIN_TIMEOUT = 10.0
+AdapterFactory = Callable[[], dict[str, Adapter]]
+
+
+def real_adapters() -> dict[str, Adapter]:
+    """The node's adapters, by PD: real I/O (netlink for pd-net-driver)."""
+    return {"pd-net-driver": NetlinkAdapter()}
 
 
 def cap_json(c: Cap) -> dict[str, Any]:
@@ -45,9 +60,12 @@ class Node:
     """One running node on one state directory."""
 
     def __init__(self, state_dir: Path, *, make_core: CoreFactory = make_core,
+                 adapters: AdapterFactory = real_adapters,
                  serve_control: bool = True) -> None:
         self.state_dir = Path(state_dir)
         self._make_core = make_core
+        self._adapters = adapters
+        self._operator: OperatorPort | None = None
         self._serve_control = serve_control
         self._ledger: Ledger | None = None
         self._kernel: Kernel | None = None
@@ -72,7 +90,9 @@ class Node:
                 name="ledger-anchor")
             self._anchor_keeper.start()
             self._kernel = Kernel(self._ledger)
-            self._host = Host(self._ledger, self._kernel, make_core=self._make_core)
+            self._operator = self._kernel.operator()
+            self._host = Host(self._ledger, self._kernel, make_core=self._make_core,
+                              adapters=self._adapters())
             self._started = time.monotonic()
             self._host.start_all()
             if self._serve_control:
@@ -129,6 +149,12 @@ class Node:
             raise LedgerUsageError("the node is not running")
         return self._host
 
+    @property
+    def operator(self) -> OperatorPort:
+        if self._operator is None:
+            raise LedgerUsageError("the node is not running")
+        return self._operator
+
     # ----------------------------------------------------------------- operator commands
     def status(self) -> dict[str, Any]:
         state = self.ledger.state_copy()
@@ -171,16 +197,44 @@ class Node:
         return rows
 
     def revoke(self, cap_id: int) -> int:
-        token = self.kernel.operator_token(cap_id)
-        n = self.kernel.revoke(token.holder, token)
+        n = self.operator.revoke(cap_id)
         log.info("operator.revoke", cap=cap_id, descendants=n)
         return n
 
     def mint(self, cap_id: int, rights: list[str], to: str, badge: int | None = None) -> int:
-        token = self.kernel.operator_token(cap_id)
-        new = self.kernel.mint(token.holder, token, tuple(rights), badge, to)
-        log.info("operator.mint", cap=cap_id, new=new.cap_id, to=to, rights=rights, badge=badge)
-        return new.cap_id
+        new = self.operator.mint(cap_id, tuple(rights), to, badge)
+        log.info("operator.mint", cap=cap_id, new=new, to=to, rights=rights, badge=badge)
+        return new
+
+    def _call(self, cap_id: int, payload: dict[str, Any], timeout: float, what: str) -> Any:
+        answered = threading.Event()
+        answers: list[Any] = []
+
+        def on_reply(answer: Any) -> None:
+            answers.append(answer)
+            answered.set()
+        self.operator.call(cap_id, payload, on_reply)
+        if not answered.wait(timeout):
+            raise ControlError(f"{what}: no answer within {timeout:g} s")
+        return answers[0]
+
+    def admin(self, command: str, timeout: float = ADMIN_TIMEOUT, **fields: Any) -> Any:
+        """Run an operator command at pd-network-admin; its result, or ControlError."""
+        state = self.ledger.state
+        entry = next((c.cap_id for c in state.caps.values()
+                      if c.obj == f"endpoint:{ADMIN}" and c.parent is None), None)
+        if entry is None or state.pd_status.get(ADMIN) != "running":
+            raise ControlError(f"{command}: {ADMIN} is not running")
+        answer = self._call(entry, {"op": command, **fields}, timeout, command)
+        if not isinstance(answer, dict) or answer.get("ok") is not True:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            raise ControlError(f"{command}: {error or 'the answer was not understood'}")
+        return {k: v for k, v in answer.items() if k != "ok"}
+
+    def net_links(self) -> list[dict[str, Any]]:
+        """The node's links and addresses, as pd-net-driver reads them (via pd-network-admin)."""
+        links: list[dict[str, Any]] = self.admin("net.links")["links"]
+        return links
 
     def ping(self, pd: str | None = None, cap_id: int | None = None,
              timeout: float = PING_TIMEOUT) -> Any:
@@ -194,14 +248,4 @@ class Node:
             if not found:
                 raise ControlError(f"no capability reaches {pd!r} (unknown, or reaped)")
             cap_id = found[0]
-        token = self.kernel.operator_token(cap_id)
-        answered = threading.Event()
-        answers: list[Any] = []
-
-        def on_reply(payload: Any) -> None:
-            answers.append(payload)
-            answered.set()
-        self.kernel.call(token.holder, token, {"op": "ping"}, on_reply=on_reply)
-        if not answered.wait(timeout):
-            raise ControlError(f"no reply through cap #{cap_id} within {timeout:g} s")
-        return answers[0]
+        return self._call(cap_id, {"op": "ping"}, timeout, f"ping through cap #{cap_id}")

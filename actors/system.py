@@ -12,9 +12,21 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from ledger.catalog import RIGHTS, CapGranted, PdDeclared
+from ledger.catalog import REGISTRY, RIGHTS, CapGranted, MemberAdded, NodeIdentity, PdDeclared
+from ledger.keys import NodeKeys
 
 ALL_RIGHTS = RIGHTS
+CHANNEL_RIGHTS = ("write", "grant-reply")
+"""What a channel gives its ``from`` PD on ``endpoint:<to>``: send, and call."""
+JOURNAL_OBJECT = "ledger.append"
+"""The object a PD's journalling capability is on (served by pd-ledger)."""
+RESERVED_FAMILIES = frozenset({"ledger", "node", "cap", "pd"})
+"""Event families only the ledger, ``ppn node init``, the kernel and the lifecycle write."""
+
+
+def families() -> frozenset[str]:
+    """Every event family the node's registry has (a tag's part before its first dot)."""
+    return frozenset(et.tag.split(".", 1)[0] for et in REGISTRY)
 
 
 class SystemDescriptionError(ValueError):
@@ -25,7 +37,9 @@ class SystemDescriptionError(ValueError):
 class PdSpec:
     name: str
     priority: int
+    badge: int
     serves: tuple[str, ...]
+    journals: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -33,7 +47,7 @@ class CapSpec:
     holder: str
     obj: str
     rights: tuple[str, ...]
-    badge: int | None
+    badge: int
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,17 @@ class SystemDescription:
             return obj.removeprefix("endpoint:")
         return next(p.name for p in self.pds if obj in p.serves)
 
+    @property
+    def journals(self) -> dict[str, frozenset[str]]:
+        """PD -> the event families it may journal."""
+        return {p.name: frozenset(p.journals) for p in self.pds}
+
+    def derived(self) -> list[CapSpec]:
+        """Every capability derived at start: one per channel, then each ``[[cap]]``."""
+        badge = {p.name: p.badge for p in self.pds}
+        return [*(CapSpec(a, f"endpoint:{b}", CHANNEL_RIGHTS, badge[a])
+                  for a, b in self.channels), *self.caps]
+
     def initial_events(self) -> list[PdDeclared | CapGranted]:
         """The ledger events that set up this description's PDs and capabilities."""
         out: list[PdDeclared | CapGranted] = [PdDeclared(p.name, p.priority) for p in self.pds]
@@ -58,11 +83,19 @@ class SystemDescription:
                 out.append(CapGranted(originals[obj], p.name, obj, ALL_RIGHTS, None, None,
                                       "system"))
         next_id = len(originals) + 1
-        for c in self.caps:
+        for c in self.derived():
             out.append(CapGranted(next_id, c.holder, c.obj, c.rights, c.badge,
                                   originals[c.obj], "system"))
             next_id += 1
         return out
+
+    def first_events(self, name: str, keys: NodeKeys, mesh_ip: str, role: str,
+                     endpoint: str | None) -> list[object]:
+        """A new node's ledger after its genesis record: who it is, its own membership,
+        its PDs and their capabilities.  ``ppn node init`` and the simulator both use it."""
+        return [NodeIdentity(name, keys.public_key, keys.wg_public_key, mesh_ip, role),
+                MemberAdded(name, keys.public_key, keys.wg_public_key, mesh_ip, endpoint, role),
+                *self.initial_events()]
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -91,15 +124,28 @@ def parse(text: str) -> SystemDescription:
     _check_keys(doc, {"system", "pd", "channel", "cap"}, "<top>")
     system = _check_keys(doc.get("system"), {"name", "version"}, "system")
     pds: list[PdSpec] = []
+    known = families()
     for i, t in enumerate(doc.get("pd", [])):
-        t = _check_keys(t, {"name", "priority", "serves"}, f"pd[{i}]")
-        serves = tuple(_get(t, "serves", list, f"pd[{i}]"))
-        pds.append(PdSpec(_get(t, "name", str, f"pd[{i}]"),
-                          _get(t, "priority", int, f"pd[{i}]"), serves))
+        where = f"pd[{i}]"
+        t = _check_keys(t, {"name", "priority", "badge", "serves", "journals"}, where)
+        serves = tuple(_get(t, "serves", list, where))
+        journals = tuple(_get(t, "journals", list, where))
+        for fam in journals:
+            if not isinstance(fam, str) or fam not in known or fam in RESERVED_FAMILIES:
+                raise SystemDescriptionError(
+                    f"{where}.journals: {fam!r} is not an event family a PD may journal "
+                    f"(one of {', '.join(sorted(known - RESERVED_FAMILIES))})")
+        if len(set(journals)) != len(journals):
+            raise SystemDescriptionError(f"{where}.journals: a family is named twice")
+        pds.append(PdSpec(_get(t, "name", str, where), _get(t, "priority", int, where),
+                          _badge(_get(t, "badge", int, where), f"{where}.badge"), serves,
+                          journals))
     names = [p.name for p in pds]
     for i, p in enumerate(pds):
         if names.index(p.name) != i:
             raise SystemDescriptionError(f"pd[{i}].name: duplicate PD {p.name!r}")
+        if [q.badge for q in pds].index(p.badge) != i:
+            raise SystemDescriptionError(f"pd[{i}].badge: {p.badge} is another PD's badge")
     objects = {f"endpoint:{n}" for n in names}
     for i, p in enumerate(pds):
         for obj in p.serves:
@@ -113,17 +159,37 @@ def parse(text: str) -> SystemDescription:
         for key, end in zip(("from", "to"), ends, strict=True):
             if end not in names:
                 raise SystemDescriptionError(f"channel[{i}].{key}: no PD named {end!r}")
+        if ends[0] == ends[1] or ends in channels:
+            raise SystemDescriptionError(f"channel[{i}]: {ends[0]} -> {ends[1]} is a loop or "
+                                         "a duplicate")
         channels.append(ends)
-    caps = [_cap(i, t, names, objects) for i, t in enumerate(doc.get("cap", []))]
+    badges = {p.name: p.badge for p in pds}
+    caps = [_cap(i, t, badges, objects) for i, t in enumerate(doc.get("cap", []))]
+    for i, p in enumerate(pds):
+        journalling = [c for c in caps if c.holder == p.name and c.obj == JOURNAL_OBJECT
+                       and "write" in c.rights]
+        if p.journals and not journalling:
+            raise SystemDescriptionError(f"pd[{i}].journals: {p.name} journals, but no [[cap]] "
+                                         f"gives it write on {JOURNAL_OBJECT}")
+        if journalling and not p.journals:
+            raise SystemDescriptionError(f"cap[{caps.index(journalling[0])}]: {p.name} may "
+                                         f"journal no family; a cap on {JOURNAL_OBJECT} "
+                                         "would be decorative")
     return SystemDescription(_get(system, "name", str, "system"), tuple(pds),
                              tuple(channels), tuple(caps))
 
 
-def _cap(i: int, t: Any, names: list[str], objects: set[str]) -> CapSpec:
+def _badge(value: int, where: str) -> int:
+    if not 0 <= value < 2**63:
+        raise SystemDescriptionError(f"{where}: must be an integer in [0, 2^63)")
+    return value
+
+
+def _cap(i: int, t: Any, badges: dict[str, int], objects: set[str]) -> CapSpec:
     where = f"cap[{i}]"
-    t = _check_keys(t, {"holder", "object", "rights", "badge"}, where)
+    t = _check_keys(t, {"holder", "object", "rights"}, where)
     holder, obj = _get(t, "holder", str, where), _get(t, "object", str, where)
-    if holder not in names:
+    if holder not in badges:
         raise SystemDescriptionError(f"{where}.holder: no PD named {holder!r}")
     if obj not in objects:
         raise SystemDescriptionError(f"{where}.object: no PD serves {obj!r}")
@@ -132,11 +198,9 @@ def _cap(i: int, t: Any, names: list[str], objects: set[str]) -> CapSpec:
     if bad or len(set(rights)) != len(rights):
         raise SystemDescriptionError(f"{where}.rights: {bad or rights} (allowed: "
                                      f"{', '.join(ALL_RIGHTS)}, each once)")
-    badge = t.get("badge")
-    if badge is not None and (not isinstance(badge, int) or isinstance(badge, bool)
-                              or not 0 <= badge < 2**63):
-        raise SystemDescriptionError(f"{where}.badge: must be an integer in [0, 2^63)")
-    return CapSpec(holder, obj, tuple(r for r in ALL_RIGHTS if r in rights), badge)
+    if obj.startswith("endpoint:"):
+        raise SystemDescriptionError(f"{where}.object: endpoint caps come from [[channel]]s")
+    return CapSpec(holder, obj, tuple(r for r in ALL_RIGHTS if r in rights), badges[holder])
 
 
 def load_default() -> SystemDescription:

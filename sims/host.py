@@ -1,34 +1,38 @@
-"""The deterministic host: the PD cores on one thread, in virtual time, with seeded latency.
+"""The deterministic host: PD cores on one thread, in virtual time, with seeded latency.
 
 The node host (``actors.host``) runs each core in its own actor on the wall clock;
-this host runs the same cores from a single priority queue of ``(time, sequence,
-target, item)``.  Nothing here reads the wall clock, the environment or an
-unseeded random source, so a seed fixes a run: the same events in the same order
-with the same timestamps, hence the same ledger bytes and the same Merkle root.
+this host runs the same cores, through the same engine (``actors.engine``: one
+interpreter of actions, one lifecycle policy), from a :class:`World`'s single
+priority queue of ``(time, sequence, work)``.  A world may hold several nodes,
+each with its own ledger, kernel and host, on one virtual clock and one seeded
+queue (see ``sims.mesh``).  Nothing here reads the wall clock, the environment or
+an unseeded random source, so a seed fixes a run: the same events in the same
+order with the same timestamps, hence the same ledger bytes and Merkle roots.
 
-The kernel's route pushes each delivery onto the queue after a seeded latency;
-:meth:`Host.step` pops the earliest item, moves the clock to its time, lets the
-kernel check it once more at the receiver (``kernel.accept``) and hands it to the
-core.  The actions the core returns are carried out as the node host does: its
-events are journalled first, then its sends, calls, replies and timers, in order.
-Supervision follows the node host's policy too, in virtual seconds.
+The kernel's route puts each delivery on the queue after a seeded latency, in
+order per receiver; when it is due, the engine checks it once more at the receiver
+(``kernel.accept``) and hands it to the core.  Timers, I/O answers from the
+simulated backends (``sims.backends``) and their unsolicited input go through the
+same queue.  Supervision follows the same policy as on a node, in virtual seconds.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import random
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from actors.core import Action, Append, Call, Core, IoRequest, Reply, Send, SetTimer, make_core
+from actors.engine import Cell, CoreFactory, Engine
+from actors.io.base import Adapter
 from actors.kernel import Delivery, Kernel
-from actors.lifecycle import CrashWindow, require_spawnable, require_status
-from ledger import caps
+from actors.lifecycle import HostError
+from actors.pds import make_core
+from actors.pds.base import Action, Core, IoAnswer, IoFailure, IoInput, IoRequest
 from ledger.caps import CapRefused
-from ledger.catalog import PdFailed, PdReaped, PdSpawned
 from ledger.log import Ledger
 
 EPOCH_NS = 1_704_067_200 * 10**9
@@ -36,13 +40,16 @@ EPOCH_NS = 1_704_067_200 * 10**9
 
 NS = 1_000_000_000
 
+__all__ = ["EPOCH_NS", "NS", "Host", "HostError", "Refusal", "SimulationError",
+           "VirtualClock", "World"]
+
 
 class SimulationError(RuntimeError):
     """The run cannot go on as asked (it never goes idle): a scenario's bug, not a PD's."""
 
 
 class VirtualClock:
-    """Nanoseconds since :data:`EPOCH_NS`; moves only when the host moves it."""
+    """Nanoseconds since :data:`EPOCH_NS`; moves only when the world moves it."""
 
     __slots__ = ("elapsed_ns",)
 
@@ -64,14 +71,6 @@ class VirtualClock:
 
 
 @dataclass(frozen=True, slots=True)
-class Timer:
-    """A timer a core set; stale once the core that set it was replaced."""
-
-    name: str
-    generation: int
-
-
-@dataclass(frozen=True, slots=True)
 class Refusal:
     """An action of a core that the kernel refused (and counted); kept for tests to read."""
 
@@ -81,118 +80,39 @@ class Refusal:
     error: CapRefused
 
 
-Item = Delivery | Timer
-CoreFactory = Callable[[str], Core]
+class World:
+    """One virtual clock and one seeded queue of work for every node in a simulation."""
 
-
-class Host:
-    """Runs every PD's core from one queue in virtual time; the kernel's only route."""
-
-    def __init__(self, kernel: Kernel, ledger: Ledger, clock: VirtualClock,
-                 rng: random.Random, *, make_core: CoreFactory = make_core,
-                 latency_ns: tuple[int, int] = (50_000, 2_000_000),
-                 restart_limit: int = 3, restart_window: float = 60.0) -> None:
-        self.kernel, self.ledger, self.clock, self.rng = kernel, ledger, clock, rng
-        self.make_core = make_core
-        self.latency_ns = latency_ns
-        self.cores: dict[str, Core] = {}
-        self.handled = 0  # deliveries and timers a core saw
-        self.refusals: list[Refusal] = []
-        self.io_requests: list[tuple[str, IoRequest]] = []
-        self._queue: list[tuple[int, int, str, Item]] = []
+    def __init__(self, clock: VirtualClock | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.clock = clock or VirtualClock()
+        self.rng = rng or random.Random(0)
+        self._queue: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = itertools.count()
-        self._last_arrival: dict[str, int] = {}
-        self._generation: Counter[str] = Counter()
-        self._crashes = CrashWindow(restart_limit, restart_window)
-        kernel.set_route(self.route)
 
-    # ----------------------------------------------------------------- lifecycle
-    def start_all(self) -> None:
-        """Start every PD the ledger says is running, highest priority first."""
-        state = self.kernel.state
-        for pd in sorted(state.pds, key=lambda p: (-state.pds[p], p)):
-            if state.pd_status.get(pd) == "running":
-                self._start(pd)
+    def at(self, at_ns: int, work: Callable[[], None]) -> None:
+        """Do ``work`` at virtual time ``at_ns`` (after what is queued for then already)."""
+        heapq.heappush(self._queue, (max(at_ns, self.clock.elapsed_ns), next(self._seq),
+                                     work))
 
-    def _start(self, pd: str) -> None:
-        self._crashes.forget(pd)
-        self._fresh_core(pd)
-
-    def _fresh_core(self, pd: str) -> None:
-        """A new core started from the ledger's state; a crash in ``start`` counts too."""
-        while True:
-            self._generation[pd] += 1  # timers the old core set are now stale
-            self.cores.pop(pd, None)
-            try:
-                core = self.make_core(pd)
-                state = self.kernel.state
-                actions = core.start(caps.tokens_of(state, pd), state, self.clock.time())
-                self.cores[pd] = core
-                self._carry_out(pd, actions)
-                return
-            except Exception as exc:
-                if not self._supervise(pd, exc):
-                    return
-
-    def reap(self, pd: str, reason: str) -> None:
-        """End a PD's work: its caps go (in the fold), its core stops, its queue is dropped."""
-        require_status(self.kernel.state, pd, "running", "reap")
-        self.kernel.journal(PdReaped(pd, reason))
-        self.cores.pop(pd, None)
-        self._generation[pd] += 1
-
-    def spawn(self, pd: str, reason: str) -> None:
-        """Run a reaped (or failed) PD again, with a fresh core."""
-        require_spawnable(self.kernel.state, pd)
-        self.kernel.journal(PdSpawned(pd, reason))
-        self._start(pd)
-
-    def _supervise(self, pd: str, exc: Exception) -> bool:
-        """Journal a crash; True if the PD may restart, False once it has failed."""
-        event = self._crashes.crash(pd, exc, self.clock.elapsed)
-        self.cores.pop(pd, None)
-        self._generation[pd] += 1
-        self.kernel.journal(event)
-        return not isinstance(event, PdFailed)
-
-    # ----------------------------------------------------------------- queue
-    def route(self, target: str, d: Delivery) -> None:
-        """The kernel's route: deliver ``d`` after a seeded latency, in order per receiver."""
-        lo, hi = self.latency_ns
-        at = self.clock.elapsed_ns + self.rng.randint(lo, hi)
-        at = max(at, self._last_arrival.get(target, 0))  # an inbox is FIFO
-        self._last_arrival[target] = at
-        self._push(at, target, d)
-
-    def _push(self, at_ns: int, target: str, item: Item) -> None:
-        heapq.heappush(self._queue, (at_ns, next(self._seq), target, item))
+    def after(self, delay_ns: int, work: Callable[[], None]) -> None:
+        self.at(self.clock.elapsed_ns + max(0, delay_ns), work)
 
     @property
     def pending(self) -> int:
         return len(self._queue)
 
     def step(self) -> bool:
-        """Handle the earliest queued item; False when there was none."""
+        """Do the earliest queued work; False when there was none."""
         if not self._queue:
             return False
-        at, _, target, item = heapq.heappop(self._queue)
+        at, _, work = heapq.heappop(self._queue)
         self.clock.elapsed_ns = max(self.clock.elapsed_ns, at)
-        if isinstance(item, Timer):
-            if item.generation == self._generation[target]:
-                self._run(target, lambda core: core.timer(item.name, self.clock.time()))
-            return True
-        try:
-            d = self.kernel.accept(item)
-        except Exception as exc:  # journalling a transferred cap failed
-            if self._supervise(target, exc):
-                self._fresh_core(target)
-            return True
-        if d is not None:
-            self._run(target, lambda core: core.handle(d, self.clock.time()))
+        work()
         return True
 
     def run_until(self, t: float) -> int:
-        """Handle everything due by virtual second ``t``, then set the clock to ``t``."""
+        """Do everything due by virtual second ``t``, then set the clock to ``t``."""
         limit, n = round(t * NS), 0
         while self._queue and self._queue[0][0] <= limit:
             self.step()
@@ -204,7 +124,7 @@ class Host:
         return self.run_until(self.clock.elapsed + seconds)
 
     def run_until_idle(self, max_items: int = 1_000_000) -> int:
-        """Handle items until none is left; refuses to spin past ``max_items``."""
+        """Do work until none is left; refuses to spin past ``max_items``."""
         n = 0
         while self.step():
             n += 1
@@ -213,37 +133,147 @@ class Host:
                                       "a timer or message loop never settles")
         return n
 
-    # ----------------------------------------------------------------- cores
-    def _run(self, pd: str, handler: Callable[[Core], list[Action]]) -> None:
-        core = self.cores.get(pd)
-        if core is None:  # failed, reaped, or never started
-            return
-        self.handled += 1
-        try:
-            self._carry_out(pd, handler(core))
-        except Exception as exc:  # the PD's bug: restart it, the host runs on
-            if self._supervise(pd, exc):
-                self._fresh_core(pd)
 
-    def _carry_out(self, pd: str, actions: list[Action]) -> None:
-        events = [a.event for a in actions if isinstance(a, Append)]
-        if events:  # journal, then act
-            self.ledger.append_many(events)
-        port = self.kernel.port(pd)
-        for a in actions:
-            try:
-                if isinstance(a, Send):
-                    port.send(a.token, a.payload, a.transfer)
-                elif isinstance(a, Call):
-                    port.call(a.token, a.payload)
-                elif isinstance(a, Reply):
-                    port.reply(a.reply, a.payload)
-                elif isinstance(a, SetTimer):
-                    at = self.clock.elapsed_ns + max(0, round(a.delay * NS))
-                    self._push(at, pd, Timer(a.name, self._generation[pd]))
-                elif isinstance(a, IoRequest):
-                    self.io_requests.append((pd, a))  # no simulated backends yet
-                elif not isinstance(a, Append):
-                    raise TypeError(f"{pd}: core returned {a!r}, not an action")
-            except CapRefused as exc:  # the kernel counted it; the PD lives on
-                self.refusals.append(Refusal(self.clock.ledger_ns(), pd, a, exc))
+class Host:
+    """Runs one node's PD cores in a :class:`World`; the node's kernel's only route."""
+
+    def __init__(self, kernel: Kernel, ledger: Ledger, clock: VirtualClock | None = None,
+                 rng: random.Random | None = None, *, world: World | None = None,
+                 make_core: CoreFactory = make_core,
+                 adapters: dict[str, Adapter] | None = None,
+                 latency_ns: tuple[int, int] = (50_000, 2_000_000),
+                 restart_limit: int = 3, restart_window: float = 60.0) -> None:
+        self.world = world or World(clock, rng)
+        self.kernel, self.ledger = kernel, ledger
+        self.clock, self.rng = self.world.clock, self.world.rng if rng is None else rng
+        self.latency_ns = latency_ns
+        self.cells: dict[str, Cell] = {}
+        self.refusals: list[Refusal] = []
+        self.io_requests: list[tuple[str, IoRequest]] = []
+        self._adapters = dict(adapters or {})
+        self._last_arrival: dict[str, int] = {}
+        self.engine = Engine(kernel, self, make_core, restart_limit=restart_limit,
+                             restart_window=restart_window)
+        for pd, adapter in self._adapters.items():
+            adapter.attach(functools.partial(self._unsolicited, pd))
+        kernel.set_route(self.route)
+
+    # ----------------------------------------------------------------- views for tests
+    @property
+    def make_core(self) -> CoreFactory:
+        return self.engine.make_core
+
+    @make_core.setter
+    def make_core(self, factory: CoreFactory) -> None:
+        self.engine.make_core = factory
+
+    @property
+    def cores(self) -> dict[str, Core]:
+        return {pd: c.core for pd, c in self.cells.items() if c.core is not None}
+
+    @property
+    def handled(self) -> int:
+        return self.engine.handled
+
+    # ----------------------------------------------------------------- the mechanism
+    def now(self) -> float:
+        return self.clock.time()
+
+    def elapsed(self) -> float:
+        return self.clock.elapsed
+
+    def set_timer(self, pd: str, name: str, delay: float, generation: int) -> None:
+        self.world.after(round(delay * NS), lambda: self._on_cell(
+            pd, lambda cell: self.engine.tick(cell, name, generation)))
+
+    def submit_io(self, pd: str, generation: int, request: IoRequest) -> None:
+        self.io_requests.append((pd, request))
+        adapter = self._adapters.get(pd)
+
+        def answer(ans: IoAnswer) -> None:  # the next thing done, in queue order
+            self.world.after(0, lambda: self._on_cell(
+                pd, lambda cell: self.engine.answer(cell, generation, ans)))
+        if adapter is None:
+            answer(IoFailure(request.request_id, f"{pd} has no simulated backend"))
+        else:
+            adapter.submit(request, answer)
+
+    def _unsolicited(self, pd: str, event: IoInput) -> None:
+        cell = self.cells.get(pd)
+        if cell is None:
+            return
+        generation = cell.generation
+        self.world.after(0, lambda: self._on_cell(
+            pd, lambda c: self.engine.unsolicited(c, generation, event)))
+
+    def start(self, pd: str) -> None:
+        cell = self.cells.get(pd)
+        if cell is not None and cell.core is not None:
+            raise HostError(f"{pd} is already running")
+        cell = self.cells.setdefault(pd, Cell(pd))
+        self.engine.boot(cell)
+
+    def stop(self, pd: str) -> None:
+        cell = self.cells.get(pd)
+        if cell is not None:
+            cell.core = None
+            cell.generation += 1
+
+    def refused(self, pd: str, action: Action, exc: CapRefused) -> None:
+        self.refusals.append(Refusal(self.clock.ledger_ns(), pd, action, exc))
+
+    # ----------------------------------------------------------------- lifecycle
+    def start_all(self) -> None:
+        """Start every PD the ledger says is running, highest priority first."""
+        self.engine.start_all()
+
+    def reap(self, pd: str, reason: str) -> None:
+        self.engine.reap(pd, reason)
+
+    def spawn(self, pd: str, reason: str) -> None:
+        self.engine.spawn(pd, reason)
+
+    def crash(self, pd: str, reason: str) -> None:
+        """Inject a crash of ``pd``'s core (a fault, for supervision scenarios)."""
+        cell = self.cells.get(pd)
+        if cell is not None:
+            self.engine.inject_crash(cell, reason)
+
+    def core_status(self, pd: str) -> dict[str, Any] | None:
+        cell = self.cells.get(pd)
+        return None if cell is None else self.engine.status(cell)
+
+    # ----------------------------------------------------------------- queue
+    def route(self, target: str, d: Delivery) -> None:
+        """The kernel's route: deliver ``d`` after a seeded latency, in order per receiver."""
+        lo, hi = self.latency_ns
+        at = self.clock.elapsed_ns + self.rng.randint(lo, hi)
+        at = max(at, self._last_arrival.get(target, 0))  # an inbox is FIFO
+        self._last_arrival[target] = at
+        self.world.at(at, lambda: self._on_cell(
+            target, lambda cell: self.engine.deliver(cell, d), delivery=d))
+
+    def _on_cell(self, pd: str, work: Callable[[Cell], None],
+                 delivery: Delivery | None = None) -> None:
+        cell = self.cells.get(pd)
+        if cell is None:  # never started: what it was sent is dropped at the receiver
+            if delivery is not None:
+                self.kernel.accept(delivery)
+            return
+        work(cell)
+
+    @property
+    def pending(self) -> int:
+        return self.world.pending
+
+    def step(self) -> bool:
+        return self.world.step()
+
+    def run_until(self, t: float) -> int:
+        return self.world.run_until(t)
+
+    def run_for(self, seconds: float) -> int:
+        return self.world.run_for(seconds)
+
+    def run_until_idle(self, max_items: int = 1_000_000) -> int:
+        return self.world.run_until_idle(max_items)

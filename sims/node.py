@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.engine import CoreFactory
+from actors.io.base import Adapter
 from actors.kernel import Kernel, Port
+from actors.pds import make_core
 from actors.system import load_default
-from ledger.catalog import MemberAdded, NodeIdentity
 from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
-from sims.host import Host, VirtualClock
+from sims.host import Host, VirtualClock, World
 
 SIM_OPTIONS = Options(set_append_only_flag=False)
 """Simulated ledgers are throwaway: no append-only flag (it needs root to remove)."""
@@ -56,23 +58,26 @@ class SimNode:
 
 
 def build_node(directory: Path, seed: int, *, name: str = "sim-node", role: str = "hub",
-               mesh_ip: str = "10.8.0.1", start: bool = True) -> SimNode:
+               mesh_ip: str = "10.8.0.1", endpoint: str | None = None,
+               world: World | None = None, adapters: dict[str, Adapter] | None = None,
+               make_core: CoreFactory = make_core, start: bool = True) -> SimNode:
     """A node initialised as ``ppn node init`` does, in ``directory`` (new or empty).
 
-    ``start`` starts every PD's core; pass False to drive the ports by hand first.
+    ``world`` puts it on a shared clock and queue with other nodes (``sims.mesh``);
+    ``adapters`` are its simulated backends, by PD.  ``start`` starts every PD's
+    core; pass False to drive the ports by hand first.
     """
     keys = node_keys(seed)
-    clock = VirtualClock()
+    clock = VirtualClock() if world is None else world.clock
     ledger = Ledger.create(directory, keys, f"{name}.ppn/ledger", clock=clock.ledger_ns,
                            options=SIM_OPTIONS)
-    ledger.append_many([
-        NodeIdentity(name, keys.public_key, keys.wg_public_key, mesh_ip, role),
-        MemberAdded(name, keys.public_key, keys.wg_public_key, mesh_ip, None, role),
-        *load_default().initial_events(),
-    ])
+    system = load_default()
+    ledger.append_many(system.first_events(name, keys, mesh_ip, role, endpoint))
     reply_ids = random.Random(f"ppn-sim-replies/{seed}")
-    kernel = Kernel(ledger, reply_ids=lambda: reply_ids.getrandbits(63))
-    host = Host(kernel, ledger, clock, random.Random(f"ppn-sim-host/{seed}"))
+    kernel = Kernel(ledger, reply_ids=lambda: reply_ids.getrandbits(63),
+                    journals=system.journals)
+    host = Host(kernel, ledger, clock, random.Random(f"ppn-sim-host/{seed}"), world=world,
+                adapters=adapters, make_core=make_core)
     if start:
         host.start_all()
     return SimNode(name, directory, keys, ledger, kernel, host)

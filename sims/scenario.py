@@ -3,9 +3,10 @@
 Each step lets virtual time pass (the host delivers what is due), then one PD,
 chosen by the scenario's ``random.Random``, does one thing through its port:
 mints, copies, moves, deletes or revokes a capability, passes one inside a
-message, pings another PD, asks a PD to crash, or tries a bad token (stolen,
-forged, made up).  Refusals are expected -- a PD may try what its caps do not
-allow -- and are tallied by code.  The same seed gives the same run: the same
+message, pings another PD, tries a bad token (stolen, forged, made up), or the
+harness injects a crash into another PD's core (no message can make a PD crash).
+Refusals are expected -- a PD may try what its caps do not allow -- and are
+tallied by code.  The same seed gives the same run: the same
 ledger bytes and Merkle root.
 """
 
@@ -148,7 +149,9 @@ class Scenario:
         port.send(self._with(tokens, "write"), {"op": "note", "step": self.report.steps})
 
     def _crash(self, port: Port, tokens: list[Token]) -> None:
-        port.send(self._with(tokens, "write"), {"op": "crash"})
+        victim = self._other(port.pd)
+        if self.node.kernel.state.pd_status.get(victim) == "running":
+            self.node.host.crash(victim, f"fault injected at step {self.report.steps}")
 
     def _forge(self, port: Port, tokens: list[Token]) -> None:
         """Present a token this PD must not be able to use."""

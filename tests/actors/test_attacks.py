@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import structlog.testing
 
-from actors.kernel import Kernel, ReplyCap
+from actors.kernel import Kernel
+from actors.pds.base import ReplyCap
 from ledger.caps import CapRefused, Token
 from sims.node import SimNode, build_node, scratch_directory
+from tests.cores import recording
 
 FLEET, ADMIN, WG, VMM = "pd-fleet", "pd-network-admin", "pd-wireguard", "pd-vmm"
 
@@ -28,7 +30,7 @@ FLEET, ADMIN, WG, VMM = "pd-fleet", "pd-network-admin", "pd-wireguard", "pd-vmm"
 @pytest.fixture
 def node() -> Iterator[SimNode]:
     with scratch_directory("ppn-attacks-") as d, structlog.testing.capture_logs():
-        n = build_node(d / "ledger", seed=11)
+        n = build_node(d / "ledger", seed=11, make_core=recording)
         try:
             yield n
         finally:
@@ -208,10 +210,10 @@ def test_reply_caps_are_one_shot(node: SimNode) -> None:
     node.host.run_until_idle()  # pd-wireguard's core answers
     assert node.host.cores[WG].received["ping"] == 1
     assert node.host.cores[FLEET].received["pong"] == 1
-    used = ReplyCap(1, FLEET)
+    used = ReplyCap(1)
     refused(node, WG, lambda: wg.reply(used, {"op": "again"}), "bad-token", None)
     refused(node, VMM, lambda: vmm.reply(used, {"op": "forged"}), "bad-token", None)
-    refused(node, VMM, lambda: vmm.reply(ReplyCap(77, FLEET), {"op": "forged"}), "bad-token",
+    refused(node, VMM, lambda: vmm.reply(ReplyCap(77), {"op": "forged"}), "bad-token",
             None)
 
 
@@ -220,7 +222,7 @@ def test_a_guessed_reply_cap_cannot_cancel_a_call(node: SimNode) -> None:
     callable_tun = wg.mint(token(node, WG, "tunnel"), ("write", "grant-reply"), to=FLEET)
     fleet.call(callable_tun, {"op": "ping"})
     with pytest.raises(CapRefused) as err:  # the call is in flight; pd-vmm guesses its id
-        vmm.reply(ReplyCap(1, FLEET), {"op": "pong", "from": "an impostor"})
+        vmm.reply(ReplyCap(1), {"op": "pong", "from": "an impostor"})
     assert (err.value.code, err.value.pd) == ("bad-token", VMM)
     node.host.run_until_idle()
     assert node.host.refusals == []  # pd-wireguard's real answer goes through
@@ -255,4 +257,4 @@ def test_a_call_dropped_in_flight_leaves_no_reply_cap_behind(node: SimNode) -> N
     before = node.kernel.dropped
     node.host.run_until_idle()
     assert node.kernel.dropped == before + 1
-    assert node.kernel._replies == {}
+    assert node.kernel._calls == {}

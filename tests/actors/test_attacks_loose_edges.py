@@ -10,7 +10,7 @@ import test_attacks
 from test_attacks import FLEET, WG, refused, token
 
 from actors import kernel as kernel_module
-from actors.kernel import ReplyCap
+from actors.pds.base import ReplyCap
 from ledger.caps import CapRefused, Token
 from sims.node import SimNode
 
@@ -60,7 +60,7 @@ def test_a_callee_cannot_guess_the_reply_cap_of_a_call_in_flight(node: SimNode) 
     for guess in range(1, 50):  # the ids a counter would have given the next calls
         fleet.call(callable_tun, {"op": "ping"})
         with pytest.raises(CapRefused):
-            wg.reply(ReplyCap(guess, FLEET), {"op": "pong", "from": "before it was asked"})
+            wg.reply(ReplyCap(guess), {"op": "pong", "from": "before it was asked"})
         node.host.run_until_idle()
     assert node.host.cores[FLEET].received["pong"] == 50  # every real answer went through
 

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,9 @@ from actors.control import (
     listen,
     request,
 )
-from actors.core import Action, Append, Call, Core, Send, SetTimer
-from actors.kernel import Delivery, Kernel
+from actors.kernel import Kernel
 from actors.lifecycle import HostError
+from actors.pds.base import Action, Append, Call, Core, Message, Send, SetTimer
 from actors.runtime import Node
 from ledger import caps
 from ledger.caps import CapRefused, Token
@@ -36,45 +35,50 @@ from ledger.catalog import PdFailed, PdRestarted
 from ledger.keys import NodeKeys
 from ledger.log import Ledger
 from ledger.scan import LogReader
+from tests.cores import Crashy
 
 VMM_ENDPOINT, FLEET_ENDPOINT = 9, 12  # original endpoint caps, per system.toml's order
 
 
 class Probe:
-    """Shared by every core a test's node makes: the gate a blocking handler waits on."""
+    """Shared by every core a test's node makes: the gate a blocking handler waits on, and
+    the tokens a test hands a core to present (a token is not plain data: it cannot
+    travel in a message)."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
+        self.tokens: list[Token] = []
 
     def make(self, pd: str) -> Core:
-        return ProbeCore(pd, probe=self)
+        return ProbeCore(pd, self)
 
 
-@dataclass
-class ProbeCore(Core):
-    probe: Probe | None = None
-    replies: list[Any] = field(default_factory=list)
-    fired: list[str] = field(default_factory=list)
+class ProbeCore(Crashy):
+    def __init__(self, name: str, probe: Probe | None = None) -> None:
+        super().__init__(name)
+        self.probe = probe
+        self.replies: list[Any] = []
+        self.fired: list[str] = []
 
-    def handle(self, d: Delivery, now: float) -> list[Action]:
-        actions = super().handle(d, now)  # counts it, answers ping, raises on crash
-        p = d.payload if isinstance(d.payload, dict) else {}
+    def handle(self, m: Message, now: float) -> list[Action]:
+        actions = super().handle(m, now)  # counts it, answers ping, raises on crash
+        p = m.payload if isinstance(m.payload, dict) else {}
         op = p.get("op")
-        if d.obj == "reply":
-            self.replies.append(d.payload)
+        if m.obj == "reply":
+            self.replies.append(m.payload)
         if op == "block" and self.probe is not None:
             self.probe.entered.set()
             self.probe.gate.wait(10)
         elif op == "relay":  # call whoever the cap reaches
-            token = next(t for t in self.tokens if t.cap_id == p["cap"])
+            token = next(h.token for h in self.held if h.token.cap_id == p["cap"])
             actions.append(Call(token, {"op": "ping"}))
-        elif op == "send":  # present whatever token the test handed over
-            actions.append(Send(p["token"], {"op": "hello"}))
+        elif op == "send" and self.probe is not None:  # present the tokens the test handed
+            actions += [Send(t, {"op": "hello"}) for t in self.probe.tokens]
         elif op == "timer":
             actions.append(SetTimer(p["name"], p["delay"]))
-        elif op == "send-then-bad-append":  # journal first: the send must never happen
-            actions += [Send(p["token"], {"op": "hello"}), Append(object())]
+        elif op == "send-then-bad-append" and self.probe is not None:  # journal first
+            actions += [Send(self.probe.tokens[0], {"op": "hello"}), Append(object())]
         return actions
 
     def timer(self, name: str, now: float) -> list[Action]:
@@ -98,13 +102,13 @@ def wait_for(cond: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
-    """An initialised node, plus cap #26: pd-fleet may call pd-vmm (badge 6)."""
+    """An initialised node, plus cap #29: pd-fleet may call pd-vmm (badge 6)."""
     state = tmp_path / "state"
     assert cli.main(["node", "init", "--state-dir", str(state), "--name", "laptop-b"]) == 0
     with Ledger.open(state / "ledger", NodeKeys.load(state)) as ledger:
         kernel = Kernel(ledger)
-        tok = kernel.operator_token(VMM_ENDPOINT)
-        assert kernel.mint("pd-vmm", tok, ("write", "grant-reply"), 6, "pd-fleet").cap_id == 26
+        tok = caps.token_for(kernel.state.caps[VMM_ENDPOINT])
+        assert kernel.mint("pd-vmm", tok, ("write", "grant-reply"), 6, "pd-fleet").cap_id == 29
     return state
 
 
@@ -123,9 +127,13 @@ def node(state_dir: Path, probe: Probe) -> Iterator[Node]:
 
 
 def as_holder(node: Node, cap_id: int, payload: Any) -> None:
-    """Send under ``cap_id`` as the PD that holds it (the operator's authority)."""
-    token = node.kernel.operator_token(cap_id)
+    """Send under ``cap_id`` as the PD that holds it would."""
+    token = holder_token(node, cap_id)
     node.kernel.send(token.holder, token, payload)
+
+
+def holder_token(node: Node, cap_id: int) -> Token:
+    return caps.token_for(node.kernel.state.caps[cap_id])
 
 
 def lifecycle(node: Node, kind: type) -> list[Any]:
@@ -134,12 +142,12 @@ def lifecycle(node: Node, kind: type) -> list[Any]:
 
 
 def test_ping_between_pds_through_the_kernel(node: Node) -> None:
-    as_holder(node, FLEET_ENDPOINT, {"op": "relay", "cap": 26})
+    as_holder(node, FLEET_ENDPOINT, {"op": "relay", "cap": 29})
     replies = wait_for(lambda: node.host.core_status("pd-fleet")["replies"])  # type: ignore[index]
     assert replies == [{"op": "pong", "badge": 6, "from": "pd-vmm"}]
     # The operator's own call, answered to it and not to a PD.
     assert node.ping("pd-wireguard") == {"op": "pong", "badge": None, "from": "pd-wireguard"}
-    assert node.ping(cap_id=26) == {"op": "pong", "badge": 6, "from": "pd-vmm"}
+    assert node.ping(cap_id=29) == {"op": "pong", "badge": 6, "from": "pd-vmm"}
 
 
 def test_crash_restarts_the_pd_from_the_ledger(node: Node) -> None:
@@ -173,13 +181,13 @@ def test_four_crashes_fail_the_pd_and_the_node_runs_on(node: Node) -> None:
 
 def test_message_queued_before_revoke_is_not_delivered_after(node: Node, probe: Probe) -> None:
     kernel = node.kernel
-    child = kernel.mint("pd-vmm", kernel.operator_token(VMM_ENDPOINT), ("write",), 6,
+    child = kernel.mint("pd-vmm", holder_token(node, VMM_ENDPOINT), ("write",), 6,
                         "pd-fleet")
     as_holder(node, VMM_ENDPOINT, {"op": "block"})
     assert probe.entered.wait(5)
     kernel.port("pd-fleet").send(child, {"op": "hello"})  # queued behind the block
     dropped = kernel.dropped
-    assert node.revoke(VMM_ENDPOINT) == 2  # the child, and #26
+    assert node.revoke(VMM_ENDPOINT) == 3  # the child, #29 and pd-fleet's channel (#18)
     probe.gate.set()
     received = node.host.core_status("pd-vmm")["received"]  # type: ignore[index]
     assert received.get("block") == 1 and "hello" not in received
@@ -189,11 +197,11 @@ def test_message_queued_before_revoke_is_not_delivered_after(node: Node, probe: 
     assert refused.value.code == "no-such-cap"
 
 
-def test_refused_sends_are_counted_and_never_crash_the_pd(node: Node) -> None:
-    vmm_token = node.kernel.operator_token(VMM_ENDPOINT)  # held by pd-vmm, not pd-fleet
-    forged = Token(26, "pd-fleet", b"\x00" * 64)
-    for token in (vmm_token, forged, Token(999, "pd-fleet", b"")):
-        as_holder(node, FLEET_ENDPOINT, {"op": "send", "token": token})
+def test_refused_sends_are_counted_and_never_crash_the_pd(node: Node, probe: Probe) -> None:
+    vmm_token = holder_token(node, VMM_ENDPOINT)  # held by pd-vmm, not pd-fleet
+    forged = Token(29, "pd-fleet", b"\x00" * 64)
+    probe.tokens[:] = [vmm_token, forged, Token(999, "pd-fleet", b"")]
+    as_holder(node, FLEET_ENDPOINT, {"op": "send"})
     assert node.ping("pd-fleet")["from"] == "pd-fleet"  # after the three, in queue order
     refused = node.kernel.refused
     assert refused[("pd-fleet", "not-holder")] == 1
@@ -204,13 +212,15 @@ def test_refused_sends_are_counted_and_never_crash_the_pd(node: Node) -> None:
                                                    "not-holder": 1}
 
 
-def test_events_are_journalled_before_anything_is_sent(node: Node) -> None:
-    token = node.kernel.operator_token(26)  # pd-fleet's cap on pd-vmm
-    as_holder(node, FLEET_ENDPOINT, {"op": "send-then-bad-append", "token": token})
-    wait_for(lambda: node.ledger.state_copy().restarts.get("pd-fleet") == 1)
+def test_events_are_journalled_before_anything_is_sent(node: Node, probe: Probe) -> None:
+    probe.tokens[:] = [holder_token(node, 29)]  # pd-fleet's cap on pd-vmm
+    as_holder(node, FLEET_ENDPOINT, {"op": "send-then-bad-append"})
+    # Refused whole (an object is not an event): nothing appended, nothing sent, no crash.
+    assert node.ping("pd-fleet")["from"] == "pd-fleet"
     received = node.host.core_status("pd-vmm")["received"]  # type: ignore[index]
     assert "hello" not in received
-    assert "not a registered event type" in lifecycle(node, PdRestarted)[0].reason
+    assert node.kernel.refused[("pd-fleet", "no-journal-cap")] == 1
+    assert not lifecycle(node, PdRestarted)
 
 
 def test_timers_post_back_and_die_with_their_core(node: Node) -> None:
@@ -241,8 +251,8 @@ def test_reap_and_spawn(state_dir: Path, probe: Probe) -> None:
             node.host.spawn("pd-vmm", "no")
         node.host.spawn("pd-genesis", "new ceremony")
         assert "pd-genesis" in node.host.running()
-        assert node.host.core_status("pd-genesis") == {"tokens": 0, "received": {},
-                                                       "replies": [], "fired": []}
+        status = node.host.core_status("pd-genesis")
+        assert status is not None and (status["tokens"], status["received"]) == (0, {})
         assert node.status()["pds"]["pd-genesis"]["status"] == "running"
 
 
@@ -252,18 +262,16 @@ def test_one_node_per_state_directory(node: Node) -> None:
 
 
 def test_caps_tree_is_drawn_with_branches(node: Node) -> None:
-    assert node.mint(26, ["write"], "pd-fleet") == 27
-    assert node.mint(VMM_ENDPOINT, ["read"], "pd-network-admin", badge=7) == 28
+    assert node.mint(29, ["write"], "pd-fleet") == 30
+    assert node.mint(VMM_ENDPOINT, ["read"], "pd-network-admin", badge=7) == 31
     rows = [r for r in node.caps_tree() if r["object"] == "endpoint:pd-vmm"]
     assert [(r["cap"], r["depth"], r["last"]) for r in rows] == [
-        (9, 0, False), (26, 1, False), (27, 2, True), (28, 1, True)]
-    assert draw_tree(rows) == [
-        "#9 pd-vmm endpoint:pd-vmm read,write,grant,grant-reply",
-        "\u251c\u2500 #26 pd-fleet endpoint:pd-vmm write,grant-reply badge=6",
-        "\u2502  \u2514\u2500 #27 pd-fleet endpoint:pd-vmm write badge=6",
-        "\u2514\u2500 #28 pd-network-admin endpoint:pd-vmm read badge=7"]
+        (9, 0, False), (18, 1, False), (29, 1, False), (30, 2, True), (31, 1, True)]
+    assert draw_tree(rows)[3:] == [
+        "\u2502  \u2514\u2500 #30 pd-fleet endpoint:pd-vmm write badge=6",
+        "\u2514\u2500 #31 pd-network-admin endpoint:pd-vmm read badge=7"]
     with pytest.raises(CapRefused, match="cannot derive 'grant'") as refused:
-        node.mint(27, ["write", "grant"], "pd-fleet")
+        node.mint(30, ["write", "grant"], "pd-fleet")
     assert refused.value.code == "escalation"
 
 
@@ -294,7 +302,7 @@ def test_control_socket_in_process(state_dir: Path, probe: Probe) -> None:
         with pytest.raises(ControlError, match="already listening"):
             listen(path)
         with pytest.raises(ControlError, match="cannot derive 'grant'"):
-            request(state_dir, {"cmd": "caps.mint", "cap": 26, "rights": ["grant"],
+            request(state_dir, {"cmd": "caps.mint", "cap": 29, "rights": ["grant"],
                                 "to": "pd-fleet"})
         assert request(state_dir, {"cmd": "status"})["pds"]["pd-ledger"]["alive"]
     assert not path.exists()
@@ -322,7 +330,7 @@ def test_a_burst_arrives_whole_and_in_order_and_a_status_query_waits_for_it(
     core = node.host.core_status  # the query is answered after what was queued before it
     original = ProbeCore.handle
 
-    def recording(self: ProbeCore, d: Delivery, now: float) -> list[Action]:
+    def recording(self: ProbeCore, d: Message, now: float) -> list[Action]:
         if isinstance(d.payload, dict) and d.payload.get("op") == "n":
             seen.append(d.payload["i"])
         return original(self, d, now)

@@ -33,26 +33,47 @@ version = 1
 [[pd]]
 name = "pd-a"
 priority = 1
-serves = ["x"]
+badge = 1
+serves = ["x", "ledger.append"]
+journals = []
 [[pd]]
 name = "pd-b"
 priority = 2
+badge = 2
 serves = []
+journals = []
 """
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    ('[[pd]]\nname = "pd-a"\npriority = 3\nserves = []\n', "pd[2].name: duplicate PD 'pd-a'"),
+    ('[[pd]]\nname = "pd-a"\npriority = 3\nbadge = 3\nserves = []\njournals = []\n',
+     "pd[2].name: duplicate PD 'pd-a'"),
+    ('[[pd]]\nname = "pd-c"\npriority = 3\nbadge = 2\nserves = []\njournals = []\n',
+     "pd[2].badge: 2 is another PD's badge"),
+    ('[[pd]]\nname = "pd-c"\npriority = 3\nbadge = 3\nserves = []\njournals = ["cap"]\n',
+     "pd[2].journals: 'cap' is not an event family a PD may journal"),
+    ('[[pd]]\nname = "pd-c"\npriority = 3\nbadge = 3\nserves = []\njournals = ["vm"]\n',
+     "pd[2].journals: 'vm' is not an event family"),
+    ('[[pd]]\nname = "pd-c"\npriority = 3\nbadge = 3\nserves = []\njournals = ["mesh"]\n',
+     "pd[2].journals: pd-c journals, but no [[cap]] gives it write on ledger.append"),
+    ('[[cap]]\nholder = "pd-b"\nobject = "ledger.append"\nrights = ["write"]\n',
+     "cap[0]: pd-b may journal no family"),
+    ('[[cap]]\nholder = "pd-b"\nobject = "endpoint:pd-a"\nrights = ["write"]\n',
+     "cap[0].object: endpoint caps come from [[channel]]s"),
+    ('[[channel]]\nfrom = "pd-a"\nto = "pd-a"\n', "channel[0]: pd-a -> pd-a is a loop"),
     ('[[channel]]\nfrom = "pd-a"\nto = "pd-z"\n', "channel[0].to: no PD named 'pd-z'"),
     ('[[cap]]\nholder = "pd-b"\nobject = "y"\nrights = ["read"]\n',
      "cap[0].object: no PD serves 'y'"),
     ('[[cap]]\nholder = "pd-q"\nobject = "x"\nrights = ["read"]\n', "cap[0].holder: no PD named"),
     ('[[cap]]\nholder = "pd-b"\nobject = "x"\nrights = ["root"]\n', "cap[0].rights"),
-    ('[[cap]]\nholder = "pd-b"\nobject = "x"\nrights = ["read"]\nbadge = -1\n', "cap[0].badge"),
+    ('[[cap]]\nholder = "pd-b"\nobject = "x"\nrights = ["read"]\nbadge = 9\n',
+     "cap[0].badge: unknown key"),
     ('[[cap]]\nholder = "pd-b"\nobject = "x"\nrights = ["read"]\ncolour = 1\n',
      "cap[0].colour: unknown key"),
-    ('[[pd]]\nname = "pd-c"\npriority = "high"\nserves = []\n', "pd[2].priority: must be int"),
-    ('[[pd]]\nname = "pd-c"\npriority = 1\nserves = ["x"]\n', "pd[2].serves: 'x'"),
+    ('[[pd]]\nname = "pd-c"\npriority = "high"\nbadge = 3\nserves = []\njournals = []\n',
+     "pd[2].priority: must be int"),
+    ('[[pd]]\nname = "pd-c"\npriority = 1\nbadge = 3\nserves = ["x"]\njournals = []\n',
+     "pd[2].serves: 'x'"),
     ("this is = = not toml", "not valid TOML"),
 ])
 def test_bad_descriptions_name_the_key(extra: str, needle: str) -> None:

@@ -360,7 +360,8 @@ class CapMachine(RuleBasedStateMachine):
             self.refused(pd, want, exc)
             return
         self.refused(pd, want, None)
-        assert self.queue[-1].reply is not None and self.queue[-1].reply.caller == pd
+        # The reply cap is opaque: the kernel alone knows whom the answer goes to.
+        assert self.queue[-1].reply is not None and not hasattr(self.queue[-1].reply, "caller")
 
     @precondition(lambda self: bool(self.queue))
     @rule(n=st.integers(1, 4))
@@ -378,11 +379,12 @@ class CapMachine(RuleBasedStateMachine):
                 m.dropped += 1
                 continue
             # The receiver learns the sender through the badge only.
-            assert (got.target, got.obj, got.badge) == (m.owner[sender.obj], sender.obj,
-                                                        sender.badge)
+            assert d.target == m.owner[sender.obj]
+            assert (got.obj, got.badge) == (sender.obj, sender.badge)
+            assert not hasattr(got, "cap_id") and not hasattr(got, "target")
             if passed is not None and d.transfer is not None:
                 assert got.transfer is not None
-                self.grant(got.transfer, d.target, passed.obj, passed.rights, passed.badge,
+                self.grant(got.transfer.token, d.target, passed.obj, passed.rights, passed.badge,
                            d.transfer.cap_id, "transfer")
         del self.queue[:n]
 

@@ -3,44 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import structlog.testing
 
-from actors.core import Action, Append, Core, Send, SetTimer
-from actors.kernel import Delivery
 from actors.lifecycle import HostError
+from actors.pds.base import Action, Append, Message, PdView, Send, SetTimer
 from ledger.caps import CapRefused
-from ledger.catalog import PdFailed, PdRestarted, PdSpawned
+from ledger.catalog import MemberAdded, PdFailed, PdRestarted
 from ledger.scan import LogReader
-from ledger.state import State
 from sims.host import EPOCH_NS, NS, SimulationError
 from sims.node import SimNode, build_node, scratch_directory
+from tests.cores import Crashy
 
-FLEET, WG = "pd-fleet", "pd-wireguard"
+FLEET, WG, ADMIN = "pd-fleet", "pd-wireguard", "pd-network-admin"
 
 
-@dataclass
-class Probe(Core):
+class Probe(Crashy):
     """Records what it sees (and when); does what a message or timer asks."""
 
-    seen: list[tuple[float, Any]] = field(default_factory=list)
-    started_at: float | None = None
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.seen: list[tuple[float, Any]] = []
+        self.started_at: float | None = None
 
-    def start(self, tokens: list[Any], state: State, now: float) -> list[Action]:
+    def start(self, view: PdView, now: float) -> list[Action]:
         self.started_at = now
-        return super().start(tokens, state, now)
+        return super().start(view, now)
 
-    def handle(self, d: Delivery, now: float) -> list[Action]:
+    def handle(self, d: Message, now: float) -> list[Action]:
         self.seen.append((now, d.payload))
         p = d.payload if isinstance(d.payload, dict) else {}
         if p.get("op") == "timer":
             return [SetTimer(p["name"], p["delay"])]
         if p.get("op") == "journal-then-tell":  # the event must be durable before the send
-            return [Send(self.tokens[p["token"]], {"op": "told"}),
-                    Append(PdSpawned("pd-nowhere", "an event to journal"))]
+            return [Send(self.held[p["token"]].token, {"op": "told"}),
+                    Append(MemberAdded("joiner", bytes(32), bytes(32), "10.8.0.9", None,
+                                       "node"))]
         return super().handle(d, now)
 
     def timer(self, name: str, now: float) -> list[Action]:
@@ -115,11 +115,11 @@ def test_ledger_timestamps_come_from_the_virtual_clock(node: SimNode) -> None:
 
 
 def test_actions_are_journalled_before_the_send_is_made(node: SimNode) -> None:
-    fleet_core = probe(node, FLEET)
-    index = fleet_core.tokens.index(tunnel(node))
-    own = next(t for t in node.port(FLEET).tokens()
-               if node.kernel.state.caps[t.cap_id].obj == "endpoint:pd-fleet")
-    node.port(FLEET).send(own, {"op": "journal-then-tell", "token": index})
+    admin_core = probe(node, ADMIN)
+    index = next(i for i, h in enumerate(admin_core.held) if h.obj == "tunnel")
+    own = next(t for t in node.port(ADMIN).tokens()
+               if node.kernel.state.caps[t.cap_id].obj == "endpoint:pd-network-admin")
+    node.port(ADMIN).send(own, {"op": "journal-then-tell", "token": index})
     size = node.ledger.size
     node.host.step()  # pd-fleet handles it: the event is appended, the send queued
     assert node.ledger.size == size + 1 and node.host.pending == 1
@@ -155,11 +155,11 @@ def test_a_crashing_core_is_restarted_then_failed(node: SimNode) -> None:
 def test_reap_and_spawn(node: SimNode) -> None:
     node.host.reap("pd-genesis", "ceremony over")
     assert "pd-genesis" not in node.host.cores and not node.port("pd-genesis").tokens()
-    with pytest.raises(HostError, match="not running"):
+    with pytest.raises(HostError, match="needs running"):
         node.host.reap("pd-genesis", "again")
     node.host.spawn("pd-genesis", "new ceremony")
     assert "pd-genesis" in node.host.cores
-    with pytest.raises(HostError, match="not reaped or failed"):
+    with pytest.raises(HostError, match="needs failed or reaped"):
         node.host.spawn("pd-genesis", "again")
 
 

@@ -1,0 +1,111 @@
+"""Commands for the events a PD journals: each checks one event against the state.
+
+A PD's core returns events to append; before any is appended the kernel asks
+:func:`check` whether the event is one a command would make: well typed (the
+registry's field check), within the format's limits, and sensible against the
+current state (a member added once, removed only while it is one).  An event
+type with no command here cannot be journalled by a PD at all: capability,
+lifecycle, ledger and identity events come from their own commands (``caps``,
+the lifecycle, ``Ledger.create``, ``ppn node init``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ledger.catalog import REGISTRY, ROLES, MemberAdded, MemberRemoved
+from ledger.events import EventTypeError
+from ledger.state import State
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+"""A node's name: 1-63 of a-z, 0-9 and '-', starting with a letter or digit."""
+MESH = ipaddress.ip_network("10.8.0.0/24")
+MAX_REASON = 300
+KEY_BYTES = 32
+
+
+class EventInvalid(ValueError):
+    """The event is not one a command would make; the message says what is wrong."""
+
+
+def _name(value: str, what: str = "name") -> None:
+    if not NAME_RE.match(value):
+        raise EventInvalid(f"{what} {value[:70]!r}: use 1-63 of a-z, 0-9 and '-', starting "
+                           "with a letter or digit")
+
+
+def _reason(value: str) -> None:
+    if len(value) > MAX_REASON or not value.isprintable():
+        raise EventInvalid(f"reason: at most {MAX_REASON} printable characters")
+
+
+def mesh_ip(value: str) -> ipaddress.IPv4Address:
+    """A host address on the mesh (10.8.0.1 - 10.8.0.254)."""
+    try:
+        ip = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise EventInvalid(f"mesh IP {value[:40]!r}: not an IPv4 address") from None
+    if ip not in MESH or ip in (MESH.network_address, MESH.broadcast_address):
+        raise EventInvalid(f"mesh IP {value}: not a host address in {MESH}")
+    return ip
+
+
+def endpoint(value: str) -> tuple[ipaddress.IPv4Address, int]:
+    """An underlay endpoint, ``IPv4:port``."""
+    host, sep, port = value.rpartition(":")
+    try:
+        ip = ipaddress.IPv4Address(host)
+        number = int(port) if sep and port.isdigit() else -1
+    except ValueError:
+        number = -1
+    if number < 1 or number > 65535:
+        raise EventInvalid(f"endpoint {value[:60]!r}: not IPv4:PORT")
+    return ip, number
+
+
+def _member_added(s: State, e: MemberAdded) -> None:
+    _name(e.name)
+    for what, key in (("signing key", e.signing_key), ("WireGuard key", e.wg_public_key)):
+        if len(key) != KEY_BYTES:
+            raise EventInvalid(f"{what}: {len(key)} bytes, not {KEY_BYTES}")
+    mesh_ip(e.mesh_ip)
+    if e.endpoint is not None:
+        endpoint(e.endpoint)
+    if e.role not in ROLES:
+        raise EventInvalid(f"role {e.role[:20]!r}: one of {', '.join(ROLES)}")
+    if e.name in s.members:
+        raise EventInvalid(f"{e.name} is a member already")
+    taken = [m.name for m in s.members.values() if m.mesh_ip == e.mesh_ip]
+    if taken:
+        raise EventInvalid(f"mesh IP {e.mesh_ip} is {taken[0]}'s")
+
+
+def _member_removed(s: State, e: MemberRemoved) -> None:
+    _name(e.name)
+    _reason(e.reason)
+    if e.name not in s.members:
+        raise EventInvalid(f"{e.name} is not a member")
+    if s.node is not None and e.name == s.node.get("name"):
+        raise EventInvalid(f"{e.name} is this node: it cannot remove itself")
+
+
+COMMANDS: dict[type[Any], Callable[[State, Any], None]] = {
+    MemberAdded: _member_added,
+    MemberRemoved: _member_removed,
+}
+"""Event type -> its command's check.  A PD may journal only these types."""
+
+
+def check(state: State, event: object) -> None:
+    """Raise :class:`EventInvalid` unless ``event`` is one its command would make now."""
+    command = COMMANDS.get(type(event))
+    if command is None:
+        raise EventInvalid(f"{type(event).__name__} is made by no command a PD may use")
+    try:
+        REGISTRY.encode(event)  # field types, exactly, and the size limit
+    except EventTypeError as exc:
+        raise EventInvalid(str(exc)) from None
+    command(state, event)
