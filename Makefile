@@ -46,6 +46,7 @@ run: $(STAMP)
 	set -x; \
 	$$ppn node status --state-dir "$$dir/node"; \
 	$$ppn node ping --state-dir "$$dir/node" pd-vmm; \
+	$$ppn net links --state-dir "$$dir/node"; \
 	$$ppn caps tree --state-dir "$$dir/node"; \
 	kill -TERM $$pid; wait $$pid; \
 	$$ppn ledger verify "$$dir/node/ledger" --against "$$dir/kept.note"; \

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Kernel benchmark: messages and round trips through the capability kernel, revocation of
-a large subtree, and the idle memory of ``ppn node run``.
+"""Kernel benchmark: messages and round trips through the capability kernel, the cost of
+copying payloads by value, revocation of a large subtree, checked journalling, and the idle
+memory of ``ppn node run``.
 
 Every figure is printed beside a baseline measured in the same run: raw pykka ``tell`` and
-``ask`` between plain actors, a single durable append, and bare Python processes.  Nothing
-here asserts a timing: it prints figures and the goals they are meant to meet.  See
-bench/README.md for what each figure means.
+``ask`` between plain actors (which pass references), a single durable append, an
+unchecked append, and bare Python processes.  Nothing here asserts a timing: it prints
+figures and the goals they are meant to meet.  See bench/README.md for what each figure
+means.
 
     .venv/bin/python bench/kernel_bench.py [--quick] [--messages N] [--round-trips N]
     .venv/bin/python bench/kernel_bench.py --profile
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import gc
 import importlib.metadata
 import io
@@ -36,23 +39,26 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import pykka
 import structlog
 from ledger_bench import clear_flags, cpu_ticks, load, print_table
 
-from actors.core import Action, Call, Core, Send
-from actors.host import PdActor
-from actors.kernel import Delivery
+from actors import wire
+from actors.engine import Cell
+from actors.host import _Mailbox
+from actors.kernel import Delivery, Kernel
 from actors.logs import configure_logging
+from actors.pds.base import Action, Append, Call, Core, Message, Reply, Send
 from actors.runtime import Node
-from ledger import caps
-from ledger.caps import Token
-from ledger.catalog import CapGranted, PdDeclared
+from actors.system import JOURNAL_OBJECT
+from ledger import caps, commands
+from ledger.caps import CapRefused, Token
+from ledger.catalog import CapGranted, MemberAdded, MemberRemoved, PdDeclared
 from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
-from ledger.state import apply
+from ledger.state import State, apply
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -62,21 +68,32 @@ TELL_GOAL = 0.7  # kernel messages/s as a share of raw pykka tell
 ASK_GOAL = 0.8  # kernel round trips/s as a share of raw pykka ask().get()
 PHASE2_IDLE_MB = 48  # the seed's resource targets, RAM idle
 PHASE1_IDLE_MB = 400
+COPY_SIZES = (64, 1024, 65536)  # part 3: bytes of data in the payload
+COPY_BUDGET = 256 << 20  # part 3: at most this many payload bytes queued in one tell run
 SUBTREE = 10_000  # descendants revoked at once
 FANOUT = 100  # the subtree: 100 children of the revoked cap, each with 99 children
 QUEUED_CAPS = 8  # descendants messages are queued under while the receiver is blocked
 QUEUED_EACH = 250
 KEPT_MESSAGES = 100  # queued under the revoked cap itself, which revoke keeps
+DURABLE_SAMPLES = 21  # single durable appends, median taken
+JOURNAL_PD = "pd-network-admin"  # journals family "mesh" (system.toml)
 SETTLE = 3.0  # seconds a process idles before its memory is read
 
-# Payloads are compared by identity, so every receiver does the same (tiny) work.
+# Payloads are plain data, copied by value (actors/wire.py): a receiver sees its own copy,
+# so every receiver -- kernel core or raw actor -- recognises them by their "op".
 MSG: dict[str, Any] = {"op": "bench", "n": 0}
 QUEUED: dict[str, Any] = {"op": "queued"}
 KEPT: dict[str, Any] = {"op": "kept"}
 PING: dict[str, Any] = {"op": "ping"}
+NOP: dict[str, Any] = {"op": "nop"}
 RAW_PONG: dict[str, Any] = {"op": "pong", "badge": None, "from": "raw"}
 PROFILE_ON: dict[str, Any] = {"op": "profile-on"}
 PROFILE_OFF: dict[str, Any] = {"op": "profile-off"}
+
+
+def sized(op: str, size: int) -> dict[str, Any]:
+    """A payload carrying ``size`` bytes of data (part 3)."""
+    return {"op": op, "data": b"x" * size}
 
 
 # --------------------------------------------------------------------------- shared counters
@@ -112,93 +129,125 @@ class Shared:
     """What the bench's cores share with the bench: tallies, a gate, profilers."""
 
     tally: Tally = field(default_factory=Tally)
-    arrived: Counter[str] = field(default_factory=Counter)  # part 3, by payload kind
+    arrived: Counter[str] = field(default_factory=Counter)  # part 4, by payload kind
     gate: threading.Event = field(default_factory=threading.Event)
     entered: threading.Event = field(default_factory=threading.Event)
     profiles: dict[str, cProfile.Profile] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the PD core
-@dataclass
+def member_event(e: dict[str, Any]) -> MemberAdded | MemberRemoved:
+    """A mesh event from its plain-data description (what travels in a message)."""
+    if e["kind"] == "add":
+        return MemberAdded(e["name"], e["signing_key"], e["wg_public_key"], e["mesh_ip"],
+                           e["endpoint"], e["role"])
+    return MemberRemoved(e["name"], e["reason"])
+
+
 class BenchCore(Core):
     """The stock core plus what the bench needs; ping still gets the stock pong.
 
-    * ``MSG``: counted (part 1's receiver), nothing returned;
-    * a reply (a pong coming back): counted, and the next ping is called until the tally
-      is full (part 2's PD-to-PD loop);
-    * ``{"op": "burst"}``: return ``n`` Send actions (part 1, sender inside a PD);
-    * ``{"op": "calls"}``: start the ping loop under the given token (part 2);
-    * ``{"op": "block"}``: wait on the gate (part 3's blocked receiver);
-    * ``QUEUED`` / ``KEPT``: counted by kind (part 3);
+    Tokens are not plain data, so a message names a cap by id and the core presents its
+    own token for it (``self.held``, from its ``PdView``: the channel caps of system.toml).
+
+    * ``{"op": "bench"}``: counted (the receiver of parts 1 and 3), nothing returned;
+    * a reply (a pong or an echo coming back): counted, and the next call is made until the
+      tally is full (the PD-to-PD loop of parts 2 and 3);
+    * ``{"op": "echo"}``: answered with the payload itself (part 3's call/reply);
+    * ``{"op": "burst", "n", "cap"}``: return ``n`` Send actions (part 1, sender in a PD);
+    * ``{"op": "calls", "cap", "size"}``: start the call loop under that cap;
+    * ``{"op": "block"}``: wait on the gate (part 4's blocked receiver);
+    * ``{"op": "queued"}`` / ``{"op": "kept"}``: counted by kind (part 4);
+    * ``{"op": "journal", "events"}``: return one Append per mesh event (part 5);
+    * ``{"op": "nop"}``: nothing (part 5's round trip without a journal);
     * ``PROFILE_ON`` / ``PROFILE_OFF``: cProfile this PD's thread (``--profile``).
     """
 
-    shared: Shared | None = None
-    calls_under: Token | None = None
+    def __init__(self, name: str, shared: Shared) -> None:
+        super().__init__(name)
+        self.shared = shared
+        self.calls_under: Token | None = None
+        self.call_payload: dict[str, Any] = PING
 
-    def handle(self, d: Delivery, now: float) -> list[Action]:
-        p, sh = d.payload, self.shared
-        assert sh is not None
-        if p is MSG:
+    def token(self, cap_id: Any) -> Token:
+        for h in self.held:
+            if h.token.cap_id == cap_id:
+                return h.token
+        raise LookupError(f"{self.name} holds no cap #{cap_id}")
+
+    def handle(self, m: Message, now: float) -> list[Action]:
+        p, sh = m.payload, self.shared
+        op = p.get("op") if type(p) is dict else None
+        if op == "bench":
             sh.tally.hit()
             return []
-        if d.obj == "reply":
+        if m.obj == "reply":
             sh.tally.hit()
             if sh.tally.count < sh.tally.target and self.calls_under is not None:
-                return [Call(self.calls_under, PING)]
+                return [Call(self.calls_under, self.call_payload)]
             return []
-        if p is QUEUED or p is KEPT:
-            sh.arrived[p["op"]] += 1
+        if op == "echo":
+            return [] if m.reply is None else [Reply(m.reply, p)]
+        if op == "queued" or op == "kept":
+            sh.arrived[op] += 1
             return []
-        if p is PROFILE_ON:
-            sh.profiles[self.name] = prof = cProfile.Profile()
-            prof.enable()
-            return []
-        if p is PROFILE_OFF:
-            sh.profiles[self.name].disable()
-            return []
-        op = p.get("op") if isinstance(p, dict) else None
         if op == "burst":
-            return [Send(p["token"], MSG)] * p["n"]
+            return [Send(self.token(p["cap"]), MSG)] * p["n"]
         if op == "calls":
-            self.calls_under = p["token"]
-            return [Call(p["token"], PING)]
+            self.calls_under = self.token(p["cap"])
+            size = p.get("size")
+            self.call_payload = PING if size is None else sized("echo", size)
+            return [Call(self.calls_under, self.call_payload)]
         if op == "block":
             sh.entered.set()
             sh.gate.wait(120)
             return []
-        return super().handle(d, now)
+        if op == "journal":
+            return [Append(member_event(e)) for e in p["events"]]
+        if op == "nop":
+            return []
+        if op == "profile-on":
+            sh.profiles[self.name] = prof = cProfile.Profile()
+            prof.enable()
+            return []
+        if op == "profile-off":
+            sh.profiles[self.name].disable()
+            return []
+        return super().handle(m, now)
 
 
 # --------------------------------------------------------------------------- raw pykka
 class RawActor(pykka.ThreadingActor):
-    """A plain pykka actor doing what BenchCore does, with no kernel and no host."""
+    """A plain pykka actor doing what BenchCore does, with no kernel, no host and no copy:
+    pykka hands the receiver the sender's own object."""
 
     use_daemon_thread = True
 
     def __init__(self, tally: Tally, peer: pykka.ActorRef[Any] | None = None) -> None:
         super().__init__()
         self.tally, self.peer = tally, peer
+        self.payload: Any = PING
 
     def on_receive(self, message: Any) -> Any:
-        if message is MSG:
-            self.tally.hit()
+        if type(message) is tuple:  # (payload, reply_to): tell ping-pong, answer with a tell
+            message[1].tell(RAW_PONG)
             return None
-        if message is PING:  # ask: the answer goes back through pykka's future
+        op = message.get("op")
+        if op == "bench":
+            self.tally.hit()
+        elif op == "ping":  # ask: the answer goes back through pykka's future
             return RAW_PONG
-        if message is RAW_PONG:  # tell ping-pong: the answer came back
+        elif op == "echo":
+            return message
+        elif op == "pong":  # tell ping-pong: the answer came back
             self.tally.hit()
             if self.tally.count < self.tally.target and self.peer is not None:
                 self.peer.tell((PING, self.actor_ref))
-            return None
-        if type(message) is tuple:  # (PING, reply_to): answer with a tell
-            message[1].tell(RAW_PONG)
-            return None
-        if message.get("op") == "burst":
+        elif op == "burst":
             tell = message["to"].tell
             for _ in range(message["n"]):
                 tell(MSG)
-        elif message.get("op") == "calls":
+        elif op == "calls":
             assert self.peer is not None
             self.peer.tell((PING, self.actor_ref))
         return None
@@ -247,6 +296,15 @@ def timed(n: int, tally: Tally, start: Callable[[], None], timeout: float = 600.
                tally.cpu_last - tally.cpu_first)
 
 
+def sequential(n: int, one: Callable[[], object]) -> Run:
+    """``n`` calls of ``one`` in the bench thread, one after the other."""
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        one()
+    wall = time.perf_counter() - t0
+    return Run(n, wall, wall, time.process_time() - cpu0)
+
+
 def best(repeat: int, fn: Callable[[], Run], spread: list[str] | None = None,
          name: str = "") -> Run:
     """The fastest of ``repeat`` runs (other processes only ever slow a run down);
@@ -257,12 +315,26 @@ def best(repeat: int, fn: Callable[[], Run], spread: list[str] | None = None,
     return min(runs, key=lambda r: r.wall)
 
 
+def per_call_us(k: int, fn: Callable[[], object], repeat: int = 3) -> float:
+    """Microseconds per call of ``fn`` in this thread, best of ``repeat`` loops of ``k``."""
+    def once() -> float:
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        return (time.perf_counter() - t0) / k * 1e6
+    return min(once() for _ in range(repeat))
+
+
 def fmt(x: float) -> str:
     return f"{x:,.0f}"
 
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
+
+
+def size_name(n: int) -> str:
+    return f"{n >> 10} KiB" if n >= 1024 and n % 1024 == 0 else f"{n} B"
 
 
 def verdict(ratio: float, goal: float) -> str:
@@ -279,6 +351,8 @@ def code_version() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (no git)"
+    if len(head) > 100:
+        head = head[:97] + "..."
     return head + (" + uncommitted changes in actors/ or ledger/" if dirty else "")
 
 
@@ -307,12 +381,18 @@ def log_like_the_node(logfile: TextIO) -> None:
 
 
 def cap_of(node: Node, holder: str, obj: str, *, original: bool = False) -> Token:
-    """The token of ``holder``'s first cap on ``obj`` (its original one if ``original``)."""
-    state = node.ledger.state
+    """The token of ``holder``'s first cap on ``obj`` (its original one if ``original``):
+    what the bench presents when it acts as that holder."""
+    state = node.kernel.state
     for c in sorted(state.caps.values(), key=lambda c: c.cap_id):
         if c.holder == holder and c.obj == obj and (c.parent is None) == original:
             return caps.token_for(c)
     raise LookupError(f"{holder} holds no {'original ' if original else ''}cap on {obj}")
+
+
+def token_of(node: Node, cap_id: int) -> Token:
+    """The token of cap ``cap_id``, to act as its holder."""
+    return caps.token_for(node.kernel.state.caps[cap_id])
 
 
 def as_self(node: Node, pd: str, payload: Any) -> None:
@@ -328,17 +408,24 @@ def sync(node: Node, pd: str, timeout: float = 120.0) -> dict[str, Any]:
     return status
 
 
+def describe(node: Node, token: Token) -> str:
+    cap = node.kernel.state.caps[token.cap_id]
+    return f"#{cap.cap_id} ({cap.obj}, {','.join(cap.rights)}, badge {cap.badge})"
+
+
 # --------------------------------------------------------------------------- part 1
+SENDER, RECEIVER = "pd-fleet", "pd-wireguard"  # parts 1 and 3: system.toml's channel
+CALLER, CALLEE = "pd-fleet", "pd-vmm"  # parts 2 and 3: system.toml's channel
+
+
 def part_messages(node: Node, sh: Shared, n: int, repeat: int) -> None:
-    print(f"\n== 1. One-way messages between two PDs: {n:,} messages, the receiver counts "
-          f"(best of {repeat}) ==")
-    sender, receiver = "pd-fleet", "pd-ledger"
-    token = cap_of(node, sender, f"endpoint:{receiver}")
-    cap = node.ledger.state.caps[token.cap_id]
-    print(f"   kernel: {sender} -> {receiver} under cap #{cap.cap_id} (system.toml's "
-          f"endpoint cap, rights {','.join(cap.rights)}, badge {cap.badge}); the receiving "
+    print(f"\n== 1. One-way messages between two PDs: {n:,} messages of "
+          f"{len(wire.encode(MSG))} encoded bytes, the receiver counts (best of {repeat}) ==")
+    token = cap_of(node, SENDER, f"endpoint:{RECEIVER}")
+    print(f"   kernel: {SENDER} -> {RECEIVER} under {describe(node, token)}, system.toml's "
+          "channel cap; every payload is encoded at send and decoded for the receiver, whose "
           "PD runs the real host (kernel.accept, core.handle, actions) with a counting core")
-    port = node.kernel.port(sender)
+    port = node.kernel.port(SENDER)
 
     def kernel_main() -> None:
         send = port.send
@@ -346,7 +433,7 @@ def part_messages(node: Node, sh: Shared, n: int, repeat: int) -> None:
             send(token, MSG)
 
     def kernel_in_pd() -> None:
-        as_self(node, sender, {"op": "burst", "n": n, "token": token})
+        as_self(node, SENDER, {"op": "burst", "n": n, "cap": token.cap_id})
 
     spread: list[str] = []
     k_main = best(repeat, lambda: timed(n, sh.tally, kernel_main), spread, "kernel/bench thread")
@@ -390,57 +477,34 @@ def part_messages(node: Node, sh: Shared, n: int, repeat: int) -> None:
 # --------------------------------------------------------------------------- part 2
 def part_round_trips(node: Node, sh: Shared, n: int, repeat: int) -> None:
     print(f"\n== 2. Sequential request/reply round trips: {n:,} (best of {repeat}) ==")
-    caller, callee = "pd-fleet", "pd-vmm"
-    endpoint = cap_of(node, callee, f"endpoint:{callee}", original=True)
-    new_id = node.mint(endpoint.cap_id, ["write", "grant-reply"], caller, badge=6)
-    token = node.kernel.operator_token(new_id)
-    print(f"   kernel: {caller} calls {callee} under cap #{new_id} (minted by the operator "
-          f"from #{endpoint.cap_id}: write,grant-reply, badge 6); {callee}'s core answers "
-          "with the stock Core's pong")
+    token = cap_of(node, CALLER, f"endpoint:{CALLEE}")
+    print(f"   kernel: {CALLER} calls {CALLEE} under {describe(node, token)}, system.toml's "
+          f"channel cap; {CALLEE}'s core answers with the stock Core's pong (both the call "
+          "and the answer are copied by value)")
 
     def pd_loop() -> None:
-        as_self(node, caller, {"op": "calls", "token": token})
+        as_self(node, CALLER, {"op": "calls", "cap": token.cap_id})
 
     spread: list[str] = []
     k_pd = best(repeat, lambda: timed(n, sh.tally, pd_loop), spread, "kernel PD->PD")
 
-    def operator_calls() -> Run:
-        kernel = node.kernel
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        for _ in range(n):
-            answered = threading.Event()
+    operator = node.operator
 
-            def on_reply(_payload: Any, e: threading.Event = answered) -> None:
-                e.set()
-            kernel.call(caller, token, PING, on_reply=on_reply)
-            if not answered.wait(10):
-                raise RuntimeError("no pong within 10 s")
-        wall = time.perf_counter() - t0
-        return Run(n, wall, wall, time.process_time() - cpu0)
+    def operator_call() -> None:
+        answered = threading.Event()
+        operator.call(token.cap_id, PING, lambda _answer: answered.set())
+        if not answered.wait(10):
+            raise RuntimeError("no pong within 10 s")
 
-    k_op = best(repeat, operator_calls, spread, "kernel.call")
-
+    k_op = best(repeat, lambda: sequential(n, operator_call), spread, "OperatorPort.call")
     m = max(1, n // 10)
-
-    def node_pings() -> Run:
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        for _ in range(m):
-            node.ping(cap_id=new_id)
-        wall = time.perf_counter() - t0
-        return Run(m, wall, wall, time.process_time() - cpu0)
-
-    k_ping = best(repeat, node_pings)
+    k_ping = best(repeat, lambda: sequential(m, lambda: node.ping(cap_id=token.cap_id)))
 
     with raw_actors(Tally()) as (server,):
-        def raw_ask() -> Run:
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            ask = server.ask
-            for _ in range(n):
-                ask(PING, block=False).get(timeout=10)
-            wall = time.perf_counter() - t0
-            return Run(n, wall, wall, time.process_time() - cpu0)
+        def raw_ask() -> None:
+            server.ask(PING, block=False).get(timeout=10)
 
-        r_ask = best(repeat, raw_ask, spread, "raw ask")
+        r_ask = best(repeat, lambda: sequential(n, raw_ask), spread, "raw ask")
 
     loop_tally = Tally()
     with raw_actors(Tally()) as (callee_ref,):
@@ -456,7 +520,7 @@ def part_round_trips(node: Node, sh: Shared, n: int, repeat: int) -> None:
         ["PD -> PD: Call, stock pong Reply, reply routed to the caller PD", fmt(k_pd.rate),
          fmt(r_ask.rate), f"{k_pd.rate / r_ask.rate:.2f}", fmt(r_loop.rate),
          f"{k_pd.rate / r_loop.rate:.2f}"],
-        ["bench thread: kernel.call(on_reply=...) + Event.wait", fmt(k_op.rate),
+        ["bench thread: OperatorPort.call(cap, on_reply=...) + Event.wait", fmt(k_op.rate),
          fmt(r_ask.rate), f"{k_op.rate / r_ask.rate:.2f}", "", ""],
         [f"bench thread: Node.ping(cap) ({m:,} of them)", fmt(k_ping.rate), fmt(r_ask.rate),
          f"{k_ping.rate / r_ask.rate:.2f}", "", ""],
@@ -468,11 +532,108 @@ def part_round_trips(node: Node, sh: Shared, n: int, repeat: int) -> None:
     ratio = k_pd.rate / r_ask.rate
     print(f"   kernel PD->PD vs raw ask().get(): {ratio:.2f} -> {verdict(ratio, ASK_GOAL)}; "
           f"bench-thread call vs ask: {k_op.rate / r_ask.rate:.2f}")
-    print(f"   CPU s per run: PD->PD {k_pd.cpu:.2f}, kernel.call {k_op.cpu:.2f}, "
+    print(f"   CPU s per run: PD->PD {k_pd.cpu:.2f}, OperatorPort.call {k_op.cpu:.2f}, "
           f"raw ask {r_ask.cpu:.2f}, raw tell ping-pong {r_loop.cpu:.2f}")
 
 
 # --------------------------------------------------------------------------- part 3
+def copy_count(n: int, size: int) -> int:
+    """Messages of a part-3 tell run: ``n``, but never more than COPY_BUDGET bytes of
+    payload at once (a sender ahead of its receiver queues a copy per message)."""
+    return n if size <= 1024 else min(n, max(2_000, COPY_BUDGET // size))
+
+
+@dataclass
+class CopyRow:
+    size: int
+    encoded: int
+    encode_us: float
+    decode_us: float
+    msgs: int
+    k_tell: Run
+    r_tell: Run
+    trips: int
+    k_call: Run
+    r_ask: Run
+
+
+def part_copy(node: Node, sh: Shared, n: int, trips: int, repeat: int) -> None:
+    print(f"\n== 3. The cost of the copy: payloads {{'op', 'data': bytes}} of "
+          f"{', '.join(size_name(s) for s in COPY_SIZES)} (best of {repeat}) ==")
+    send_tok = cap_of(node, SENDER, f"endpoint:{RECEIVER}")
+    call_tok = cap_of(node, CALLER, f"endpoint:{CALLEE}")
+    print(f"   kernel tell: the bench thread's Port.send as {SENDER} -> {RECEIVER} "
+          f"({describe(node, send_tok)}), the receiver counts; kernel call/reply: {CALLER}'s "
+          f"core calls {CALLEE} ({describe(node, call_tok)}), whose core answers with the "
+          "payload it got (an echo: one copy each way); raw: the same payload object told / "
+          "asked to a plain pykka actor, which gets (and, asked, returns) the sender's reference")
+    port = node.kernel.port(SENDER)
+    spread: list[str] = []
+
+    def one_size(size: int, rx: pykka.ActorRef[Any], raw_tally: Tally,
+                 server: pykka.ActorRef[Any]) -> CopyRow:
+        tell_payload, echo = sized("bench", size), sized("echo", size)
+        data = wire.encode(tell_payload)
+        k = max(200, min(20_000, (8 << 20) // size))
+        encode_us = per_call_us(k, functools.partial(wire.encode, tell_payload))
+        decode_us = per_call_us(k, functools.partial(wire.decode, data))
+        count = copy_count(n, size)
+
+        def k_main() -> None:
+            send = port.send
+            for _ in range(count):
+                send(send_tok, tell_payload)
+
+        def r_main() -> None:
+            tell = rx.tell
+            for _ in range(count):
+                tell(tell_payload)
+
+        def k_loop() -> None:
+            as_self(node, CALLER, {"op": "calls", "cap": call_tok.cap_id, "size": size})
+
+        def r_one() -> None:
+            server.ask(echo, block=False).get(timeout=10)
+
+        name = size_name(size)
+        k_tell = best(repeat, lambda: timed(count, sh.tally, k_main), spread,
+                      f"kernel tell {name}")
+        r_tell = best(repeat, lambda: timed(count, raw_tally, r_main), spread,
+                      f"raw tell {name}")
+        k_call = best(repeat, lambda: timed(trips, sh.tally, k_loop), spread,
+                      f"kernel call {name}")
+        r_ask = best(repeat, lambda: sequential(trips, r_one), spread, f"raw ask {name}")
+        gc.collect()
+        return CopyRow(size, len(data), encode_us, decode_us, count, k_tell, r_tell, trips,
+                       k_call, r_ask)
+
+    raw_tally = Tally()
+    with raw_actors(Tally(), raw_tally) as (server, rx):
+        rows = [one_size(size, rx, raw_tally, server) for size in COPY_SIZES]
+    print_table(["data", "encoded", "wire.encode + decode us", "msgs", "kernel tell msgs/s",
+                 "raw tell msgs/s", "ratio", "trips", "kernel call/reply trips/s",
+                 "raw ask trips/s", "ratio"],
+                [[size_name(r.size), f"{r.encoded:,} B",
+                  f"{r.encode_us:.2f} + {r.decode_us:.2f}", f"{r.msgs:,}", fmt(r.k_tell.rate),
+                  fmt(r.r_tell.rate), f"{r.k_tell.rate / r.r_tell.rate:.2f}", f"{r.trips:,}",
+                  fmt(r.k_call.rate), fmt(r.r_ask.rate),
+                  f"{r.k_call.rate / r.r_ask.rate:.2f}"] for r in rows])
+    if repeat > 1:
+        print(f"   every run: {'; '.join(spread)}")
+    base = rows[0]
+
+    def extra(r: Run, b: Run) -> str:
+        return f"{(r.wall / r.n - b.wall / b.n) * 1e6:+.2f} us"
+
+    for r in rows[1:]:
+        print(f"   {size_name(r.size)} over {size_name(base.size)}, per item: kernel tell "
+              f"{extra(r.k_tell, base.k_tell)} (one copy: {r.encode_us + r.decode_us:.2f} us in "
+              f"one thread), raw tell {extra(r.r_tell, base.r_tell)}; kernel call/reply "
+              f"{extra(r.k_call, base.k_call)} (two copies: "
+              f"{2 * (r.encode_us + r.decode_us):.2f} us), raw ask {extra(r.r_ask, base.r_ask)}")
+
+
+# --------------------------------------------------------------------------- part 4
 def build_subtree(node: Node, root: int, holders: Sequence[str]) -> list[int]:
     """SUBTREE descendants of cap ``root``, appended as CapGranted events in one batch.
 
@@ -532,8 +693,8 @@ def revoke_once(node: Node, sh: Shared, root: Token, receiver: str) -> RevokeRun
     chosen = [ids[0], *(ids[i * step + step // 2] for i in range(1, QUEUED_CAPS))]
     queued = 0
     for cap_id in chosen:
-        cap = ledger.state.caps[cap_id]
-        port, token = kernel.port(cap.holder), caps.token_for(cap)
+        token = token_of(node, cap_id)
+        port = kernel.port(token.holder)
         for _ in range(QUEUED_EACH):
             port.send(token, QUEUED)
             queued += 1
@@ -567,8 +728,8 @@ def revoke_once(node: Node, sh: Shared, root: Token, receiver: str) -> RevokeRun
 
 def durable_baselines(node: Node, scratch: Path, keys: NodeKeys, k: int) -> dict[str, float]:
     """Median seconds of single durable appends: through the kernel, and on a bare ledger."""
-    port = node.kernel.port("pd-fleet")
-    source = cap_of(node, "pd-fleet", "endpoint:pd-ledger")
+    source = cap_of(node, CALLER, f"endpoint:{CALLEE}")
+    port = node.kernel.port(CALLER)
     mints, deletes, plain = [], [], []
     for _ in range(k):
         t0 = time.perf_counter()
@@ -588,21 +749,22 @@ def durable_baselines(node: Node, scratch: Path, keys: NodeKeys, k: int) -> dict
 
 
 def part_revoke(node: Node, sh: Shared, root_dir: Path, repeat: int) -> None:
-    print(f"\n== 3. Revoke a {SUBTREE:,}-cap subtree with {QUEUED_CAPS * QUEUED_EACH:,} "
+    print(f"\n== 4. Revoke a {SUBTREE:,}-cap subtree with {QUEUED_CAPS * QUEUED_EACH:,} "
           f"messages queued under it at a blocked receiver ({repeat} run(s)) ==")
-    receiver = "pd-vmm"
+    receiver = CALLEE
     endpoint = cap_of(node, receiver, f"endpoint:{receiver}", original=True)
     root_id = node.mint(endpoint.cap_id, ["write", "grant"], "pd-fleet", badge=6)
-    root = node.kernel.operator_token(root_id)
-    print(f"   revoked cap: #{root_id} (pd-fleet, endpoint:{receiver}, write,grant, badge 6); "
-          f"subtree: {FANOUT} children x {FANOUT - 1} grandchildren, held alternately by "
-          "pd-fleet and pd-network-admin, set up with ledger.append_many of CapGranted "
-          "events (not through the kernel)")
+    root = token_of(node, root_id)
+    print(f"   revoked cap: #{root_id} (pd-fleet, endpoint:{receiver}, write,grant, badge 6, "
+          f"minted by the operator port from #{endpoint.cap_id}); subtree: {FANOUT} children x "
+          f"{FANOUT - 1} grandchildren, held alternately by pd-fleet and pd-network-admin, set "
+          "up with ledger.append_many of CapGranted events (not through the kernel)")
     print(f"   queued: {QUEUED_EACH} messages under each of {QUEUED_CAPS} descendants "
           f"(through the holder's Port.send) + {KEPT_MESSAGES} under #{root_id} itself "
           f"(revoke keeps it), while {receiver}'s handler waits on a gate")
     runs = [revoke_once(node, sh, root, receiver) for _ in range(repeat)]
-    base = durable_baselines(node, root_dir / "scratch-ledger", NodeKeys.generate(), 21)
+    base = durable_baselines(node, root_dir / "scratch-ledger", NodeKeys.generate(),
+                             DURABLE_SAMPLES)
 
     rows = []
     for i, r in enumerate(runs, 1):
@@ -615,9 +777,9 @@ def part_revoke(node: Node, sh: Shared, root_dir: Path, repeat: int) -> None:
                  "kernel.dropped", "kept-cap msgs arrived", "drain after unblock",
                  "setup (append_many)"], rows)
     med = statistics.median(r.revoke for r in runs)
-    print(f"   baseline, single durable appends (median of 21): kernel.delete of a leaf cap "
-          f"{ms(base['delete'])}, kernel.mint of a leaf cap (signed) {ms(base['mint'])}, "
-          f"ledger.append(PdDeclared) on a bare ledger {ms(base['plain'])}")
+    print(f"   baseline, single durable appends (median of {DURABLE_SAMPLES}): kernel.delete of "
+          f"a leaf cap {ms(base['delete'])}, kernel.mint of a leaf cap (signed) "
+          f"{ms(base['mint'])}, ledger.append(PdDeclared) on a bare ledger {ms(base['plain'])}")
     print(f"   revoke of {SUBTREE:,} (median {ms(med)}) = {med / base['delete']:.1f}x one "
           f"kernel.delete, {med / base['plain']:.1f}x one bare append")
     ok = all(r.arrived == 0 and r.dropped == r.queued and r.kept_arrived == r.kept_sent
@@ -627,7 +789,149 @@ def part_revoke(node: Node, sh: Shared, root_dir: Path, repeat: int) -> None:
           f"{'yes' if ok else 'NO (see the table)'}")
 
 
-# --------------------------------------------------------------------------- part 4
+# --------------------------------------------------------------------------- part 5
+class NoAppend:
+    """Stands in for the ledger under a second Kernel: ``journal_as`` runs every check
+    against ``state`` (the cap, the family, the command) and appends nothing."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.batches = 0
+
+    def append_many(self, events: Sequence[object]) -> list[object]:
+        self.batches += 1
+        return []
+
+
+def peer_events(signing_key: bytes, wg_key: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A valid MemberAdded and the MemberRemoved that undoes it (as plain data), so that
+    the pair can be journalled again and again."""
+    add = {"kind": "add", "name": "bench-peer", "signing_key": signing_key,
+           "wg_public_key": wg_key, "mesh_ip": "10.8.0.200", "endpoint": "192.0.2.7:51820",
+           "role": "node"}
+    return add, {"kind": "remove", "name": "bench-peer", "reason": "bench"}
+
+
+def with_more_caps(state: State, extra: int) -> State:
+    """A copy of ``state`` with ``extra`` more caps (write-only children of pd-fleet's first
+    cap), folded in directly: a large capability table, nothing appended anywhere."""
+    scratch = state.copy()
+    parent = next(c for c in sorted(scratch.caps.values(), key=lambda c: c.cap_id)
+                  if c.holder == "pd-fleet" and c.parent is not None)
+    first = scratch.next_cap_id
+    for i in range(extra):
+        apply(scratch, CapGranted(first + i, "pd-fleet", parent.obj, ("write",), parent.badge,
+                                  parent.cap_id, "copy"), scratch.seq + 1, 0, b"\0" * 64)
+    return scratch
+
+
+def refusal_us(kernel: Kernel, pd: str, events: list[object], k: int) -> tuple[float, str]:
+    """Microseconds per refused ``journal_as`` (counted and logged, as on the node)."""
+    codes: Counter[str] = Counter()
+
+    def once() -> None:
+        try:
+            kernel.journal_as(pd, events)
+        except CapRefused as exc:
+            codes[exc.code] += 1
+    us = per_call_us(k, once)
+    return us, ", ".join(sorted(codes)) or "NOT refused"
+
+
+def part_journal(node: Node, k: int) -> None:
+    samples = DURABLE_SAMPLES
+    print(f"\n== 5. Journalling under the check: {JOURNAL_PD} journals family 'mesh' "
+          f"(MemberAdded, then the MemberRemoved that undoes it; median of {samples} each) ==")
+    kernel, ledger = node.kernel, node.ledger
+    add, remove = peer_events(os.urandom(32), os.urandom(32))
+    add_ev = member_event(add)
+    journal_cap = next(c for c in kernel.state.caps.values()
+                       if c.holder == JOURNAL_PD and c.obj == JOURNAL_OBJECT)
+    print(f"   {JOURNAL_PD} journals under cap #{journal_cap.cap_id} ({JOURNAL_OBJECT}, "
+          f"{','.join(journal_cap.rights)}); each row is one durable append (record + signed "
+          "checkpoint fsynced)")
+
+    def durable(one: Callable[[dict[str, Any]], None]) -> tuple[float, float, int]:
+        adds: list[float] = []
+        removes: list[float] = []
+        size0 = ledger.size
+        for _ in range(samples):
+            for e, out in ((add, adds), (remove, removes)):
+                t0 = time.perf_counter()
+                one(e)
+                out.append(time.perf_counter() - t0)
+        return statistics.median(adds), statistics.median(removes), ledger.size - size0
+
+    def through_core(e: dict[str, Any]) -> None:
+        as_self(node, JOURNAL_PD, {"op": "journal", "events": [e]})
+        sync(node, JOURNAL_PD)
+
+    def checked(e: dict[str, Any]) -> None:
+        kernel.journal_as(JOURNAL_PD, [member_event(e)])
+
+    def unchecked(e: dict[str, Any]) -> None:
+        ledger.append(member_event(e))
+
+    refused0 = sum(kernel.refused.values())
+    rows, medians = [], []
+    for name, one in (
+            (f"through {JOURNAL_PD}'s core: an Append action -> engine -> "
+             "kernel.journal_as (+ a message and a status round trip)", through_core),
+            ("kernel.journal_as(pd, [event]) from the bench thread", checked),
+            ("baseline: ledger.append(event), unchecked (no cap, family or command)",
+             unchecked)):
+        a, r, records = durable(one)
+        medians.append(a)
+        rows.append([name, ms(a), ms(r), f"{records} of {2 * samples}"])
+    trips = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        as_self(node, JOURNAL_PD, NOP)
+        sync(node, JOURNAL_PD)
+        trips.append(time.perf_counter() - t0)
+    trip = statistics.median(trips)
+    rows.append([f"context: the same message + status round trip to {JOURNAL_PD}, "
+                 "nothing journalled", ms(trip), "", ""])
+    print_table(["journalling path", "MemberAdded", "MemberRemoved", "records appended"], rows)
+    refused = sum(kernel.refused.values()) - refused0
+    print(f"   kernel refusals during these rows: {refused} (0 expected)")
+
+    # The check alone: a second kernel over the same state whose ledger appends nothing.
+    small = kernel.state
+    big = with_more_caps(small, SUBTREE)
+    checks = []
+    for label, state in ((f"{len(small.caps)} caps", small), (f"{len(big.caps):,} caps", big)):
+        stub = NoAppend(state)
+        dry = Kernel(cast(Ledger, stub))
+        ok_us = per_call_us(k, functools.partial(dry.journal_as, JOURNAL_PD, [add_ev]))
+        cmd_us = per_call_us(k, functools.partial(commands.check, state, add_ev))
+        no_cap = refusal_us(dry, "pd-fleet", [add_ev], k)
+        family = refusal_us(dry, JOURNAL_PD, [CapGranted(
+            state.next_cap_id, JOURNAL_PD, JOURNAL_OBJECT, ("write",), 7, journal_cap.cap_id,
+            "mint")], k)
+        node_name = (state.node or {}).get("name", "?")
+        existing = refusal_us(dry, JOURNAL_PD, [MemberAdded(
+            node_name, add["signing_key"], add["wg_public_key"], "10.8.0.201", None, "node")], k)
+        checks.append((label, cmd_us, ok_us, no_cap, family, existing, stub.batches))
+    rows = []
+    for label, cmd_us, ok_us, no_cap, family, existing, batches in checks:
+        rows.append([label, f"{cmd_us:.2f}", f"{ok_us:.2f}", f"{no_cap[0]:.2f} ({no_cap[1]})",
+                     f"{family[0]:.2f} ({family[1]})", f"{existing[0]:.2f} ({existing[1]})",
+                     f"{batches:,}"])
+    print(f"   the check alone, us per call (best of 3 x {k:,}; a kernel over the same state "
+          "whose ledger appends nothing; a refusal is counted and logged at INFO as on the "
+          "node):")
+    print_table(["state", "commands.check(MemberAdded)", "journal_as, accepted",
+                 "refused: pd-fleet has no journal cap", "refused: CapGranted (not its family)",
+                 "refused: MemberAdded of a member (command)", "batches it would append"], rows)
+    accepted = checks[0][2]
+    print(f"   the check's share of a checked durable append: {accepted:.1f} us of "
+          f"{ms(medians[1])} ({accepted / 1e6 / medians[1]:.2%}); kernel.journal_as vs "
+          f"the unchecked ledger.append: {ms(medians[1] - medians[2])} (noise of an fsync "
+          "shows here: compare with the us figures above)")
+
+
+# --------------------------------------------------------------------------- part 6
 @dataclass
 class Memory:
     rss: int  # bytes
@@ -700,7 +1004,7 @@ def idle_process(argv: list[str], ready: str | None) -> Memory:
 
 
 def part_memory(root: Path) -> None:
-    print(f"\n== 4. Idle memory: `ppn node run` with all seven PDs, read after {SETTLE:g} s "
+    print(f"\n== 6. Idle memory: `ppn node run` with all seven PDs, read after {SETTLE:g} s "
           "idle ==")
     state_dir = root / "idle-node"
     node_init(state_dir, "bench-idle")
@@ -785,11 +1089,10 @@ def print_profile(title: str, prof: cProfile.Profile, top: int = 15) -> None:
 def part_profile(node: Node, sh: Shared, n: int, trips: int) -> None:
     """cProfile each thread of the kernel paths of parts 1 and 2 (the bench thread and the
     PD threads, each profiled in its own thread)."""
-    sender, receiver = "pd-fleet", "pd-ledger"
-    token = cap_of(node, sender, f"endpoint:{receiver}")
-    port = node.kernel.port(sender)
-    as_self(node, receiver, PROFILE_ON)
-    sync(node, receiver)
+    token = cap_of(node, SENDER, f"endpoint:{RECEIVER}")
+    port = node.kernel.port(SENDER)
+    as_self(node, RECEIVER, PROFILE_ON)
+    sync(node, RECEIVER)
     main = cProfile.Profile()
 
     def send_all() -> None:
@@ -799,51 +1102,59 @@ def part_profile(node: Node, sh: Shared, n: int, trips: int) -> None:
         main.disable()
 
     run = timed(n, sh.tally, send_all)
-    as_self(node, receiver, PROFILE_OFF)
-    sync(node, receiver)
-    print(f"\n== profile: part 1, bench thread -> {receiver}, {n:,} messages, "
+    as_self(node, RECEIVER, PROFILE_OFF)
+    sync(node, RECEIVER)
+    print(f"\n== profile: part 1, bench thread -> {RECEIVER}, {n:,} messages, "
           f"{run.rate:,.0f} msgs/s under cProfile ==")
-    print_profile("sender: the bench thread (Port.send -> kernel.send -> host.route -> tell)",
-                  main)
-    print_profile(f"receiver: {receiver}'s actor thread", sh.profiles[receiver])
+    print_profile("sender: the bench thread (Port.send -> kernel.send -> wire.encode -> "
+                  "host.route -> mailbox)", main)
+    print_profile(f"receiver: {RECEIVER}'s actor thread", sh.profiles[RECEIVER])
 
-    caller, callee = "pd-fleet", "pd-vmm"
-    endpoint = cap_of(node, callee, f"endpoint:{callee}", original=True)
-    tok = node.kernel.operator_token(
-        node.mint(endpoint.cap_id, ["write", "grant-reply"], caller, badge=6))
-    for pd in (caller, callee):
+    call_tok = cap_of(node, CALLER, f"endpoint:{CALLEE}")
+    for pd in (CALLER, CALLEE):
         as_self(node, pd, PROFILE_ON)
         sync(node, pd)
-    run = timed(trips, sh.tally, lambda: as_self(node, caller, {"op": "calls", "token": tok}))
-    for pd in (caller, callee):
+    run = timed(trips, sh.tally,
+                lambda: as_self(node, CALLER, {"op": "calls", "cap": call_tok.cap_id}))
+    for pd in (CALLER, CALLEE):
         as_self(node, pd, PROFILE_OFF)
         sync(node, pd)
-    print(f"\n== profile: part 2, {caller} calls {callee}, {trips:,} round trips, "
+    print(f"\n== profile: part 2, {CALLER} calls {CALLEE}, {trips:,} round trips, "
           f"{run.rate:,.0f}/s under cProfile ==")
-    print_profile(f"caller: {caller}'s actor thread", sh.profiles[caller])
-    print_profile(f"callee: {callee}'s actor thread", sh.profiles[callee])
+    print_profile(f"caller: {CALLER}'s actor thread", sh.profiles[CALLER])
+    print_profile(f"callee: {CALLEE}'s actor thread", sh.profiles[CALLEE])
 
 
 def stage_costs(node: Node, k: int, repeat: int = 3) -> None:
     """Per-message cost of each stage of part 1's two paths, run in one thread.
 
     The sink is a RawActor that is never started (its inbox only fills and is then
-    drained) and the PdActor is never started either: its handler is called directly, as
-    its thread would.  Each stage runs ``k`` times, best of ``repeat``, with the garbage
-    collector paused (a filling inbox otherwise makes collections grow with it).
+    drained); the receiving side of the kernel path is the engine's ``deliver`` on a cell
+    of its own (a BenchCore no actor runs), called directly as the PD's thread would.
+    Each stage runs ``k`` times, best of ``repeat``, with the garbage collector paused (a
+    filling queue otherwise makes collections grow with it).
     """
     kernel, host = node.kernel, node.host
-    token = cap_of(node, "pd-fleet", "endpoint:pd-ledger")
-    port = kernel.port("pd-fleet")
-    d = Delivery("pd-ledger", "endpoint:pd-ledger", 6, MSG, token.cap_id)
+    engine = host.engine
+    token = cap_of(node, SENDER, f"endpoint:{RECEIVER}")
+    port = kernel.port(SENDER)
+    captured: list[Delivery] = []
+    try:
+        kernel.set_route(lambda _t, dl: captured.append(dl))
+        port.send(token, MSG)
+    finally:
+        kernel.set_route(host.route)
+    d = captured[0]
+    data = d.data
     sink = RawActor(Tally())
     sink.tally.reset(1 << 62)
     sink_ref, inbox = sink.actor_ref, sink.actor_inbox
-    pd = PdActor(host, "pd-ledger")
-    pd.on_start()
-    assert isinstance(pd._core, BenchCore) and pd._core.shared is not None
-    pd._core.shared.tally.reset(1 << 62)
-    state = node.ledger.state
+    mailbox = _Mailbox(sink_ref)
+    mailbox.scheduled = True  # a burst in progress: post is a lock and a deque append
+    own = Shared()
+    own.tally.reset(1 << 62)
+    cell = Cell(RECEIVER, core=BenchCore(RECEIVER, own))
+    state = kernel.state
 
     def once(fn: Callable[[], object]) -> float:
         t0 = time.perf_counter()
@@ -859,9 +1170,10 @@ def stage_costs(node: Node, k: int, repeat: int = 3) -> None:
         pairs = [(once(send), once(inbox.get)) for _ in range(repeat)]
         return min(p[0] for p in pairs), min(p[1] for p in pairs)
 
-    def route_extra() -> None:  # what host.route does before its tell
-        with host._lock:
-            host._refs.get("pd-ledger")
+    def post_then_clear() -> float:
+        us = once(lambda: mailbox.post(d))
+        mailbox.queue.clear()
+        return us
 
     gc.collect()
     gc.disable()
@@ -869,40 +1181,43 @@ def stage_costs(node: Node, k: int, repeat: int = 3) -> None:
         raw_tell, raw_get = tell_then_get(lambda: sink_ref.tell(MSG))
         raw_rx = per_msg(lambda: sink._handle_receive(MSG))
         try:
-            kernel.set_route(lambda _t, dl: sink_ref.tell(dl))
-            k_send, k_get = tell_then_get(lambda: port.send(token, MSG))
             kernel.set_route(lambda _t, _d: None)
             k_checks = per_msg(lambda: port.send(token, MSG))
         finally:
             kernel.set_route(host.route)
-        check = per_msg(lambda: caps.check(state, "pd-fleet", token, "write"))
-        make = per_msg(lambda: Delivery("pd-ledger", "endpoint:pd-ledger", 6, MSG, 19))
-        extra = per_msg(route_extra)
-        k_rx = per_msg(lambda: pd._handle_receive(d))
+        encode = per_msg(lambda: wire.encode(MSG))
+        check = per_msg(lambda: caps.check(state, SENDER, token, "write"))
+        make = per_msg(lambda: Delivery(d.target, d.obj, d.badge, data, d.cap_id, None, None,
+                                        None, d.seal))
+        post = min(post_then_clear() for _ in range(repeat))
+        k_rx = per_msg(lambda: engine.deliver(cell, d))
         accept = per_msg(lambda: kernel.accept(d))
+        decode = per_msg(lambda: wire.decode(data))
     finally:
         gc.enable()
     rows = [
         ("raw: ref.tell(msg) (Envelope + queue.put)", raw_tell),
         ("raw: inbox.get()", raw_get),
         ("raw: actor._handle_receive(msg) (pykka dispatch + on_receive)", raw_rx),
-        ("kernel: Port.send, route = a bare tell", k_send),
-        ("kernel:   of which Port.send with a no-op route", k_checks),
-        ("kernel:     of which caps.check", check),
-        ("kernel:     of which Delivery(...) (a frozen slots dataclass)", make),
-        ("kernel: host.route's extra: its lock + dict lookup", extra),
-        ("kernel: inbox.get()", k_get),
-        ("kernel: PdActor._handle_receive(delivery) (pykka dispatch + host + core)", k_rx),
-        ("kernel:   of which kernel.accept", accept),
+        ("kernel: Port.send with a no-op route (checks, encode, Delivery)", k_checks),
+        ("kernel:   of which wire.encode(msg)", encode),
+        ("kernel:   of which caps.check (the slow path's check; the fast path inlines it)",
+         check),
+        ("kernel:   of which Delivery(...) (a NamedTuple)", make),
+        ("kernel: host.route's mailbox.post (burst in progress: lock + deque append)", post),
+        ("kernel: engine.deliver(cell, delivery) (accept, decode, core.handle, actions)", k_rx),
+        ("kernel:   of which kernel.accept (seal, cap and status check, decode)", accept),
+        ("kernel:     of which wire.decode(data)", decode),
     ]
     print(f"\n== single-thread cost per message of each stage of part 1 ({k:,} each, best of "
           f"{repeat}, GC paused) ==")
     print_table(["stage", "us/msg"], [[name, f"{v:.2f}"] for name, v in rows])
     raw = raw_tell + raw_get + raw_rx
-    kern = k_send + extra + k_get + k_rx
+    kern = k_checks + post + k_rx
     print(f"   sums: raw {raw:.2f} us/msg (-> {1e6 / raw:,.0f} msgs/s if the two threads "
-          f"never overlapped); kernel {kern:.2f} us/msg (-> {1e6 / kern:,.0f}); "
-          f"ratio {raw / kern:.2f}")
+          f"never overlapped); kernel {kern:.2f} us/msg (-> {1e6 / kern:,.0f}; one pykka "
+          f"tell + get + dispatch per burst, not per message, is left out); ratio "
+          f"{raw / kern:.2f}; the copy (encode + decode) is {encode + decode:.2f} of it")
 
 
 # --------------------------------------------------------------------------- main
@@ -910,7 +1225,7 @@ def stage_costs(node: Node, k: int, repeat: int = 3) -> None:
 def running_node(root: Path, sh: Shared) -> Iterator[Node]:
     state_dir = root / "node"
     node_init(state_dir, "bench-kernel")
-    node = Node(state_dir, make_core=lambda pd: BenchCore(pd, shared=sh),
+    node = Node(state_dir, make_core=lambda pd: BenchCore(pd, sh), adapters=lambda: {},
                 serve_control=False).start()
     try:
         yield node
@@ -924,9 +1239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="50,000 messages, 5,000 round trips, one run each")
     ap.add_argument("--messages", type=int, default=None,
-                    help="messages in part 1 (default 200,000; --quick: 50,000)")
+                    help="messages in parts 1 and 3 (default 200,000; --quick: 50,000)")
     ap.add_argument("--round-trips", type=int, default=None,
-                    help="round trips in part 2 (default 20,000; --quick: 5,000)")
+                    help="round trips in parts 2 and 3 (default 20,000; --quick: 5,000)")
     ap.add_argument("--repeat", type=int, default=None,
                     help="runs of each measurement, the fastest kept (default 3; --quick: 1)")
     ap.add_argument("--profile", action="store_true",
@@ -940,12 +1255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="kernel-bench-", dir=OUT_DIR))
     print(f"kernel bench: Python {platform.python_version()}, pykka "
-          f"{importlib.metadata.version('pykka')}, {os.cpu_count()} CPUs, "
+          f"{importlib.metadata.version('pykka')}, msgpack "
+          f"{importlib.metadata.version('msgpack')}, {os.cpu_count()} CPUs, "
           f"{platform.system()} {platform.release()}, GIL switch interval "
           f"{sys.getswitchinterval() * 1e3:g} ms")
     print(f"code: {code_version()}")
     print(f"work dir: {root}; node logs (INFO, JSON, as `ppn node run` logs) go to "
           f"{root / 'bench.log'}; load average at start: {load()}")
+    print(f"goals: kernel tell >= {TELL_GOAL}x raw pykka tell, call/reply >= {ASK_GOAL}x raw "
+          f"ask().get(), idle VmRSS of `ppn node run` <= {PHASE2_IDLE_MB} MB")
     steal0, total0 = cpu_ticks()
     sh = Shared()
     try:
@@ -958,7 +1276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     part_messages(node, sh, n, repeat)
                     part_round_trips(node, sh, trips, repeat)
+                    part_copy(node, sh, n, trips, repeat)
                     part_revoke(node, sh, root, repeat)
+                    part_journal(node, 2_000 if args.quick else 10_000)
         if not args.profile:
             part_memory(root)
         steal1, total1 = cpu_ticks()

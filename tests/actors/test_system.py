@@ -80,3 +80,21 @@ def test_bad_descriptions_name_the_key(extra: str, needle: str) -> None:
     with pytest.raises(SystemDescriptionError) as err:
         parse(BASE + extra)
     assert needle in str(err.value)
+
+
+def test_every_entry_of_the_shipped_description_is_used() -> None:
+    """Channels are the endpoint caps; journals are what the kernel lets each PD append,
+    each under a cap on ledger.append; every derived cap carries its holder's badge."""
+    sd = load_default()
+    grants = [e for e in sd.initial_events() if isinstance(e, CapGranted)]
+    derived = [g for g in grants if g.parent is not None]
+    badge = {p.name: p.badge for p in sd.pds}
+    endpoint_caps = {(g.holder, g.obj.removeprefix("endpoint:")) for g in derived
+                     if g.obj.startswith("endpoint:")}
+    assert endpoint_caps == set(sd.channels) and len(sd.channels) == 5
+    assert all(g.badge == badge[g.holder] for g in derived)
+    journalling = {g.holder for g in derived if g.obj == "ledger.append"}
+    assert journalling == {p.name for p in sd.pds if p.journals} == {"pd-genesis",
+                                                                     "pd-network-admin"}
+    assert sd.journals["pd-network-admin"] == frozenset({"mesh"})
+    assert sd.journals["pd-vmm"] == frozenset()

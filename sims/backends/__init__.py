@@ -1,0 +1,1 @@
+"""Simulated twins of the node's adapters (``actors/io``), run in virtual time."""

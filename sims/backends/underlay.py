@@ -1,0 +1,71 @@
+"""The simulated underlay: datagrams between nodes' NICs, with latency, loss,
+duplication and partitions, all drawn from one seeded ``random.Random``.
+
+Addresses are the nodes' underlay IPs (192.0.2.0/24 in the scenarios); a datagram
+to an IP no NIC has is lost, as on a real network.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sims.backends.nic import SimNic
+    from sims.host import World
+
+
+@dataclass
+class Conditions:
+    """How the underlay treats a datagram (latency in virtual nanoseconds)."""
+
+    latency_ns: tuple[int, int] = (200_000, 5_000_000)
+    loss: float = 0.0
+    duplicate: float = 0.0
+
+
+@dataclass
+class Underlay:
+    world: World
+    rng: random.Random
+    conditions: Conditions = field(default_factory=Conditions)
+    stats: Counter[str] = field(default_factory=Counter)
+    _nics: dict[str, SimNic] = field(default_factory=dict)
+    _cut: set[frozenset[str]] = field(default_factory=set)
+
+    def attach(self, ip: str, nic: SimNic) -> None:
+        self._nics[ip] = nic
+
+    def partition(self, side_a: set[str], side_b: set[str]) -> None:
+        """No datagram crosses between the IPs of ``side_a`` and those of ``side_b``."""
+        self._cut.update(frozenset((a, b)) for a in side_a for b in side_b if a != b)
+
+    def heal(self) -> None:
+        self._cut.clear()
+
+    def send(self, source: str, to: str, data: bytes) -> None:
+        """``source`` and ``to`` are ``IP:PORT``; the datagram may arrive late, twice or never."""
+        self.stats["sent"] += 1
+        src_ip, dst_ip = source.rpartition(":")[0], to.rpartition(":")[0]
+        nic = self._nics.get(dst_ip)
+        if nic is None:
+            self.stats["no route"] += 1
+            return
+        if frozenset((src_ip, dst_ip)) in self._cut:
+            self.stats["partitioned"] += 1
+            return
+        c, rng = self.conditions, self.rng
+        if rng.random() < c.loss:
+            self.stats["lost"] += 1
+            return
+        copies = 2 if rng.random() < c.duplicate else 1
+        self.stats["duplicated"] += copies - 1
+        for _ in range(copies):
+            delay = rng.randint(*c.latency_ns)
+            self.world.after(delay, lambda: self._arrive(nic, source, data))
+
+    def _arrive(self, nic: SimNic, source: str, data: bytes) -> None:
+        self.stats["delivered"] += 1
+        nic.arrive(source, data)
