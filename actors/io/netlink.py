@@ -13,8 +13,6 @@ import socket
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from pyroute2 import IPRoute
-
 from actors.io.base import WorkerAdapter
 from actors.pds.base import IoAnswer, IoFailure, IoRequest, IoResult
 from actors.pds.pd_net_driver import ListLinks, SendDatagram
@@ -43,7 +41,8 @@ class NetlinkAdapter(WorkerAdapter):
         return IoFailure(request.request_id, f"netlink: no such request {type(request).__name__}")
 
     def _links(self) -> list[dict[str, Any]]:
-        if self._ipr is None:
+        if self._ipr is None:  # imported when first needed: pyroute2 costs ~9 MB of RSS
+            from pyroute2 import IPRoute
             self._ipr = IPRoute(netns=self._netns) if self._netns else IPRoute()
         ipr = self._ipr
         addresses: dict[int, list[dict[str, Any]]] = {}
