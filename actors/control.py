@@ -416,7 +416,11 @@ def status_lines(st: dict[str, Any]) -> list[str]:
     detail = "; ".join(f"{pd}: " + ", ".join(f"{code} {n}" for code, n in codes.items())
                        for pd, codes in st["refused"].items())
     lines.append(f"refused: {st['refused_total']}" + (f" ({detail})" if detail else ""))
-    lines.append(f"dropped: {st['dropped']}")
+    lines.append(f"dropped at the receiver: {st['dropped']}, forged deliveries: "
+                 f"{st.get('forged', 0)}")
+    not_handled = st.get("not_handled") or {}
+    if not_handled:
+        lines.append("not handled: " + ", ".join(f"{why} {n}" for why, n in not_handled.items()))
     return lines
 
 

@@ -172,7 +172,8 @@ class Node:
                          "priority": prio, "restarts": state.restarts.get(pd, 0)}
                     for pd, prio in sorted(state.pds.items(), key=lambda kv: (-kv[1], kv[0]))},
             "refused": refused, "refused_total": sum(self.kernel.refused.values()),
-            "dropped": self.kernel.dropped,
+            "dropped": self.kernel.dropped, "forged": self.kernel.forged,
+            "not_handled": dict(sorted(self.host.engine.dropped.items())),
         }
 
     def caps_list(self, pd: str | None = None) -> list[dict[str, Any]]:
