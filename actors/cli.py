@@ -39,7 +39,7 @@ from ledger.scan import LedgerCorrupt, LedgerNotInitialised, LogReader
 
 def _node_init(args: argparse.Namespace) -> int:
     name: str = args.name
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise LedgerUsageError(f"node name {name!r}: use 1-63 of a-z, 0-9 and '-', "
                                "starting with a letter or digit")
     state_dir = Path(args.state_dir)

@@ -20,6 +20,7 @@ else is decided here, once:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,15 @@ class Cell:
 
 
 _ACTIONS = (Append, Send, Call, Reply, SetTimer, IoRequest)
+MAX_TIMER = 366 * 86_400.0
+"""The longest delay a timer may ask for (a year): longer, or not a finite number, is refused."""
+CRASHES = (Exception, SystemExit, GeneratorExit)
+"""What a core may raise that is its crash.  Any other BaseException is too (a core must
+never take the host down), except KeyboardInterrupt, which is the operator's."""
+
+
+def _is_crash(exc: BaseException) -> bool:
+    return not isinstance(exc, KeyboardInterrupt)
 
 
 class Engine:
@@ -113,6 +123,7 @@ class Engine:
         Messages still queued for it are dropped by ``kernel.accept``: it is reaped.
         """
         self.lifecycle.reap(pd, reason)
+        self.kernel.core_replaced(pd)
         self.mech.stop(pd)
 
     def spawn(self, pd: str, reason: str) -> None:
@@ -129,13 +140,16 @@ class Engine:
             cell.generation += 1  # timers and I/O answers for the old core are now stale
             cell.core = None
             cell.inflight.clear()
+            self.kernel.core_replaced(cell.pd)  # and so are calls to and from it
             try:
                 core = self.make_core(cell.pd)
                 actions = core.start(self.kernel.view(cell.pd), self.mech.now())
                 cell.core = core
                 self._carry_out(cell, actions, feedback=True)
                 return True
-            except (Exception, SystemExit) as exc:
+            except BaseException as exc:
+                if not _is_crash(exc):
+                    raise
                 if not self._crashed(cell, exc):
                     return False
 
@@ -152,6 +166,7 @@ class Engine:
         log.error("pd.restarted" if restart else "pd.failed", pd=cell.pd,
                   reason=f"{type(exc).__name__}: {exc}"[:300], exc_info=exc)
         if not restart:
+            self.kernel.core_replaced(cell.pd)
             self.mech.stop(cell.pd)
         return restart
 
@@ -205,7 +220,9 @@ class Engine:
         self.handled += 1
         try:
             self._carry_out(cell, step(core, self.mech.now()), feedback=True)
-        except (Exception, SystemExit) as exc:  # the PD's bug: restart it, the host runs on
+        except BaseException as exc:  # the PD's bug: restart it, the host runs on
+            if not _is_crash(exc):
+                raise
             if self._crashed(cell, exc):
                 self.boot(cell)
 
@@ -244,9 +261,11 @@ class Engine:
         elif type(a) is Reply:
             kernel.reply(pd, a.reply, a.payload)
         elif type(a) is SetTimer:
-            if type(a.name) is not str or type(a.delay) not in (int, float) or a.delay < 0:
-                raise kernel._refuse(CapRefused("bad-request", pd, None,
-                                                "a timer needs a str name and a delay >= 0"))
+            if (type(a.name) is not str or type(a.delay) not in (int, float)
+                    or not math.isfinite(a.delay) or not 0 <= a.delay <= MAX_TIMER):
+                raise kernel._refuse(CapRefused(
+                    "bad-request", pd, None,
+                    f"a timer needs a str name and a delay of 0 to {MAX_TIMER:g} s"))
             self.mech.set_timer(pd, a.name, float(a.delay), cell.generation)
         elif isinstance(a, IoRequest):
             core = cell.core

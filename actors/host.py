@@ -18,6 +18,7 @@ import contextlib
 import functools
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -131,6 +132,8 @@ class Timers:
         self._thread.start()
 
     def schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        if not math.isfinite(delay):
+            raise ValueError(f"a timer's delay must be a finite number, not {delay!r}")
         with self._cond:
             heapq.heappush(self._heap, (self._now() + max(0.0, delay), next(self._seq),
                                         callback))
@@ -147,7 +150,8 @@ class Timers:
         while True:
             with self._cond:
                 while not self._stopped and (not self._heap or self._heap[0][0] > self._now()):
-                    wait = self._heap[0][0] - self._now() if self._heap else None
+                    # Bounded: a far-off deadline must never overflow the wait itself.
+                    wait = min(self._heap[0][0] - self._now(), 3600.0) if self._heap else None
                     self._cond.wait(wait)
                 if self._stopped:
                     return

@@ -67,6 +67,8 @@ class Delivery(NamedTuple):
     reply: ReplyCap | None
     tag: int | None
     seal: object
+    epoch: int = 0
+    """For an answer: the caller's core it is for (a restart starts a new epoch)."""
 
 
 Route = Callable[[str, Delivery], None]
@@ -81,6 +83,7 @@ class _Call(NamedTuple):
     callee: str
     tag: int
     answer: Callable[[Any], None] | None
+    epoch: int
 
 
 SECTIONS: dict[str, Callable[[State], Any]] = {
@@ -105,12 +108,14 @@ class Kernel:
         self._seal = object()
         self._journals = dict(load_default().journals if journals is None else journals)
         self._ops = threading.Lock()  # one capability operation at a time
+        self._journal = threading.Lock()  # a PD's batch: checked, then appended, as one
         self._reply_lock = threading.Lock()
         self._calls: dict[int, _Call] = {}  # reply id -> the call it answers
         # Unguessable: a callee cannot answer a call it has not been handed yet.  The
         # simulator passes a seeded source, so that a seed still reproduces a run.
         self._next_reply_id = reply_ids or (lambda: secrets.randbits(63))
         self._pending: Counter[str] = Counter()  # caller -> calls not answered yet
+        self._epochs: Counter[str] = Counter()  # PD -> how many times its core was replaced
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
         self.dropped = 0  # deliveries stopped at the receiver: cap revoked in flight
         self.forged = 0  # deliveries the kernel did not make, refused at the receiver
@@ -218,7 +223,8 @@ class Kernel:
             while reply_id in self._calls:
                 reply_id = self._next_reply_id()
             # Registered before sending: the callee may answer before send() returns.
-            self._calls[reply_id] = _Call(pd, self.owner(cap.obj) or "", tag, on_reply)
+            self._calls[reply_id] = _Call(pd, self.owner(cap.obj) or "", tag, on_reply,
+                                          self._epochs[pd])
             self._pending[pd] += 1
         try:
             self.send(pd, token, payload, reply=ReplyCap(reply_id), who=who)
@@ -248,7 +254,31 @@ class Kernel:
             entry.answer(wire.decode(data))
             return
         self._route(entry.caller, Delivery(entry.caller, "reply", None, data, 0, None, None,
-                                           entry.tag, self._seal))
+                                           entry.tag, self._seal, entry.epoch))
+
+    def core_replaced(self, pd: str) -> None:
+        """``pd``'s core is gone (restarted, failed, reaped): the calls tied to it end.
+
+        Its own calls will never be answered to it (an answer already on its way is
+        dropped at delivery: it was for the old core); calls made to it are answered to
+        their callers now, with an error, and free their places in the caller's count.
+        """
+        with self._reply_lock:
+            self._epochs[pd] += 1
+            ended = [(rid, c) for rid, c in self._calls.items() if pd in (c.caller, c.callee)]
+            for rid, c in ended:
+                del self._calls[rid]
+                self._pending[c.caller] -= 1
+        for _, c in ended:
+            if c.caller == pd:
+                continue
+            failure = wire.encode({"ok": False, "error": f"{pd} was restarted or stopped "
+                                                         "before it answered"})
+            if c.answer is not None:
+                c.answer(wire.decode(failure))
+            else:
+                self._route(c.caller, Delivery(c.caller, "reply", None, failure, 0, None, None,
+                                               c.tag, self._seal, c.epoch))
 
     def accept(self, d: Delivery) -> Message | None:
         """At the receiver: the message for its core, or None if it must not arrive.
@@ -262,7 +292,10 @@ class Kernel:
             log.warning("kernel.forged_delivery", kind=type(d).__name__)
             return None
         if d.cap_id == 0:  # a reply: its one-shot cap was consumed by ``reply``
-            return Message("reply", None, wire.decode(d.data), None, None, d.tag)
+            if d.epoch != self._epochs[d.target]:  # for a core that has been replaced
+                self.dropped += 1
+                return None
+            return self._message(d, None)
         state = self._state
         if d.cap_id not in state.caps or state.pd_status.get(d.target) != "running":
             self.dropped += 1
@@ -281,7 +314,18 @@ class Kernel:
                 self.dropped += 1
                 return None
             held = Held(token, event.obj, event.rights, event.badge)
-        return Message(d.obj, d.badge, wire.decode(d.data), held, d.reply, None)
+        return self._message(d, held)
+
+    def _message(self, d: Delivery, held: Held | None) -> Message | None:
+        try:
+            payload = wire.decode(d.data)
+        except wire.NotPlainData:  # never made by encode: dropped, not the receiver's crash
+            self.dropped += 1
+            log.warning("kernel.undecodable", pd=d.target)
+            return None
+        if d.cap_id == 0:
+            return Message("reply", None, payload, None, None, d.tag)
+        return Message(d.obj, d.badge, payload, held, d.reply, None)
 
     # ----------------------------------------------------------------- journalling
     def journal_as(self, pd: str, events: Sequence[object]) -> None:
@@ -291,6 +335,10 @@ class Kernel:
         of a family the system description gives ``pd`` and pass its command's check.
         Anything else is refused (raised and counted) and nothing is appended.
         """
+        with self._journal:  # no other PD's batch is checked against a state it changes
+            self._journal_locked(pd, events)
+
+    def _journal_locked(self, pd: str, events: Sequence[object]) -> None:
         state = self._state
         try:
             cap = next((c for c in state.caps.values() if c.holder == pd
@@ -310,10 +358,10 @@ class Kernel:
                     raise CapRefused("not-its-family", pd, cap.cap_id,
                                      f"may not journal {tag}: the system description gives "
                                      f"it {', '.join(sorted(allowed)) or 'no'} families")
-                try:
-                    commands.check(state, event)
-                except commands.EventInvalid as exc:
-                    raise CapRefused("bad-event", pd, cap.cap_id, f"{tag}: {exc}") from None
+            try:
+                commands.check_batch(state, events)
+            except commands.EventInvalid as exc:
+                raise CapRefused("bad-event", pd, cap.cap_id, str(exc)) from None
             self._ledger.append_many(events)
         except CapRefused as exc:
             raise self._refuse(exc) from None

@@ -1,10 +1,12 @@
 """Messages by value: a payload is encoded at send and decoded at delivery.
 
 Plain data only -- ``None``, ``bool``, ``int`` (64-bit), ``float``, ``str``,
-``bytes``, and ``list`` / ``dict`` of those, exact types (no subclasses, so no
-code of the sender's can run in the receiver) -- at most :data:`MAX_MESSAGE_BYTES`
-encoded.  The receiver gets its own copy, so nothing it does reaches the sender's
-objects, and the same bytes can later cross a process or a network unchanged.
+``bytes``, and ``list`` / ``dict`` of those, exact types (no subclasses, no
+msgpack extension objects, so no code of the sender's can run in the receiver),
+nested at most :data:`MAX_DEPTH` deep, at most :data:`MAX_MESSAGE_BYTES` encoded.
+Whatever ``encode`` accepts, ``decode`` reads back.  The receiver gets its own
+copy, so nothing it does reaches the sender's objects, and the same bytes can
+later cross a process or a network unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import msgpack
 
 MAX_MESSAGE_BYTES = 1 << 20
 """The largest encoded payload a message may carry (1 MiB)."""
+MAX_DEPTH = 64
+"""How deeply lists and maps may nest in a payload."""
+
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 
 
 class NotPlainData(ValueError):
@@ -28,8 +34,29 @@ def _refuse(obj: object) -> Any:
                        f"list, dict){hint}")
 
 
+def _check(obj: Any, depth: int) -> None:
+    kind = type(obj)
+    if kind in _SCALARS:
+        return
+    if depth >= MAX_DEPTH:
+        raise NotPlainData(f"nested more than {MAX_DEPTH} levels deep")
+    if kind is list:
+        for v in obj:
+            if type(v) not in _SCALARS:
+                _check(v, depth + 1)
+    elif kind is dict:
+        for k, v in obj.items():
+            if type(k) not in _SCALARS:
+                raise NotPlainData(f"a map key must be a scalar, not a {type(k).__name__}")
+            if type(v) not in _SCALARS:
+                _check(v, depth + 1)
+    else:
+        _refuse(obj)
+
+
 def encode(payload: Any) -> bytes:
     """The payload's bytes; :class:`NotPlainData` if it is not plain or too big."""
+    _check(payload, 0)  # exact types, bounded depth: msgpack alone lets ExtType through
     try:
         data: bytes = msgpack.packb(payload, use_bin_type=True, strict_types=True,
                                     default=_refuse)
@@ -46,8 +73,19 @@ def encode(payload: Any) -> bytes:
 
 
 def decode(data: bytes) -> Any:
-    """The receiver's copy of an encoded payload."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    """The receiver's copy of an encoded payload (:class:`NotPlainData` if it is not one
+    ``encode`` made: bytes from elsewhere are read strictly, extension types refused)."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                               ext_hook=_no_ext, timestamp=0)
+    except NotPlainData:
+        raise
+    except Exception as exc:  # msgpack raises a zoo: ValueError, StackError, TypeError...
+        raise NotPlainData(f"undecodable payload: {type(exc).__name__}") from None
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise NotPlainData(f"msgpack extension type {code} is not plain data")
 
 
 def copy(payload: Any) -> Any:

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ledger.catalog import REGISTRY, ROLES, MemberAdded, MemberRemoved
 from ledger.events import EventTypeError
-from ledger.state import State
+from ledger.state import State, apply, try_state
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-"""A node's name: 1-63 of a-z, 0-9 and '-', starting with a letter or digit."""
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+"""A node's name: 1-63 of a-z, 0-9 and '-', starting with a letter or digit (use
+``fullmatch``: nothing, not even a newline, may follow)."""
 MESH = ipaddress.ip_network("10.8.0.0/24")
 MAX_REASON = 300
 KEY_BYTES = 32
@@ -32,7 +33,7 @@ class EventInvalid(ValueError):
 
 
 def _name(value: str, what: str = "name") -> None:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise EventInvalid(f"{what} {value[:70]!r}: use 1-63 of a-z, 0-9 and '-', starting "
                            "with a letter or digit")
 
@@ -58,7 +59,8 @@ def endpoint(value: str) -> tuple[ipaddress.IPv4Address, int]:
     host, sep, port = value.rpartition(":")
     try:
         ip = ipaddress.IPv4Address(host)
-        number = int(port) if sep and port.isdigit() else -1
+        plain = port.isascii() and port.isdigit() and (port == "0" or port[0] != "0")
+        number = int(port) if sep and plain else -1
     except ValueError:
         number = -1
     if number < 1 or number > 65535:
@@ -78,9 +80,14 @@ def _member_added(s: State, e: MemberAdded) -> None:
         raise EventInvalid(f"role {e.role[:20]!r}: one of {', '.join(ROLES)}")
     if e.name in s.members:
         raise EventInvalid(f"{e.name} is a member already")
-    taken = [m.name for m in s.members.values() if m.mesh_ip == e.mesh_ip]
-    if taken:
-        raise EventInvalid(f"mesh IP {e.mesh_ip} is {taken[0]}'s")
+    for m in s.members.values():
+        if m.mesh_ip == e.mesh_ip:
+            raise EventInvalid(f"mesh IP {e.mesh_ip} is {m.name}'s")
+        if e.signing_key in (m.signing_key, m.wg_public_key) or e.wg_public_key in (
+                m.signing_key, m.wg_public_key):
+            raise EventInvalid(f"a key of {e.name} is {m.name}'s already")
+    if e.signing_key == e.wg_public_key:
+        raise EventInvalid("the signing key and the WireGuard key are the same")
 
 
 def _member_removed(s: State, e: MemberRemoved) -> None:
@@ -97,6 +104,21 @@ COMMANDS: dict[type[Any], Callable[[State, Any], None]] = {
     MemberRemoved: _member_removed,
 }
 """Event type -> its command's check.  A PD may journal only these types."""
+
+
+def check_batch(state: State, events: Sequence[object]) -> None:
+    """:func:`check` each event in order, against the state the earlier ones make (on a
+    trial copy): a batch whose events are each fine alone may still clash."""
+    if len(events) == 1:
+        check(state, events[0])
+        return
+    trial = try_state(state)
+    for i, event in enumerate(events):
+        try:
+            check(trial, event)
+        except EventInvalid as exc:
+            raise EventInvalid(f"event {i + 1} of {len(events)}: {exc}") from None
+        apply(trial, event, trial.seq + 1, 0)
 
 
 def check(state: State, event: object) -> None:

@@ -317,7 +317,7 @@ def unfit(state: State, events: Sequence[Any]) -> tuple[int, str] | None:
                 return i, f"its parent cap #{e.parent} does not exist"
             granted.add(e.cap_id)
         return None
-    trial = _trial(state)
+    trial = try_state(state, caps=True)
     for i, e in enumerate(events):
         check = UNFIT.get(type(e))
         why = check(trial, e) if check is not None else None
@@ -327,16 +327,18 @@ def unfit(state: State, events: Sequence[Any]) -> tuple[int, str] | None:
     return None
 
 
-def _trial(state: State) -> State:
-    """A copy to try a batch on: the capability table deep, the small tables shallow."""
+def try_state(state: State, *, caps: bool = False) -> State:
+    """A copy to try a batch on: the small tables copied, the capability table deep only
+    with ``caps`` (without, the batch must hold no event that changes capabilities)."""
     t = State(seq=state.seq, origin=state.origin, signing_key=state.signing_key,
               node=state.node, pds=dict(state.pds), members=dict(state.members),
-              caps=copy.deepcopy(state.caps), pd_status=dict(state.pd_status),
-              restarts=dict(state.restarts), next_cap_id=state.next_cap_id,
-              objects=dict(state.objects))
-    for k in t.caps.values():
-        if k.parent is not None:
-            t.children.setdefault(k.parent, []).append(k.cap_id)
+              caps=copy.deepcopy(state.caps) if caps else state.caps,
+              pd_status=dict(state.pd_status), restarts=dict(state.restarts),
+              next_cap_id=state.next_cap_id, objects=dict(state.objects))
+    if caps:
+        for k in t.caps.values():
+            if k.parent is not None:
+                t.children.setdefault(k.parent, []).append(k.cap_id)
     return t
 
 

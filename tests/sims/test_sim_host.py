@@ -39,7 +39,7 @@ class Probe(Crashy):
             return [SetTimer(p["name"], p["delay"])]
         if p.get("op") == "journal-then-tell":  # the event must be durable before the send
             return [Send(self.held[p["token"]].token, {"op": "told"}),
-                    Append(MemberAdded("joiner", bytes(32), bytes(32), "10.8.0.9", None,
+                    Append(MemberAdded("joiner", bytes(32), bytes([1]) * 32, "10.8.0.9", None,
                                        "node"))]
         return super().handle(d, now)
 
