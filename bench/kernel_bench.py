@@ -69,7 +69,8 @@ ASK_GOAL = 0.8  # kernel round trips/s as a share of raw pykka ask().get()
 PHASE2_IDLE_MB = 48  # the seed's resource targets, RAM idle
 PHASE1_IDLE_MB = 400
 COPY_SIZES = (64, 1024, 65536)  # part 3: bytes of data in the payload
-COPY_BUDGET = 256 << 20  # part 3: at most this many payload bytes queued in one tell run
+COPY_BUDGET = 512 << 20  # part 3: at most this many payload bytes queued in a tell run
+COPY_ROUNDS = 3  # part 3: at least this many rounds, even with --quick (its runs are short)
 SUBTREE = 10_000  # descendants revoked at once
 FANOUT = 100  # the subtree: 100 children of the revoked cap, each with 99 children
 QUEUED_CAPS = 8  # descendants messages are queued under while the receiver is blocked
@@ -305,14 +306,17 @@ def sequential(n: int, one: Callable[[], object]) -> Run:
     return Run(n, wall, wall, time.process_time() - cpu0)
 
 
-def best(repeat: int, fn: Callable[[], Run], spread: list[str] | None = None,
-         name: str = "") -> Run:
-    """The fastest of ``repeat`` runs (other processes only ever slow a run down);
-    every run's rate is noted in ``spread``."""
-    runs = [fn() for _ in range(repeat)]
-    if spread is not None:
-        spread.append(f"{name} " + " / ".join(fmt(r.rate) for r in runs))
-    return min(runs, key=lambda r: r.wall)
+def rounds(repeat: int, figures: dict[str, Callable[[], Run]],
+           spread: list[str]) -> dict[str, Run]:
+    """Each figure once per round, ``repeat`` rounds, the fastest run of each kept: a slow
+    spell of the machine costs every figure one sample, not all of one figure's.  Every
+    run's rate is noted in ``spread``."""
+    runs: dict[str, list[Run]] = {name: [] for name in figures}
+    for _ in range(repeat):
+        for name, fn in figures.items():
+            runs[name].append(fn())
+    spread.extend(f"{name} " + " / ".join(fmt(r.rate) for r in rs) for name, rs in runs.items())
+    return {name: min(rs, key=lambda r: r.wall) for name, rs in runs.items()}
 
 
 def per_call_us(k: int, fn: Callable[[], object], repeat: int = 3) -> float:
@@ -420,7 +424,8 @@ CALLER, CALLEE = "pd-fleet", "pd-vmm"  # parts 2 and 3: system.toml's channel
 
 def part_messages(node: Node, sh: Shared, n: int, repeat: int) -> None:
     print(f"\n== 1. One-way messages between two PDs: {n:,} messages of "
-          f"{len(wire.encode(MSG))} encoded bytes, the receiver counts (best of {repeat}) ==")
+          f"{len(wire.encode(MSG))} encoded bytes, the receiver counts (best of {repeat} "
+          "interleaved rounds) ==")
     token = cap_of(node, SENDER, f"endpoint:{RECEIVER}")
     print(f"   kernel: {SENDER} -> {RECEIVER} under {describe(node, token)}, system.toml's "
           "channel cap; every payload is encoded at send and decoded for the receiver, whose "
@@ -436,9 +441,6 @@ def part_messages(node: Node, sh: Shared, n: int, repeat: int) -> None:
         as_self(node, SENDER, {"op": "burst", "n": n, "cap": token.cap_id})
 
     spread: list[str] = []
-    k_main = best(repeat, lambda: timed(n, sh.tally, kernel_main), spread, "kernel/bench thread")
-    k_pd = best(repeat, lambda: timed(n, sh.tally, kernel_in_pd), spread, "kernel/PD")
-
     raw_tally = Tally()
     with raw_actors(raw_tally, Tally()) as (rx, tx):
         def raw_main() -> None:
@@ -449,8 +451,13 @@ def part_messages(node: Node, sh: Shared, n: int, repeat: int) -> None:
         def raw_in_actor() -> None:
             tx.tell({"op": "burst", "n": n, "to": rx})
 
-        r_main = best(repeat, lambda: timed(n, raw_tally, raw_main), spread, "raw/bench thread")
-        r_actor = best(repeat, lambda: timed(n, raw_tally, raw_in_actor), spread, "raw/actor")
+        got = rounds(repeat, {
+            "kernel/bench thread": lambda: timed(n, sh.tally, kernel_main),
+            "raw/bench thread": lambda: timed(n, raw_tally, raw_main),
+            "kernel/PD": lambda: timed(n, sh.tally, kernel_in_pd),
+            "raw/actor": lambda: timed(n, raw_tally, raw_in_actor)}, spread)
+    k_main, r_main = got["kernel/bench thread"], got["raw/bench thread"]
+    k_pd, r_actor = got["kernel/PD"], got["raw/actor"]
 
     def us(seconds: float, k: int) -> str:
         return f"{seconds / k * 1e6:.2f}"
@@ -476,7 +483,8 @@ def part_messages(node: Node, sh: Shared, n: int, repeat: int) -> None:
 
 # --------------------------------------------------------------------------- part 2
 def part_round_trips(node: Node, sh: Shared, n: int, repeat: int) -> None:
-    print(f"\n== 2. Sequential request/reply round trips: {n:,} (best of {repeat}) ==")
+    print(f"\n== 2. Sequential request/reply round trips: {n:,} (best of {repeat} interleaved "
+          "rounds) ==")
     token = cap_of(node, CALLER, f"endpoint:{CALLEE}")
     print(f"   kernel: {CALLER} calls {CALLEE} under {describe(node, token)}, system.toml's "
           f"channel cap; {CALLEE}'s core answers with the stock Core's pong (both the call "
@@ -484,9 +492,6 @@ def part_round_trips(node: Node, sh: Shared, n: int, repeat: int) -> None:
 
     def pd_loop() -> None:
         as_self(node, CALLER, {"op": "calls", "cap": token.cap_id})
-
-    spread: list[str] = []
-    k_pd = best(repeat, lambda: timed(n, sh.tally, pd_loop), spread, "kernel PD->PD")
 
     operator = node.operator
 
@@ -496,25 +501,27 @@ def part_round_trips(node: Node, sh: Shared, n: int, repeat: int) -> None:
         if not answered.wait(10):
             raise RuntimeError("no pong within 10 s")
 
-    k_op = best(repeat, lambda: sequential(n, operator_call), spread, "OperatorPort.call")
     m = max(1, n // 10)
-    k_ping = best(repeat, lambda: sequential(m, lambda: node.ping(cap_id=token.cap_id)))
-
-    with raw_actors(Tally()) as (server,):
-        def raw_ask() -> None:
-            server.ask(PING, block=False).get(timeout=10)
-
-        r_ask = best(repeat, lambda: sequential(n, raw_ask), spread, "raw ask")
-
+    spread: list[str] = []
     loop_tally = Tally()
-    with raw_actors(Tally()) as (callee_ref,):
+    with raw_actors(Tally(), Tally()) as (server, callee_ref):
         client = RawActor.start(loop_tally, callee_ref)
         try:
-            r_loop = best(repeat, lambda: timed(n, loop_tally,
-                                                lambda: client.tell({"op": "calls"})),
-                          spread, "raw ping-pong")
+            def raw_ask() -> None:
+                server.ask(PING, block=False).get(timeout=10)
+
+            got = rounds(repeat, {
+                "kernel PD->PD": lambda: timed(n, sh.tally, pd_loop),
+                "raw ask": lambda: sequential(n, raw_ask),
+                "OperatorPort.call": lambda: sequential(n, operator_call),
+                "raw ping-pong": lambda: timed(n, loop_tally,
+                                               lambda: client.tell({"op": "calls"})),
+                "Node.ping": lambda: sequential(m, lambda: node.ping(cap_id=token.cap_id))},
+                spread)
         finally:
             client.stop()
+    k_pd, k_op, k_ping = got["kernel PD->PD"], got["OperatorPort.call"], got["Node.ping"]
+    r_ask, r_loop = got["raw ask"], got["raw ping-pong"]
 
     rows = [
         ["PD -> PD: Call, stock pong Reply, reply routed to the caller PD", fmt(k_pd.rate),
@@ -537,10 +544,12 @@ def part_round_trips(node: Node, sh: Shared, n: int, repeat: int) -> None:
 
 
 # --------------------------------------------------------------------------- part 3
-def copy_count(n: int, size: int) -> int:
-    """Messages of a part-3 tell run: ``n``, but never more than COPY_BUDGET bytes of
-    payload at once (a sender ahead of its receiver queues a copy per message)."""
-    return n if size <= 1024 else min(n, max(2_000, COPY_BUDGET // size))
+def copy_count(n: int) -> int:
+    """Messages of every part-3 tell run: ``n``, but at most COPY_BUDGET bytes of the largest
+    payload (a sender ahead of its receiver queues one copy per message, where raw pykka
+    queues references to one object); the same count at every size, so that the rates
+    compare (a short run is also a run with fewer thread hand-offs)."""
+    return min(n, COPY_BUDGET // max(COPY_SIZES))
 
 
 @dataclass
@@ -549,17 +558,17 @@ class CopyRow:
     encoded: int
     encode_us: float
     decode_us: float
-    msgs: int
     k_tell: Run
     r_tell: Run
-    trips: int
     k_call: Run
     r_ask: Run
 
 
 def part_copy(node: Node, sh: Shared, n: int, trips: int, repeat: int) -> None:
+    count = copy_count(n)
     print(f"\n== 3. The cost of the copy: payloads {{'op', 'data': bytes}} of "
-          f"{', '.join(size_name(s) for s in COPY_SIZES)} (best of {repeat}) ==")
+          f"{', '.join(size_name(s) for s in COPY_SIZES)}; {count:,} messages and {trips:,} "
+          f"round trips at each size (best of {repeat} interleaved rounds) ==")
     send_tok = cap_of(node, SENDER, f"endpoint:{RECEIVER}")
     call_tok = cap_of(node, CALLER, f"endpoint:{CALLEE}")
     print(f"   kernel tell: the bench thread's Port.send as {SENDER} -> {RECEIVER} "
@@ -577,7 +586,6 @@ def part_copy(node: Node, sh: Shared, n: int, trips: int, repeat: int) -> None:
         k = max(200, min(20_000, (8 << 20) // size))
         encode_us = per_call_us(k, functools.partial(wire.encode, tell_payload))
         decode_us = per_call_us(k, functools.partial(wire.decode, data))
-        count = copy_count(n, size)
 
         def k_main() -> None:
             send = port.send
@@ -596,27 +604,30 @@ def part_copy(node: Node, sh: Shared, n: int, trips: int, repeat: int) -> None:
             server.ask(echo, block=False).get(timeout=10)
 
         name = size_name(size)
-        k_tell = best(repeat, lambda: timed(count, sh.tally, k_main), spread,
-                      f"kernel tell {name}")
-        r_tell = best(repeat, lambda: timed(count, raw_tally, r_main), spread,
-                      f"raw tell {name}")
-        k_call = best(repeat, lambda: timed(trips, sh.tally, k_loop), spread,
-                      f"kernel call {name}")
-        r_ask = best(repeat, lambda: sequential(trips, r_one), spread, f"raw ask {name}")
+        got = rounds(repeat, {
+            f"kernel tell {name}": lambda: timed(count, sh.tally, k_main),
+            f"raw tell {name}": lambda: timed(count, raw_tally, r_main),
+            f"kernel call {name}": lambda: timed(trips, sh.tally, k_loop),
+            f"raw ask {name}": lambda: sequential(trips, r_one)}, spread)
         gc.collect()
-        return CopyRow(size, len(data), encode_us, decode_us, count, k_tell, r_tell, trips,
-                       k_call, r_ask)
+        return CopyRow(size, len(data), encode_us, decode_us, got[f"kernel tell {name}"],
+                       got[f"raw tell {name}"], got[f"kernel call {name}"],
+                       got[f"raw ask {name}"])
 
     raw_tally = Tally()
     with raw_actors(Tally(), raw_tally) as (server, rx):
         rows = [one_size(size, rx, raw_tally, server) for size in COPY_SIZES]
-    print_table(["data", "encoded", "wire.encode + decode us", "msgs", "kernel tell msgs/s",
-                 "raw tell msgs/s", "ratio", "trips", "kernel call/reply trips/s",
-                 "raw ask trips/s", "ratio"],
+
+    def cpu(r: Run) -> str:
+        return f"{r.sender_cpu / r.n * 1e6:.2f} / {r.receiver_cpu / r.n * 1e6:.2f}"
+
+    print_table(["data", "encoded", "one copy: encode + decode us", "kernel tell msgs/s",
+                 "raw tell msgs/s", "ratio", "tell CPU us/msg, sender / receiver: kernel",
+                 "raw", "kernel call/reply trips/s", "raw ask trips/s", "ratio"],
                 [[size_name(r.size), f"{r.encoded:,} B",
-                  f"{r.encode_us:.2f} + {r.decode_us:.2f}", f"{r.msgs:,}", fmt(r.k_tell.rate),
-                  fmt(r.r_tell.rate), f"{r.k_tell.rate / r.r_tell.rate:.2f}", f"{r.trips:,}",
-                  fmt(r.k_call.rate), fmt(r.r_ask.rate),
+                  f"{r.encode_us:.2f} + {r.decode_us:.2f}", fmt(r.k_tell.rate),
+                  fmt(r.r_tell.rate), f"{r.k_tell.rate / r.r_tell.rate:.2f}", cpu(r.k_tell),
+                  cpu(r.r_tell), fmt(r.k_call.rate), fmt(r.r_ask.rate),
                   f"{r.k_call.rate / r.r_ask.rate:.2f}"] for r in rows])
     if repeat > 1:
         print(f"   every run: {'; '.join(spread)}")
@@ -1020,6 +1031,10 @@ def part_memory(root: Path) -> None:
             node_mem = read_memory(proc.pid)
             with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
                 measured = f.read().replace(b"\0", b" ").decode().strip()
+            # The first `ppn net links` makes pd-net-driver's adapter load pyroute2.
+            links = ppn("net", "links", "--state-dir", str(state_dir))
+            time.sleep(SETTLE)
+            used_mem = read_memory(proc.pid)
         finally:
             s0 = time.perf_counter()
             proc.send_signal(signal.SIGTERM)
@@ -1043,7 +1058,11 @@ def part_memory(root: Path) -> None:
     own = idle_process([sys.executable, "-c", "import time, actors.cli, actors.runtime; "
                         "print('ready', flush=True); time.sleep(60)"], "ready")
     rows = [[f"ppn node run (7 PDs, {node_mem.threads} threads)", mb(node_mem.rss),
-             mb(node_mem.hwm), mb(node_mem.pss), mb(node_mem.anon)]]
+             mb(node_mem.hwm), mb(node_mem.pss), mb(node_mem.anon)],
+            ["  the same node after one `ppn net links` " + (
+                f"({len(links.stdout.splitlines())} links read)" if links.returncode == 0
+                else f"(FAILED: {(links.stderr.strip() or '?')[:60]})"),
+             mb(used_mem.rss), mb(used_mem.hwm), mb(used_mem.pss), mb(used_mem.anon)]]
     for name, m in ((f"python -c 'time.sleep' (bare, {bare.threads} thread)", bare),
                     (f"python importing {', '.join(tops)} ({len(mods)} modules)", third),
                     ("python importing actors.cli + actors.runtime (not running)", own)):
@@ -1052,7 +1071,8 @@ def part_memory(root: Path) -> None:
     print("   each package imported alone, VmRSS over bare Python: " + ", ".join(
         f"{top} +{mb(m.rss - bare.rss)}" for top, m in alone.items()))
     print(f"   targets (the seed's RAM idle, whole node): Phase 2 {PHASE2_IDLE_MB} MB goal -> "
-          f"node VmRSS is {node_mem.rss / 1e6 / PHASE2_IDLE_MB:.2f}x of it; Phase 1 "
+          f"node VmRSS is {node_mem.rss / 1e6 / PHASE2_IDLE_MB:.2f}x of it (after `ppn net "
+          f"links`: {used_mem.rss / 1e6 / PHASE2_IDLE_MB:.2f}x); Phase 1 "
           f"~{PHASE1_IDLE_MB} MB -> {node_mem.rss / 1e6 / PHASE1_IDLE_MB:.2f}x")
     print(f"   on top of bare Python: {mb(node_mem.rss - bare.rss)}; on top of the same "
           f"imports: {mb(node_mem.rss - own.rss)} (running: ledger, kernel, actors, socket)")
@@ -1259,7 +1279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{importlib.metadata.version('msgpack')}, {os.cpu_count()} CPUs, "
           f"{platform.system()} {platform.release()}, GIL switch interval "
           f"{sys.getswitchinterval() * 1e3:g} ms")
-    print(f"code: {code_version()}")
+    code = code_version()
+    print(f"code: {code}")
     print(f"work dir: {root}; node logs (INFO, JSON, as `ppn node run` logs) go to "
           f"{root / 'bench.log'}; load average at start: {load()}")
     print(f"goals: kernel tell >= {TELL_GOAL}x raw pykka tell, call/reply >= {ASK_GOAL}x raw "
@@ -1276,13 +1297,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     part_messages(node, sh, n, repeat)
                     part_round_trips(node, sh, trips, repeat)
-                    part_copy(node, sh, n, trips, repeat)
+                    part_copy(node, sh, n, trips, max(repeat, COPY_ROUNDS))
                     part_revoke(node, sh, root, repeat)
                     part_journal(node, 2_000 if args.quick else 10_000)
         if not args.profile:
             part_memory(root)
         steal1, total1 = cpu_ticks()
         steal = (steal1 - steal0) / max(1, total1 - total0)
+        if code_version() != code:
+            print(f"\nNOTE: the code changed during the run (now: {code_version()}); parts "
+                  "that started processes may have measured the new code")
         print(f"\nload average at end: {load()}; CPU time stolen by the hypervisor during the "
               f"run: {steal:.1%} (other processes share this machine)")
     finally:
