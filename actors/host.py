@@ -31,7 +31,7 @@ import structlog
 
 from actors.engine import Cell, CoreFactory, Engine
 from actors.io.base import Adapter
-from actors.kernel import Delivery, Kernel
+from actors.kernel import Backpressure, Delivery, Kernel
 from actors.lifecycle import HostError
 from actors.pds import make_core
 from actors.pds.base import Action, IoAnswer, IoFailure, IoInput, IoRequest
@@ -77,6 +77,12 @@ class _Drain:
 _DRAIN = _Drain()
 
 
+MAX_QUEUED = 100_000
+"""Deliveries one PD's mailbox holds; a send past it is refused at the sender (queue-full)."""
+MAX_QUEUED_BYTES = 256 << 20
+"""Payload bytes one PD's mailbox holds (256 MiB); past it a send is refused too."""
+
+
 class _Mailbox:
     """A PD's queue of deliveries, beside pykka's inbox.
 
@@ -86,17 +92,22 @@ class _Mailbox:
     ``kernel.accept`` when the actor takes it, so revocation stays immediate.
     """
 
-    __slots__ = ("lock", "queue", "ref", "scheduled")
+    __slots__ = ("bytes", "lock", "queue", "ref", "scheduled")
 
     def __init__(self, ref: pykka.ActorRef[Any]) -> None:
         self.ref = ref
         self.queue: deque[Delivery] = deque()
         self.lock = threading.Lock()
         self.scheduled = False
+        self.bytes = 0  # payload bytes queued
 
     def post(self, d: Delivery) -> None:
         with self.lock:
+            if len(self.queue) >= MAX_QUEUED or self.bytes + len(d.data) > MAX_QUEUED_BYTES:
+                raise Backpressure(f"{d.target}'s queue is full ({len(self.queue)} messages, "
+                                   f"{self.bytes} bytes)")
             self.queue.append(d)
+            self.bytes += len(d.data)
             if self.scheduled:
                 return
             self.scheduled = True
@@ -106,6 +117,7 @@ class _Mailbox:
         """Everything queued; the actor is told again if more arrives after."""
         with self.lock:
             batch, self.queue = self.queue, deque()
+            self.bytes = 0
             if not batch:
                 self.scheduled = False
             return batch

@@ -26,7 +26,7 @@ an actor up by name in a registry: the host gives it one route.
 from __future__ import annotations
 
 import hmac
-import secrets
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +42,7 @@ from ledger.caps import CapRefused, Token
 from ledger.catalog import REGISTRY, CapGranted
 from ledger.errors import LedgerUsageError
 from ledger.log import Ledger
-from ledger.state import State, pd_transition
+from ledger.state import Cap, State, pd_transition
 
 log = structlog.get_logger("kernel")
 
@@ -74,6 +74,10 @@ class Delivery(NamedTuple):
 Route = Callable[[str, Delivery], None]
 
 
+class Backpressure(Exception):
+    """Raised by a host's route: the receiver's queue is full; the send is refused."""
+
+
 MAX_PENDING_CALLS = 1024
 """Calls one PD may have waiting for their answers; one more is refused and counted."""
 
@@ -90,9 +94,11 @@ SECTIONS: dict[str, Callable[[State], Any]] = {
     "mesh": lambda s: {m.name: {"name": m.name, "signing_key": m.signing_key,
                                 "wg_public_key": m.wg_public_key, "mesh_ip": m.mesh_ip,
                                 "endpoint": m.endpoint, "role": m.role}
-                       for m in s.members.values()},
+                       for m in list(s.members.values())},
 }
-"""Event family -> the part of the state that family's events build (as plain data)."""
+"""Event family -> the part of the state that family's events build (as plain data).
+(Each iterates over a ``list()`` of the live table: taken in one step, while another
+thread's append may be folding into it.)"""
 
 
 class Kernel:
@@ -113,7 +119,10 @@ class Kernel:
         self._calls: dict[int, _Call] = {}  # reply id -> the call it answers
         # Unguessable: a callee cannot answer a call it has not been handed yet.  The
         # simulator passes a seeded source, so that a seed still reproduces a run.
-        self._next_reply_id = reply_ids or (lambda: secrets.randbits(63))
+        self._next_reply_id = reply_ids or self._random_reply_id
+        self._reply_pool: list[int] = []
+        self._journal_caps: dict[str, int] = {}  # PD -> its journal cap, when last looked up
+        self._no_journal_cap: dict[str, int] = {}  # PD -> the seq at which it had none
         self._pending: Counter[str] = Counter()  # caller -> calls not answered yet
         self._epochs: Counter[str] = Counter()  # PD -> how many times its core was replaced
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
@@ -126,6 +135,21 @@ class Kernel:
     @property
     def state(self) -> State:
         return self._state
+
+    def _random_reply_id(self) -> int:
+        """63 bits from the OS's CSPRNG, drawn 512 at a time (called under the reply lock)."""
+        if not self._reply_pool:
+            raw = os.urandom(8 * 512)
+            self._reply_pool = [int.from_bytes(raw[i:i + 8], "big") >> 1
+                                for i in range(0, len(raw), 8)]
+        return self._reply_pool.pop()
+
+    def _route_to(self, target: str, d: Delivery, pd: str, cap_id: int | None,
+                  who: str | None) -> None:
+        try:
+            self._route(target, d)
+        except Backpressure as exc:
+            raise self._refuse(CapRefused("queue-full", pd, cap_id, str(exc)), who) from None
 
     def owner(self, obj: str) -> str | None:
         """The PD serving ``obj`` (fixed by its first original grant)."""
@@ -182,8 +206,9 @@ class Kernel:
             target = state.objects.get(cap.obj)
             if target is not None and state.pd_status.get(target) == "running":
                 data = self._encode(pd, cap.cap_id, payload, who)
-                self._route(target, Delivery(target, cap.obj, cap.badge, data, cap.cap_id,
-                                             None, reply, tag, self._seal))
+                self._route_to(target, Delivery(target, cap.obj, cap.badge, data, cap.cap_id,
+                                                None, reply, tag, self._seal),
+                               pd, cap.cap_id, who)
                 return
         try:  # the full checks, which say precisely why a send is refused
             cap = caps.check(state, pd, token, "write")
@@ -197,8 +222,8 @@ class Kernel:
         except CapRefused as exc:
             raise self._refuse(exc, who) from None
         data = self._encode(pd, cap.cap_id, payload, who)
-        self._route(target, Delivery(target, cap.obj, cap.badge, data, cap.cap_id,
-                                     transfer, reply, tag, self._seal))
+        self._route_to(target, Delivery(target, cap.obj, cap.badge, data, cap.cap_id,
+                                        transfer, reply, tag, self._seal), pd, cap.cap_id, who)
 
     def call(self, pd: str, token: Token, payload: Any, *, tag: int = 0,
              on_reply: Callable[[Any], None] | None = None, who: str | None = None) -> None:
@@ -253,8 +278,11 @@ class Kernel:
         if entry.answer is not None:
             entry.answer(wire.decode(data))
             return
-        self._route(entry.caller, Delivery(entry.caller, "reply", None, data, 0, None, None,
-                                           entry.tag, self._seal, entry.epoch))
+        try:
+            self._route(entry.caller, Delivery(entry.caller, "reply", None, data, 0, None,
+                                               None, entry.tag, self._seal, entry.epoch))
+        except Backpressure:  # the caller's queue is full: the answer is lost, and counted
+            self.dropped += 1
 
     def core_replaced(self, pd: str) -> None:
         """``pd``'s core is gone (restarted, failed, reaped): the calls tied to it end.
@@ -277,8 +305,11 @@ class Kernel:
             if c.answer is not None:
                 c.answer(wire.decode(failure))
             else:
-                self._route(c.caller, Delivery(c.caller, "reply", None, failure, 0, None, None,
-                                               c.tag, self._seal, c.epoch))
+                try:
+                    self._route(c.caller, Delivery(c.caller, "reply", None, failure, 0, None,
+                                                   None, c.tag, self._seal, c.epoch))
+                except Backpressure:
+                    self.dropped += 1
 
     def accept(self, d: Delivery) -> Message | None:
         """At the receiver: the message for its core, or None if it must not arrive.
@@ -341,8 +372,7 @@ class Kernel:
     def _journal_locked(self, pd: str, events: Sequence[object]) -> None:
         state = self._state
         try:
-            cap = next((c for c in state.caps.values() if c.holder == pd
-                        and c.obj == JOURNAL_OBJECT and "write" in c.rights), None)
+            cap = self._journal_cap(pd)
             if cap is None:
                 raise CapRefused("no-journal-cap", pd, None,
                                  f"holds no write capability on {JOURNAL_OBJECT}", "write")
@@ -367,6 +397,24 @@ class Kernel:
             raise self._refuse(exc) from None
         except LedgerUsageError as exc:  # the batch as a whole did not fit the state
             raise self._refuse(CapRefused("bad-event", pd, None, str(exc))) from None
+
+    def _journal_cap(self, pd: str) -> Cap | None:
+        """``pd``'s write cap on ``ledger.append``: the one found last time if it is still
+        live, else looked for (a scan of the table)."""
+        state = self._state
+        known = state.caps.get(self._journal_caps.get(pd, -1))
+        if known is not None and known.holder == pd and known.obj == JOURNAL_OBJECT \
+                and "write" in known.rights:
+            return known
+        if self._no_journal_cap.get(pd) == state.seq:  # nothing changed since it had none
+            return None
+        cap = next((c for c in list(state.caps.values()) if c.holder == pd
+                    and c.obj == JOURNAL_OBJECT and "write" in c.rights), None)
+        if cap is not None:
+            self._journal_caps[pd] = cap.cap_id
+        else:
+            self._no_journal_cap[pd] = state.seq
+        return cap
 
     def lifecycle(self, event: Any) -> None:
         """Append a PD lifecycle event (restarted, failed, reaped, spawned), if the PD's

@@ -222,7 +222,7 @@ class Node:
     def admin(self, command: str, timeout: float = ADMIN_TIMEOUT, **fields: Any) -> Any:
         """Run an operator command at pd-network-admin; its result, or ControlError."""
         state = self.ledger.state
-        entry = next((c.cap_id for c in state.caps.values()
+        entry = next((c.cap_id for c in list(state.caps.values())
                       if c.obj == f"endpoint:{ADMIN}" and c.parent is None), None)
         if entry is None or state.pd_status.get(ADMIN) != "running":
             raise ControlError(f"{command}: {ADMIN} is not running")
@@ -240,11 +240,11 @@ class Node:
     def ping(self, pd: str | None = None, cap_id: int | None = None,
              timeout: float = PING_TIMEOUT) -> Any:
         """Call through ``cap_id`` (or ``pd``'s endpoint's original cap); await the reply."""
-        state = self.ledger.state_copy()
+        state = self.ledger.state  # read only: a lookup needs no copy of every cap
         if cap_id is None:
             if pd is None:
                 raise ControlError("ping needs a pd or a cap")
-            found = [c.cap_id for c in state.caps.values()
+            found = [c.cap_id for c in list(state.caps.values())
                      if c.obj == f"endpoint:{pd}" and c.parent is None]
             if not found:
                 raise ControlError(f"no capability reaches {pd!r} (unknown, or reaped)")

@@ -11,6 +11,7 @@ later cross a process or a network unchanged.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -21,6 +22,7 @@ MAX_DEPTH = 64
 """How deeply lists and maps may nest in a payload."""
 
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_local = threading.local()  # one Packer per thread: building one per message costs 3x
 
 
 class NotPlainData(ValueError):
@@ -28,6 +30,8 @@ class NotPlainData(ValueError):
 
 
 def _refuse(obj: object) -> Any:
+    if type(obj) is int:  # msgpack hands over what does not fit in 64 bits
+        raise NotPlainData("an integer outside the 64-bit range is not plain data")
     kind = type(obj).__name__
     hint = "; send a list" if type(obj) is tuple else ""
     raise NotPlainData(f"a {kind} is not plain data (None, bool, int, float, str, bytes, "
@@ -57,14 +61,18 @@ def _check(obj: Any, depth: int) -> None:
 def encode(payload: Any) -> bytes:
     """The payload's bytes; :class:`NotPlainData` if it is not plain or too big."""
     _check(payload, 0)  # exact types, bounded depth: msgpack alone lets ExtType through
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, strict_types=True,
+                                                default=_refuse, autoreset=True)
     try:
-        data: bytes = msgpack.packb(payload, use_bin_type=True, strict_types=True,
-                                    default=_refuse)
-    except NotPlainData:
-        raise
-    except OverflowError:
-        raise NotPlainData("an integer outside the 64-bit range is not plain data") from None
-    except (TypeError, ValueError) as exc:  # nested too deeply, or not packable at all
+        data: bytes = packer.pack(payload)
+    except Exception as exc:  # a failed pack may leave bytes behind in the packer
+        packer.reset()
+        if isinstance(exc, NotPlainData):
+            raise
+        if isinstance(exc, OverflowError):
+            raise NotPlainData("an integer outside the 64-bit range is not plain data") from None
         raise NotPlainData(f"not plain data: {exc}") from None
     if len(data) > MAX_MESSAGE_BYTES:
         raise NotPlainData(f"{len(data)} bytes encoded: a message holds at most "

@@ -345,3 +345,26 @@ def test_a_burst_arrives_whole_and_in_order_and_a_status_query_waits_for_it(
         assert seen == list(range(2_000))
     finally:
         ProbeCore.handle = original  # type: ignore[method-assign]
+
+
+def test_a_full_mailbox_refuses_the_send_at_the_sender(
+        node: Node, probe: Probe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver that does not keep up makes its senders' sends refused (queue-full),
+    counted against the sender: memory stays bounded and nothing queued is lost."""
+    import actors.host as host_module
+    monkeypatch.setattr(host_module, "MAX_QUEUED", 50)
+    as_holder(node, VMM_ENDPOINT, {"op": "block"})
+    assert probe.entered.wait(5)
+    fleet = node.kernel.port("pd-fleet")
+    tok = holder_token(node, 29)
+    sent = 0
+    with pytest.raises(CapRefused) as refused:
+        for i in range(1000):
+            fleet.send(tok, {"op": "n", "i": i})
+            sent += 1
+    assert refused.value.code == "queue-full" and sent == 50
+    assert node.kernel.refused[("pd-fleet", "queue-full")] == 1
+    probe.gate.set()
+    status = node.host.core_status("pd-vmm")
+    assert status is not None and status["received"]["n"] == 50
+    fleet.send(tok, {"op": "n", "i": -1})  # drained: sends go through again
