@@ -179,8 +179,22 @@ class Engine:
             if self._crashed(cell, exc):
                 self.boot(cell)
             return
-        if m is not None:
-            self._run(cell, lambda core, now: core.handle(m, now))
+        if m is None:
+            return
+        core = cell.core  # _run, inlined: this is every message's path
+        if core is None:
+            self.dropped["no core"] += 1
+            return
+        self.handled += 1
+        try:
+            actions = core.handle(m, self.mech.now())
+            if type(actions) is not list or actions:
+                self._carry_out(cell, actions, feedback=True)
+        except BaseException as exc:
+            if not _is_crash(exc):
+                raise
+            if self._crashed(cell, exc):
+                self.boot(cell)
 
     def tick(self, cell: Cell, name: str, generation: int) -> None:
         if generation != cell.generation:
