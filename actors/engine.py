@@ -66,7 +66,8 @@ class Mechanism(Protocol):
         """Call :meth:`Engine.tick` for ``pd`` after ``delay`` seconds."""
 
     def submit_io(self, pd: str, generation: int, request: IoRequest) -> None:
-        """Hand ``request`` to ``pd``'s adapter; its answer reaches :meth:`Engine.answer`."""
+        """Hand ``request`` to ``pd``'s adapter; its answer reaches :meth:`Engine.answer`.
+        An adapter that raises is answered for, with an IoFailure: never the core's crash."""
 
     def start(self, pd: str) -> None:
         """Run ``pd`` (its cell is booted in its own context)."""
@@ -86,9 +87,14 @@ class Cell:
     core: Core | None = None
     generation: int = 0
     inflight: dict[int, type[IoRequest]] = field(default_factory=dict)
+    stopped: bool = False
+    """Set when the host stops running this cell (failed, reaped): a handler of it still
+    running then (a reap from another thread) can neither crash nor boot it again."""
 
 
 _ACTIONS = (Append, Send, Call, Reply, SetTimer, IoRequest)
+MAX_INFLIGHT = 1024
+"""I/O requests one core may have waiting for their answers; one more is refused."""
 MAX_TIMER = 366 * 86_400.0
 """The longest delay a timer may ask for (a year): longer, or not a finite number, is refused."""
 CRASHES = (Exception, SystemExit, GeneratorExit)
@@ -137,6 +143,8 @@ class Engine:
         A crash while starting counts as a crash.  False once the PD has failed.
         """
         while True:
+            if cell.stopped:
+                return False
             cell.generation += 1  # timers and I/O answers for the old core are now stale
             cell.core = None
             cell.inflight.clear()
@@ -160,6 +168,9 @@ class Engine:
             self.boot(cell)
 
     def _crashed(self, cell: Cell, exc: BaseException) -> bool:
+        if cell.stopped:  # reaped (or failed) while this handler ran: not the new one's crash
+            log.info("pd.crash_after_stop", pd=cell.pd, reason=f"{type(exc).__name__}: {exc}"[:300])
+            return False
         cell.core = None
         cell.generation += 1
         restart = self.lifecycle.crashed(cell.pd, exc, self.mech.elapsed())
@@ -291,6 +302,10 @@ class Engine:
                 raise self.kernel._refuse(CapRefused(
                     "bad-request", pd, None, "an I/O request needs an int request id not "
                     "already in flight"))
+            if len(cell.inflight) >= MAX_INFLIGHT:
+                raise self.kernel._refuse(CapRefused(
+                    "too-many-requests", pd, None,
+                    f"{MAX_INFLIGHT} I/O requests are waiting for their answers already"))
             cell.inflight[a.request_id] = type(a)
             self.mech.submit_io(pd, cell.generation, a)
         else:  # Send, Call, Reply, SetTimer subclasses: a core may not make its own kinds

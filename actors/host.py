@@ -30,7 +30,7 @@ import pykka
 import structlog
 
 from actors.engine import Cell, CoreFactory, Engine
-from actors.io.base import Adapter
+from actors.io.base import Adapter, submit_guarded
 from actors.kernel import Backpressure, Delivery, Kernel
 from actors.lifecycle import HostError
 from actors.pds import make_core
@@ -279,14 +279,17 @@ class Host:
         if adapter is None:
             self._tell(pd, _Answer(generation, _no_adapter(pd, request)))
             return
-        adapter.submit(request, lambda answer: self._tell(pd, _Answer(generation, answer)))
+        submit_guarded(adapter, request,
+                       lambda answer: self._tell(pd, _Answer(generation, answer)))
 
     def _unsolicited(self, pd: str, event: IoInput) -> None:
         """Stamped with the core's generation as the adapter says it: if the core is
         replaced before it is handled, it is dropped."""
         cell = self._cells.get(pd)
-        if cell is not None:
-            self._tell(pd, _Input(cell.generation, event))
+        if cell is None:  # stopped (failed, reaped) or never started: nobody to tell
+            self.engine.dropped["no core"] += 1
+            return
+        self._tell(pd, _Input(cell.generation, event))
 
     def refused(self, pd: str, action: Action, exc: CapRefused) -> None:
         log.info("pd.action_refused", pd=pd, action=type(action).__name__, code=exc.code,
@@ -309,6 +312,9 @@ class Host:
         with self._lock:
             ref = self._refs.pop(pd, None)
             self._mailboxes.pop(pd, None)
+            cell = self._cells.pop(pd, None)
+        if cell is not None:
+            cell.stopped = True
         if ref is not None:
             with contextlib.suppress(pykka.ActorDeadError):
                 ref.stop(block=False)

@@ -298,18 +298,30 @@ class Kernel:
                 del self._calls[rid]
                 self._pending[c.caller] -= 1
         for _, c in ended:
-            if c.caller == pd:
+            if c.caller == pd and c.answer is None:  # its answers were for the old core
                 continue
-            failure = wire.encode({"ok": False, "error": f"{pd} was restarted or stopped "
-                                                         "before it answered"})
-            if c.answer is not None:
-                c.answer(wire.decode(failure))
-            else:
-                try:
-                    self._route(c.caller, Delivery(c.caller, "reply", None, failure, 0, None,
-                                                   None, c.tag, self._seal, c.epoch))
-                except Backpressure:
-                    self.dropped += 1
+            self._answer_failure(c, f"{pd} was restarted or stopped before it answered")
+
+    def _answer_failure(self, c: _Call, why: str) -> None:
+        """Tell a caller its call will never be answered (and why)."""
+        failure = wire.encode({"ok": False, "error": why})
+        if c.answer is not None:
+            c.answer(wire.decode(failure))
+            return
+        try:
+            self._route(c.caller, Delivery(c.caller, "reply", None, failure, 0, None, None,
+                                           c.tag, self._seal, c.epoch))
+        except Backpressure:
+            self.dropped += 1
+
+    def _call_dropped(self, reply_id: int, why: str) -> None:
+        """A call that will not be delivered: its reply cap goes, and its caller is told."""
+        with self._reply_lock:
+            entry = self._calls.pop(reply_id, None)
+            if entry is not None:
+                self._pending[entry.caller] -= 1
+        if entry is not None:
+            self._answer_failure(entry, why)
 
     def accept(self, d: Delivery) -> Message | None:
         """At the receiver: the message for its core, or None if it must not arrive.
@@ -330,8 +342,10 @@ class Kernel:
         state = self._state
         if d.cap_id not in state.caps or state.pd_status.get(d.target) != "running":
             self.dropped += 1
-            if d.reply is not None:  # the call will never be answered: forget its reply cap
-                self._forget(d.reply.reply_id)
+            if d.reply is not None:  # the call will never be answered: say so to the caller
+                why = (f"cap #{d.cap_id} was revoked before the call was delivered"
+                       if d.cap_id not in state.caps else f"{d.target} is not running")
+                self._call_dropped(d.reply.reply_id, why)
             return None
         held = None
         if d.transfer is not None:
@@ -353,6 +367,8 @@ class Kernel:
         except wire.NotPlainData:  # never made by encode: dropped, not the receiver's crash
             self.dropped += 1
             log.warning("kernel.undecodable", pd=d.target)
+            if d.reply is not None:
+                self._call_dropped(d.reply.reply_id, "the call's payload was undecodable")
             return None
         if d.cap_id == 0:
             return Message("reply", None, payload, None, None, d.tag)

@@ -46,6 +46,38 @@ ADMIN_TIMEOUT = 10.0
 AdapterFactory = Callable[[], dict[str, Adapter]]
 
 
+MAX_ERROR_TEXT = 300
+
+
+def one_line(text: str) -> str:
+    """A PD's error text as the operator may see it: one printable line, bounded."""
+    flat = " ".join(text.split())
+    safe = "".join(ch if ch.isprintable() else "?" for ch in flat)
+    return safe if len(safe) <= MAX_ERROR_TEXT else safe[:MAX_ERROR_TEXT - 3] + "..."
+
+
+_LINK_FIELDS = {"index": int, "name": str, "state": str, "mtu": int}
+
+
+def _links_ok(links: Any) -> bool:
+    """Whether ``links`` is what pd-net-driver's ``links`` answer promises."""
+    if type(links) is not list:
+        return False
+    for link in links:
+        if type(link) is not dict or any(type(link.get(k)) is not t
+                                         for k, t in _LINK_FIELDS.items()):
+            return False
+        if link.get("mac") is not None and type(link["mac"]) is not str:
+            return False
+        addrs = link.get("addresses")
+        if type(addrs) is not list or any(
+                type(a) is not dict or type(a.get("address")) is not str
+                or type(a.get("prefixlen")) is not int or type(a.get("family")) is not str
+                for a in addrs):
+            return False
+    return True
+
+
 def real_adapters() -> dict[str, Adapter]:
     """The node's adapters, by PD: real I/O (netlink for pd-net-driver)."""
     return {"pd-net-driver": NetlinkAdapter()}
@@ -229,13 +261,17 @@ class Node:
         answer = self._call(entry, {"op": command, **fields}, timeout, command)
         if not isinstance(answer, dict) or answer.get("ok") is not True:
             error = answer.get("error") if isinstance(answer, dict) else None
-            raise ControlError(f"{command}: {error or 'the answer was not understood'}")
+            text = one_line(error) if isinstance(error, str) else "the answer was not understood"
+            raise ControlError(f"{command}: {text}")
         return {k: v for k, v in answer.items() if k != "ok"}
 
     def net_links(self) -> list[dict[str, Any]]:
         """The node's links and addresses, as pd-net-driver reads them (via pd-network-admin)."""
-        links: list[dict[str, Any]] = self.admin("net.links")["links"]
-        return links
+        links = self.admin("net.links").get("links")
+        if not _links_ok(links):
+            raise ControlError("net.links: malformed answer from pd-net-driver")
+        checked: list[dict[str, Any]] = links
+        return checked
 
     def ping(self, pd: str | None = None, cap_id: int | None = None,
              timeout: float = PING_TIMEOUT) -> Any:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.engine import Cell, CoreFactory, Engine
-from actors.io.base import Adapter
+from actors.io.base import Adapter, submit_guarded
 from actors.kernel import Delivery, Kernel
 from actors.lifecycle import HostError
 from actors.pds import make_core
@@ -196,11 +196,12 @@ class Host:
         if adapter is None:
             answer(IoFailure(request.request_id, f"{pd} has no simulated backend"))
         else:
-            adapter.submit(request, answer)
+            submit_guarded(adapter, request, answer)
 
     def _unsolicited(self, pd: str, event: IoInput) -> None:
         cell = self.cells.get(pd)
-        if cell is None:
+        if cell is None:  # stopped (failed, reaped) or never started: nobody to tell
+            self.engine.dropped["no core"] += 1
             return
         generation = cell.generation
         self.world.after(0, lambda: self._on_cell(
@@ -214,8 +215,9 @@ class Host:
         self.engine.boot(cell)
 
     def stop(self, pd: str) -> None:
-        cell = self.cells.get(pd)
+        cell = self.cells.pop(pd, None)
         if cell is not None:
+            cell.stopped = True
             cell.core = None
             cell.generation += 1
 

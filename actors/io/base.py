@@ -37,6 +37,15 @@ class Adapter(Protocol):
         """Stop: no answer is given after this returns."""
 
 
+def submit_guarded(adapter: Adapter, request: IoRequest, answer: Answer) -> None:
+    """``adapter.submit``, with an adapter that raises answering an IoFailure instead."""
+    try:
+        adapter.submit(request, answer)
+    except Exception as exc:
+        log.warning("io.submit_failed", request=type(request).__name__, error=repr(exc)[:300])
+        answer(IoFailure(request.request_id, f"{type(exc).__name__}: {exc}"[:300]))
+
+
 class WorkerAdapter:
     """An adapter whose requests run one at a time on its own worker thread.
 

@@ -43,7 +43,8 @@ class NetlinkAdapter(WorkerAdapter):
     def _links(self) -> list[dict[str, Any]]:
         if self._ipr is None:  # imported when first needed: pyroute2 costs ~9 MB of RSS
             from pyroute2 import IPRoute
-            self._ipr = IPRoute(netns=self._netns) if self._netns else IPRoute()
+            # flags=0: read a namespace that exists, never create one (pyroute2's default)
+            self._ipr = IPRoute(netns=self._netns, flags=0) if self._netns else IPRoute()
         ipr = self._ipr
         addresses: dict[int, list[dict[str, Any]]] = {}
         for a in ipr.get_addr():

@@ -84,7 +84,8 @@ class NetDriverCore(Core):
         if len(data) > MAX_DATAGRAM:
             return self.error(m, f"{len(data)} bytes: a datagram holds at most {MAX_DATAGRAM}")
         rid = self.request_id()
-        self._waiting[rid] = m.reply
+        if m.reply is not None:  # a plain send expects no answer: nothing to remember
+            self._waiting[rid] = m.reply
         return [SendDatagram(rid, to, data)]
 
     def io(self, answer: IoAnswer, now: float) -> list[Action]:

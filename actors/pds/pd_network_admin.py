@@ -44,10 +44,13 @@ class NetworkAdminCore(Core):
                                  f"{payload['op']})")
         self._next_tag += 1
         self._waiting[self._next_tag] = (m.reply, obj, held.token.cap_id)
-        while len(self._waiting) > MAX_WAITING:
-            self._waiting.popitem(last=False)
+        actions: list[Action] = []
+        while len(self._waiting) > MAX_WAITING:  # the oldest is told, not left to time out
+            _, (evicted, _, _) = self._waiting.popitem(last=False)
+            actions.append(Reply(evicted, {"ok": False, "error": f"{self.name}: too many "
+                                           "commands in flight; this one was given up"}))
         args = {k: v for k, v in payload.items() if k != "op"}
-        return [Call(held.token, {**args, "op": op}, tag=self._next_tag)]
+        return [*actions, Call(held.token, {**args, "op": op}, tag=self._next_tag)]
 
     def handle(self, m: Message, now: float) -> list[Action]:
         if m.obj == "reply":

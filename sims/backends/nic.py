@@ -26,7 +26,7 @@ class SimNic:
         self.ip = endpoint.rpartition(":")[0]
         self.mac, self.mtu = mac, mtu
         self._emit: Emit = lambda event: None
-        underlay.attach(self.ip, self)
+        underlay.attach(endpoint, self)
 
     def attach(self, emit: Emit) -> None:
         self._emit = emit

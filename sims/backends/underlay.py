@@ -35,8 +35,10 @@ class Underlay:
     _nics: dict[str, SimNic] = field(default_factory=dict)
     _cut: set[frozenset[str]] = field(default_factory=set)
 
-    def attach(self, ip: str, nic: SimNic) -> None:
-        self._nics[ip] = nic
+    def attach(self, endpoint: str, nic: SimNic) -> None:
+        """``nic`` listens on ``endpoint`` (``IP:PORT``): datagrams to any other port of its
+        IP find no listener and are lost."""
+        self._nics[endpoint] = nic
 
     def partition(self, side_a: set[str], side_b: set[str]) -> None:
         """No datagram crosses between the IPs of ``side_a`` and those of ``side_b``."""
@@ -48,12 +50,11 @@ class Underlay:
     def send(self, source: str, to: str, data: bytes) -> None:
         """``source`` and ``to`` are ``IP:PORT``; the datagram may arrive late, twice or never."""
         self.stats["sent"] += 1
-        src_ip, dst_ip = source.rpartition(":")[0], to.rpartition(":")[0]
-        nic = self._nics.get(dst_ip)
+        nic = self._nics.get(to)
         if nic is None:
-            self.stats["no route"] += 1
+            self.stats["no listener"] += 1
             return
-        if frozenset((src_ip, dst_ip)) in self._cut:
+        if self._partitioned(source, to):
             self.stats["partitioned"] += 1
             return
         c, rng = self.conditions, self.rng
@@ -66,6 +67,12 @@ class Underlay:
             delay = rng.randint(*c.latency_ns)
             self.world.after(delay, lambda: self._arrive(nic, source, data))
 
+    def _partitioned(self, source: str, to: str) -> bool:
+        return frozenset((source.rpartition(":")[0], to.rpartition(":")[0])) in self._cut
+
     def _arrive(self, nic: SimNic, source: str, data: bytes) -> None:
+        if self._partitioned(source, nic.endpoint):  # cut while it was in flight
+            self.stats["partitioned"] += 1
+            return
         self.stats["delivered"] += 1
         nic.arrive(source, data)
