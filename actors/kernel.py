@@ -88,6 +88,7 @@ class _Call(NamedTuple):
     tag: int
     answer: Callable[[Any], None] | None
     epoch: int
+    counted: str  # whose MAX_PENDING_CALLS it counts against: the caller, or the operator
 
 
 SECTIONS: dict[str, Callable[[State], Any]] = {
@@ -239,8 +240,9 @@ class Kernel:
                                  "a call needs grant or grant-reply", "grant-reply")
         except CapRefused as exc:
             raise self._refuse(exc, who) from None
+        counted = who or pd  # the operator's calls use its own budget, not the holder's
         with self._reply_lock:
-            if self._pending[pd] >= MAX_PENDING_CALLS:
+            if self._pending[counted] >= MAX_PENDING_CALLS:
                 raise self._refuse(CapRefused(
                     "too-many-calls", pd, cap.cap_id,
                     f"{MAX_PENDING_CALLS} calls are waiting for their answers already"), who)
@@ -249,8 +251,8 @@ class Kernel:
                 reply_id = self._next_reply_id()
             # Registered before sending: the callee may answer before send() returns.
             self._calls[reply_id] = _Call(pd, self.owner(cap.obj) or "", tag, on_reply,
-                                          self._epochs[pd])
-            self._pending[pd] += 1
+                                          self._epochs[pd], counted)
+            self._pending[counted] += 1
         try:
             self.send(pd, token, payload, reply=ReplyCap(reply_id), who=who)
         except CapRefused:
@@ -262,7 +264,7 @@ class Kernel:
         with self._reply_lock:
             entry = self._calls.pop(reply_id, None)
             if entry is not None:
-                self._pending[entry.caller] -= 1
+                self._pending[entry.counted] -= 1
 
     def reply(self, pd: str, reply: ReplyCap, payload: Any) -> None:
         """Answer a call, once, to the caller (who sees no badge, only the answer)."""
@@ -274,7 +276,7 @@ class Kernel:
                 raise self._refuse(CapRefused("bad-token", pd, None,
                                               "reply cap unknown, used or not yours"))
             del self._calls[reply_id]
-            self._pending[entry.caller] -= 1
+            self._pending[entry.counted] -= 1
         if entry.answer is not None:
             entry.answer(wire.decode(data))
             return
@@ -296,7 +298,7 @@ class Kernel:
             ended = [(rid, c) for rid, c in self._calls.items() if pd in (c.caller, c.callee)]
             for rid, c in ended:
                 del self._calls[rid]
-                self._pending[c.caller] -= 1
+                self._pending[c.counted] -= 1
         for _, c in ended:
             if c.caller == pd and c.answer is None:  # its answers were for the old core
                 continue
@@ -319,7 +321,7 @@ class Kernel:
         with self._reply_lock:
             entry = self._calls.pop(reply_id, None)
             if entry is not None:
-                self._pending[entry.caller] -= 1
+                self._pending[entry.counted] -= 1
         if entry is not None:
             self._answer_failure(entry, why)
 

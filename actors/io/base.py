@@ -86,6 +86,8 @@ class WorkerAdapter:
             if item is None:
                 return
             request, answer = item
+            if self._closed:  # closing: what is still queued is neither done nor answered
+                continue
             try:
                 result = self.perform(request)
             except Exception as exc:  # a failure of this request, not of the adapter

@@ -269,7 +269,8 @@ def test_a_flood_of_operator_commands_each_gets_its_own_answer_or_a_refusal(
             assert got[0]["ok"] is False and "too-many-calls" in got[0]["error"], (i, got)
             errors += 1
     assert len(refused_at_call) == total - MAX_PENDING_CALLS
-    assert own + errors == MAX_PENDING_CALLS and own > 0 and errors > 0
+    # The operator's calls have their own budget: pd-network-admin's forwards all fit in its.
+    assert own + errors == MAX_PENDING_CALLS and own == MAX_PENDING_CALLS and errors == 0
     assert n.kernel.refused[(OPERATOR, "too-many-calls")] == len(refused_at_call)
     assert n.kernel._calls == {} and not any(n.kernel._pending.values())
     assert admin_core(n)._waiting == {}

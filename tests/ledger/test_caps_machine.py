@@ -369,6 +369,13 @@ class CapMachine(RuleBasedStateMachine):
         """The receiver side: each queued message is checked again as it arrives."""
         m = self.model
         for d in self.queue[:n]:
+            if d.cap_id == 0:  # the kernel telling a caller its call was dropped at delivery
+                got = self.kernel.accept(d)
+                assert got is not None and got.obj == "reply"
+                assert got.payload["ok"] is False and (
+                    "before the call was delivered" in got.payload["error"]
+                    or "is not running" in got.payload["error"])
+                continue
             sender = m.caps.get(d.cap_id)
             passed = m.caps.get(d.transfer.cap_id) if d.transfer is not None else None
             arrives = sender is not None and m.target_ok(d.target) and (
