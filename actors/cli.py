@@ -24,8 +24,14 @@ from actors import control
 from actors.ledger_cli import add_ledger_commands, cap_row
 from actors.lifecycle import HostError
 from actors.logs import configure_logging
+from actors.mesh_cli import add_identity_command, add_mesh_commands
 from actors.runtime import LEDGER_SUBDIR, Node
-from actors.system import SystemDescriptionError, load_default
+from actors.system import (
+    DEFAULT_INTERFACE,
+    DEFAULT_LISTEN_PORT,
+    SystemDescriptionError,
+    load_default,
+)
 from ledger import commands
 from ledger.catalog import ROLES
 from ledger.commands import NAME_RE
@@ -55,7 +61,8 @@ def _node_init(args: argparse.Namespace) -> int:
     origin = f"{name}.ppn/ledger"
     with Ledger.create(staging, keys, origin) as ledger:
         ledger.append_many(system.first_events(name, keys, args.mesh_ip, args.role,
-                                                args.endpoint))
+                                                args.endpoint, args.interface,
+                                                args.listen_port))
         size = ledger.size
     if redo:  # kept, not deleted: an auditor may want to see what the torn init left
         os.rename(ledger_dir, state_dir / f"{LEDGER_SUBDIR}.unfinished-{time.time_ns()}")
@@ -283,10 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--role", choices=ROLES, default="node")
     init.add_argument("--endpoint", default=None, type=_endpoint,
                       help="underlay IP:PORT peers dial")
+    init.add_argument("--interface", default=DEFAULT_INTERFACE, type=_interface,
+                      help=f"the WireGuard interface (default {DEFAULT_INTERFACE})")
+    init.add_argument("--listen-port", default=DEFAULT_LISTEN_PORT, type=_listen_port,
+                      help=f"WireGuard's UDP port (default {DEFAULT_LISTEN_PORT})")
     init.set_defaults(func=_node_init)
     _add_node_commands(node)
+    add_identity_command(node)
     _add_caps_commands(top)
     _add_net_commands(top)
+    add_mesh_commands(top)
 
     add_ledger_commands(top)
     return p
@@ -295,6 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _mesh_ip(text: str) -> str:
     try:
         return str(commands.mesh_ip(text))
+    except commands.EventInvalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _interface(text: str) -> str:
+    try:
+        return commands.interface(text)
+    except commands.EventInvalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen_port(text: str) -> int:
+    try:
+        return commands.port(int(text) if text.isascii() and text.isdigit() else -1)
     except commands.EventInvalid as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

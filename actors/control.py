@@ -17,10 +17,14 @@ Commands (fields in brackets are optional):
 * ``ping [pd] [cap]``              -- call a PD and return its answer
 * ``net.links``                    -- the node's links and addresses (pd-net-driver,
                                       reached through pd-network-admin)
+* ``mesh.peer.add name wg_key mesh_ip [endpoint] [role] [keepalive]`` and
+  ``mesh.peer.remove name``        -- the desired WireGuard peers (pd-wireguard, reached
+                                      through pd-network-admin under its ``peers`` cap)
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -74,6 +78,8 @@ class Operator(Protocol):
              badge: int | None = None) -> int: ...
     def ping(self, pd: str | None = None, cap_id: int | None = None) -> Any: ...
     def net_links(self) -> list[dict[str, Any]]: ...
+    def mesh_peer_add(self, **fields: Any) -> dict[str, Any]: ...
+    def mesh_peer_remove(self, name: str) -> dict[str, Any]: ...
 
 
 # ----------------------------------------------------------------- request decoding
@@ -96,8 +102,33 @@ def _rights(v: Any) -> list[str]:
     return v
 
 
+def _text(v: Any) -> str:
+    if not isinstance(v, str) or not 0 < len(v) <= 200:
+        raise ValueError("must be a string of 1-200 characters")
+    return v
+
+
+def _wg_key(v: Any) -> bytes:
+    try:
+        key = base64.b64decode(v, validate=True) if isinstance(v, str) else b""
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError("must be a WireGuard key: 32 bytes of base64")
+    return key
+
+
+def _seconds(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65535:
+        raise ValueError("must be a whole number of seconds, 0-65535")
+    return v
+
+
 FIELDS: dict[str, Callable[[Any], Any]] = {"cap": _cap_id, "badge": _cap_id, "pd": _name,
-                                           "to": _name, "rights": _rights}
+                                           "to": _name, "rights": _rights, "name": _text,
+                                           "wg_key": _wg_key, "endpoint": _text,
+                                           "mesh_ip": _text, "role": _text,
+                                           "keepalive": _seconds}
 COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, optional) fields
     "status": (set(), set()),
     "caps.list": (set(), {"pd"}),
@@ -106,6 +137,8 @@ COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, opti
     "caps.mint": ({"cap", "rights", "to"}, {"badge"}),
     "ping": (set(), {"pd", "cap"}),
     "net.links": (set(), set()),
+    "mesh.peer.add": ({"name", "wg_key", "mesh_ip"}, {"endpoint", "role", "keepalive"}),
+    "mesh.peer.remove": ({"name"}, set()),
 }
 
 
@@ -170,6 +203,10 @@ def execute(op: Operator, cmd: str, f: dict[str, Any]) -> Any:
         return op.ping(f.get("pd"), f.get("cap"))
     if cmd == "net.links":
         return op.net_links()
+    if cmd == "mesh.peer.add":
+        return op.mesh_peer_add(**f)
+    if cmd == "mesh.peer.remove":
+        return op.mesh_peer_remove(f["name"])
     raise RequestError(f"unknown command {cmd!r}")  # COMMANDS and this list disagree
 
 

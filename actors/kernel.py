@@ -96,6 +96,12 @@ SECTIONS: dict[str, Callable[[State], Any]] = {
                                 "wg_public_key": m.wg_public_key, "mesh_ip": m.mesh_ip,
                                 "endpoint": m.endpoint, "role": m.role}
                        for m in list(s.members.values())},
+    "wg": lambda s: {
+        "interface": None if s.wg is None else dict(s.wg),
+        "peers": {p.name: {"name": p.name, "wg_public_key": p.wg_public_key,
+                           "endpoint": p.endpoint, "mesh_ip": p.mesh_ip, "role": p.role,
+                           "allowed_ips": list(p.allowed_ips), "keepalive": p.keepalive}
+                  for p in list(s.peers.values())}},
 }
 """Event family -> the part of the state that family's events build (as plain data).
 (Each iterates over a ``list()`` of the live table: taken in one step, while another

@@ -35,7 +35,7 @@ from actors.pds import make_core
 from ledger.errors import LedgerUsageError
 from ledger.keys import NodeKeys
 from ledger.log import Ledger
-from ledger.state import Cap
+from ledger.state import Cap, jsonable
 
 log = structlog.get_logger("node")
 
@@ -264,6 +264,15 @@ class Node:
             text = one_line(error) if isinstance(error, str) else "the answer was not understood"
             raise ControlError(f"{command}: {text}")
         return {k: v for k, v in answer.items() if k != "ok"}
+
+    def mesh_peer_add(self, **fields: Any) -> dict[str, Any]:
+        """Add a desired WireGuard peer (pd-wireguard journals it, via pd-network-admin)."""
+        peer: dict[str, Any] = jsonable(self.admin("mesh.peer.add", **fields)["peer"])
+        return peer
+
+    def mesh_peer_remove(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = jsonable(self.admin("mesh.peer.remove", name=name))
+        return out
 
     def net_links(self) -> list[dict[str, Any]]:
         """The node's links and addresses, as pd-net-driver reads them (via pd-network-admin)."""

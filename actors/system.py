@@ -12,12 +12,22 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from ledger.catalog import REGISTRY, RIGHTS, CapGranted, MemberAdded, NodeIdentity, PdDeclared
+from ledger.catalog import (
+    REGISTRY,
+    RIGHTS,
+    CapGranted,
+    MemberAdded,
+    NodeIdentity,
+    PdDeclared,
+    WgInterface,
+)
 from ledger.keys import NodeKeys
 
 ALL_RIGHTS = RIGHTS
 CHANNEL_RIGHTS = ("write", "grant-reply")
 """What a channel gives its ``from`` PD on ``endpoint:<to>``: send, and call."""
+DEFAULT_INTERFACE = "ppn0"
+DEFAULT_LISTEN_PORT = 51820
 JOURNAL_OBJECT = "ledger.append"
 """The object a PD's journalling capability is on (served by pd-ledger)."""
 RESERVED_FAMILIES = frozenset({"ledger", "node", "cap", "pd"})
@@ -90,11 +100,14 @@ class SystemDescription:
         return out
 
     def first_events(self, name: str, keys: NodeKeys, mesh_ip: str, role: str,
-                     endpoint: str | None) -> list[object]:
+                     endpoint: str | None, interface: str = DEFAULT_INTERFACE,
+                     listen_port: int = DEFAULT_LISTEN_PORT) -> list[object]:
         """A new node's ledger after its genesis record: who it is, its own membership,
-        its PDs and their capabilities.  ``ppn node init`` and the simulator both use it."""
+        its WireGuard interface, its PDs and their capabilities.  ``ppn node init`` and the
+        simulator both use it."""
         return [NodeIdentity(name, keys.public_key, keys.wg_public_key, mesh_ip, role),
                 MemberAdded(name, keys.public_key, keys.wg_public_key, mesh_ip, endpoint, role),
+                WgInterface(interface, listen_port),
                 *self.initial_events()]
 
 

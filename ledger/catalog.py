@@ -155,6 +155,46 @@ class PdSpawned:
     reason: str
 
 
+@REGISTRY.register("wg.interface")
+@dataclass(frozen=True, slots=True)
+class WgInterface:
+    """The node's WireGuard interface, as it should be: its name and listen port.
+
+    Its address is the node's mesh IP (``node.identity``); its private key stays in
+    ``DIR/wireguard.key`` (only the public key is ever in the ledger).
+    """
+
+    interface: str
+    listen_port: int
+
+
+@REGISTRY.register("wg.peer_added")
+@dataclass(frozen=True, slots=True)
+class WgPeerAdded:
+    """A WireGuard peer this node should have: the tunnel to one mesh member.
+
+    ``allowed_ips`` follow the hub rule when the peer is added: a spoke's entry for the
+    hub covers the whole mesh (10.8.0.0/24), every other entry the peer's own /32.
+    """
+
+    name: str
+    wg_public_key: bytes
+    endpoint: str | None
+    mesh_ip: str
+    role: str
+    allowed_ips: tuple[str, ...]
+    keepalive: int
+
+
+@REGISTRY.register("wg.peer_removed")
+@dataclass(frozen=True, slots=True)
+class WgPeerRemoved:
+    """A WireGuard peer this node should no longer have."""
+
+    name: str
+    reason: str
+
+
 @REGISTRY.register("ledger.recovered")
 @dataclass(frozen=True, slots=True)
 class LedgerRecovered:

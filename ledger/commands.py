@@ -16,14 +16,22 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ledger.catalog import REGISTRY, ROLES, MemberAdded, MemberRemoved
+from ledger.catalog import (
+    REGISTRY,
+    ROLES,
+    MemberAdded,
+    MemberRemoved,
+    WgInterface,
+    WgPeerAdded,
+    WgPeerRemoved,
+)
 from ledger.events import EventTypeError
 from ledger.state import State, apply, try_state
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 """A node's name: 1-63 of a-z, 0-9 and '-', starting with a letter or digit (use
 ``fullmatch``: nothing, not even a newline, may follow)."""
-MESH = ipaddress.ip_network("10.8.0.0/24")
+MESH = ipaddress.IPv4Network("10.8.0.0/24")
 MAX_REASON = 300
 KEY_BYTES = 32
 
@@ -99,9 +107,100 @@ def _member_removed(s: State, e: MemberRemoved) -> None:
         raise EventInvalid(f"{e.name} is this node: it cannot remove itself")
 
 
+IFACE_RE = re.compile(r"[a-zA-Z0-9_.-]{1,15}")
+"""A Linux interface name (IFNAMSIZ - 1 characters at most)."""
+MAX_KEEPALIVE = 65535
+
+
+def interface(value: str) -> str:
+    if not IFACE_RE.fullmatch(value) or value in (".", ".."):
+        raise EventInvalid(f"interface {value[:30]!r}: 1-15 of letters, digits, '_', '.', '-'")
+    return value
+
+
+def port(value: int, what: str = "listen port") -> int:
+    if not 1 <= value <= 65535:
+        raise EventInvalid(f"{what} {value}: not 1-65535")
+    return value
+
+
+def allowed_ips(own_role: str | None, peer_role: str, peer_ip: str) -> tuple[str, ...]:
+    """The hub rule: a spoke's entry for the hub covers the whole mesh; every other entry
+    covers the peer's own address."""
+    if peer_role == "hub" and own_role != "hub":
+        return (str(MESH),)
+    return (f"{peer_ip}/32",)
+
+
+def _networks(values: tuple[str, ...]) -> list[ipaddress.IPv4Network]:
+    out = []
+    for v in values:
+        try:
+            net = ipaddress.IPv4Network(v, strict=True)
+        except ValueError:
+            raise EventInvalid(f"allowed IP {v[:40]!r}: not an IPv4 network (A.B.C.D/N)") from None
+        if not net.subnet_of(MESH):
+            raise EventInvalid(f"allowed IP {v}: outside {MESH}")
+        out.append(net)
+    if not out:
+        raise EventInvalid("a peer needs at least one allowed IP")
+    return out
+
+
+def _wg_interface(s: State, e: WgInterface) -> None:
+    interface(e.interface)
+    port(e.listen_port)
+
+
+def _wg_peer_added(s: State, e: WgPeerAdded) -> None:
+    _name(e.name)
+    if len(e.wg_public_key) != KEY_BYTES:
+        raise EventInvalid(f"WireGuard key: {len(e.wg_public_key)} bytes, not {KEY_BYTES}")
+    ip = mesh_ip(e.mesh_ip)
+    if e.endpoint is not None:
+        endpoint(e.endpoint)
+    if e.role not in ROLES:
+        raise EventInvalid(f"role {e.role[:20]!r}: one of {', '.join(ROLES)}")
+    if not 0 <= e.keepalive <= MAX_KEEPALIVE:
+        raise EventInvalid(f"keepalive {e.keepalive}: not 0-{MAX_KEEPALIVE} seconds")
+    node = s.node or {}
+    if e.name == node.get("name"):
+        raise EventInvalid(f"{e.name} is this node")
+    if e.wg_public_key == node.get("wg_public_key"):
+        raise EventInvalid("that WireGuard key is this node's own")
+    if str(ip) == node.get("mesh_ip"):
+        raise EventInvalid(f"mesh IP {ip} is this node's own")
+    if e.name in s.peers:
+        raise EventInvalid(f"{e.name} is a peer already")
+    mine = _networks(e.allowed_ips)
+    for p in s.peers.values():
+        if p.wg_public_key == e.wg_public_key:
+            raise EventInvalid(f"that WireGuard key is {p.name}'s")
+        if p.mesh_ip == e.mesh_ip:
+            raise EventInvalid(f"mesh IP {e.mesh_ip} is {p.name}'s")
+        for theirs in _networks(p.allowed_ips):
+            for net in mine:
+                # The hub's whole-mesh route may sit under more specific ones (the longest
+                # prefix wins); any other overlap would make two peers claim one address.
+                if net.overlaps(theirs) and MESH not in (net, theirs):
+                    raise EventInvalid(f"allowed IP {net} overlaps {p.name}'s {theirs}")
+                if net == theirs:
+                    raise EventInvalid(f"allowed IP {net} is {p.name}'s already")
+
+
+def _wg_peer_removed(s: State, e: WgPeerRemoved) -> None:
+    _name(e.name)
+    _reason(e.reason)
+    if e.name not in s.peers:
+        raise EventInvalid(f"{e.name} is not a peer")
+
+
 COMMANDS: dict[type[Any], Callable[[State, Any], None]] = {
     MemberAdded: _member_added,
     MemberRemoved: _member_removed,
+    WgInterface: _wg_interface,
+    WgPeerAdded: _wg_peer_added,
+    WgPeerRemoved: _wg_peer_removed,
 }
 """Event type -> its command's check.  A PD may journal only these types."""
 

@@ -36,6 +36,20 @@ class Member:
 
 
 @dataclass(slots=True)
+class Peer:
+    """One WireGuard peer of the desired state."""
+
+    name: str
+    wg_public_key: bytes
+    endpoint: str | None
+    mesh_ip: str
+    role: str
+    allowed_ips: tuple[str, ...]
+    keepalive: int
+    added_seq: int
+
+
+@dataclass(slots=True)
 class Cap:
     """A capability as the ledger granted it."""
 
@@ -67,6 +81,10 @@ class State:
     next_cap_id: int = 1
     objects: dict[str, str] = field(default_factory=dict)
     """Object -> the PD serving it: whoever got its first original grant; never changes."""
+    wg: dict[str, Any] | None = None
+    """The node's WireGuard interface as it should be: ``interface``, ``listen_port``."""
+    peers: dict[str, Peer] = field(default_factory=dict)
+    """The WireGuard peers it should have, by name."""
     # Derived from ``caps`` (the derivation tree's edges); rebuilt, never stored.
     children: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -89,6 +107,8 @@ class State:
             "restarts": dict(sorted(self.restarts.items())),
             "next_cap_id": self.next_cap_id,
             "objects": dict(sorted(self.objects.items())),
+            "wg": self.wg,
+            "peers": [list(astuple(p)) for _, p in sorted(self.peers.items())],
         }
 
     @classmethod
@@ -100,7 +120,10 @@ class State:
                     pds=dict(obj["pds"]), members={m.name: m for m in members},
                     caps={k.cap_id: k for k in caps}, event_counts=dict(obj["event_counts"]),
                     pd_status=dict(obj["pd_status"]), restarts=dict(obj["restarts"]),
-                    next_cap_id=obj["next_cap_id"], objects=dict(obj["objects"]))
+                    next_cap_id=obj["next_cap_id"], objects=dict(obj["objects"]),
+                    wg=dict(obj["wg"]) if obj.get("wg") is not None else None,
+                    peers={p[0]: Peer(p[0], p[1], p[2], p[3], p[4], tuple(p[5]), p[6], p[7])
+                           for p in obj.get("peers", [])})
         for k in caps:
             if k.parent is not None:
                 state.children.setdefault(k.parent, []).append(k.cap_id)
@@ -145,6 +168,20 @@ def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | No
 
 def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int, sig: bytes | None) -> None:
     s.members.pop(e.name, None)
+
+
+def _wg_interface(s: State, e: c.WgInterface, seq: int, ts: int, sig: bytes | None) -> None:
+    s.wg = {"interface": e.interface, "listen_port": e.listen_port}
+
+
+def _wg_peer_added(s: State, e: c.WgPeerAdded, seq: int, ts: int, sig: bytes | None) -> None:
+    s.peers[e.name] = Peer(e.name, e.wg_public_key, e.endpoint, e.mesh_ip, e.role,
+                           tuple(e.allowed_ips), e.keepalive, seq)
+
+
+def _wg_peer_removed(s: State, e: c.WgPeerRemoved, seq: int, ts: int,
+                     sig: bytes | None) -> None:
+    s.peers.pop(e.name, None)
 
 
 def _pd_declared(s: State, e: c.PdDeclared, seq: int, ts: int, sig: bytes | None) -> None:
@@ -332,6 +369,7 @@ def try_state(state: State, *, caps: bool = False) -> State:
     with ``caps`` (without, the batch must hold no event that changes capabilities)."""
     t = State(seq=state.seq, origin=state.origin, signing_key=state.signing_key,
               node=state.node, pds=dict(state.pds), members=dict(state.members),
+              wg=state.wg, peers=dict(state.peers),
               caps=copy.deepcopy(state.caps) if caps else state.caps,
               pd_status=dict(state.pd_status), restarts=dict(state.restarts),
               next_cap_id=state.next_cap_id, objects=dict(state.objects))
@@ -356,6 +394,9 @@ APPLIERS: dict[type[Any], Applier] = {
     c.PdFailed: _pd_failed,
     c.PdReaped: _pd_reaped,
     c.PdSpawned: _pd_spawned,
+    c.WgInterface: _wg_interface,
+    c.WgPeerAdded: _wg_peer_added,
+    c.WgPeerRemoved: _wg_peer_removed,
 }
 def _ignore(s: State, e: Any, seq: int, ts: int, sig: bytes | None) -> None:
     pass

@@ -18,6 +18,8 @@ from actors.pds.base import Action, Call, Core, Message, Refused, Reply, ReplyCa
 
 FORWARDS: dict[str, tuple[str, str]] = {
     "net.links": ("net", "links"),
+    "mesh.peer.add": ("peers", "peer.add"),
+    "mesh.peer.remove": ("peers", "peer.remove"),
 }
 """Operator command -> (the object it needs a capability on, the op sent there)."""
 

@@ -94,7 +94,7 @@ def test_every_entry_of_the_shipped_description_is_used() -> None:
     assert endpoint_caps == set(sd.channels) and len(sd.channels) == 5
     assert all(g.badge == badge[g.holder] for g in derived)
     journalling = {g.holder for g in derived if g.obj == "ledger.append"}
-    assert journalling == {p.name for p in sd.pds if p.journals} == {"pd-genesis",
-                                                                     "pd-network-admin"}
+    assert journalling == {p.name for p in sd.pds if p.journals} == {
+        "pd-genesis", "pd-network-admin", "pd-wireguard"}
     assert sd.journals["pd-network-admin"] == frozenset({"mesh"})
     assert sd.journals["pd-vmm"] == frozenset()
