@@ -14,8 +14,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from actors.pds.wg_plan import DeviceState, PeerConfig, PeerState
 
 SOCKET_DIR = Path("/var/run/wireguard")
 MAX_ANSWER = 1 << 20  # bytes: a device with thousands of peers fits
@@ -24,36 +25,6 @@ TIMEOUT = 5.0
 
 class UapiError(Exception):
     """The device did not do what was asked, or answered what cannot be parsed."""
-
-
-@dataclass(frozen=True)
-class PeerConfig:
-    """One peer as it should be set."""
-
-    public_key: bytes
-    endpoint: str | None
-    allowed_ips: tuple[str, ...]
-    keepalive: int = 0
-
-
-@dataclass(frozen=True)
-class PeerState:
-    """One peer as the device reports it."""
-
-    public_key: bytes
-    endpoint: str | None = None
-    allowed_ips: tuple[str, ...] = ()
-    keepalive: int = 0
-    last_handshake: float = 0.0  # seconds since the epoch; 0: never
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class DeviceState:
-    listen_port: int
-    public_key_set: bool  # whether the device has a private key (never the key itself)
-    peers: dict[bytes, PeerState] = field(default_factory=dict)
 
 
 def socket_path(interface: str, directory: Path = SOCKET_DIR) -> Path:
