@@ -20,6 +20,7 @@ Commands (fields in brackets are optional):
 * ``mesh.peer.add name wg_key mesh_ip [endpoint] [role] [keepalive]`` and
   ``mesh.peer.remove name``        -- the desired WireGuard peers (pd-wireguard, reached
                                       through pd-network-admin under its ``peers`` cap)
+* ``mesh.repair``                  -- reconcile the device now; what was repaired
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Operator(Protocol):
     def net_links(self) -> list[dict[str, Any]]: ...
     def mesh_peer_add(self, **fields: Any) -> dict[str, Any]: ...
     def mesh_peer_remove(self, name: str) -> dict[str, Any]: ...
+    def mesh_repair(self) -> list[str]: ...
 
 
 # ----------------------------------------------------------------- request decoding
@@ -139,6 +141,7 @@ COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, opti
     "net.links": (set(), set()),
     "mesh.peer.add": ({"name", "wg_key", "mesh_ip"}, {"endpoint", "role", "keepalive"}),
     "mesh.peer.remove": ({"name"}, set()),
+    "mesh.repair": (set(), set()),
 }
 
 
@@ -207,6 +210,8 @@ def execute(op: Operator, cmd: str, f: dict[str, Any]) -> Any:
         return op.mesh_peer_add(**f)
     if cmd == "mesh.peer.remove":
         return op.mesh_peer_remove(f["name"])
+    if cmd == "mesh.repair":
+        return op.mesh_repair()
     raise RequestError(f"unknown command {cmd!r}")  # COMMANDS and this list disagree
 
 

@@ -150,6 +150,15 @@ def _peer_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repair(args: argparse.Namespace) -> int:
+    repaired = control.request(Path(args.state_dir), {"cmd": "mesh.repair"})
+    for line in repaired:
+        print(f"repaired: {line}")
+    if not repaired:
+        print("the device matches the ledger: nothing to repair")
+    return 0
+
+
 def add_identity_command(node: Any) -> None:
     ident = node.add_parser("identity", help="what a peer needs to add this node")
     ident.add_argument("--state-dir", required=True)
@@ -179,3 +188,6 @@ def add_mesh_commands(top: Any) -> None:
     ls.add_argument("--state-dir", required=True)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_peer_list)
+    repair = mesh.add_parser("repair", help="reconcile the WireGuard device now")
+    repair.add_argument("--state-dir", required=True)
+    repair.set_defaults(func=_repair)

@@ -30,6 +30,7 @@ from actors.engine import CoreFactory
 from actors.host import Host
 from actors.io.base import Adapter
 from actors.io.netlink import NetlinkAdapter
+from actors.io.wireguard import DeviceAdapter
 from actors.kernel import Kernel, OperatorPort
 from actors.pds import make_core
 from ledger.errors import LedgerUsageError
@@ -78,9 +79,10 @@ def _links_ok(links: Any) -> bool:
     return True
 
 
-def real_adapters() -> dict[str, Adapter]:
-    """The node's adapters, by PD: real I/O (netlink for pd-net-driver)."""
-    return {"pd-net-driver": NetlinkAdapter()}
+def real_adapters(state_dir: Path) -> dict[str, Adapter]:
+    """The node's adapters, by PD: real I/O (netlink and the WireGuard backend's process
+    for pd-net-driver, the device over UAPI for pd-wireguard)."""
+    return {"pd-net-driver": NetlinkAdapter(), "pd-wireguard": DeviceAdapter(state_dir)}
 
 
 def cap_json(c: Cap) -> dict[str, Any]:
@@ -92,11 +94,11 @@ class Node:
     """One running node on one state directory."""
 
     def __init__(self, state_dir: Path, *, make_core: CoreFactory = make_core,
-                 adapters: AdapterFactory = real_adapters,
+                 adapters: AdapterFactory | None = None,
                  serve_control: bool = True) -> None:
         self.state_dir = Path(state_dir)
         self._make_core = make_core
-        self._adapters = adapters
+        self._adapters = adapters or (lambda: real_adapters(self.state_dir))
         self._operator: OperatorPort | None = None
         self._serve_control = serve_control
         self._ledger: Ledger | None = None
@@ -273,6 +275,13 @@ class Node:
     def mesh_peer_remove(self, name: str) -> dict[str, Any]:
         out: dict[str, Any] = jsonable(self.admin("mesh.peer.remove", name=name))
         return out
+
+    def mesh_repair(self) -> list[str]:
+        """Reconcile the WireGuard device now; one line per repair (none if it matched)."""
+        repaired = self.admin("mesh.repair").get("repaired")
+        if type(repaired) is not list or not all(type(r) is str for r in repaired):
+            raise ControlError("mesh.repair: malformed answer from pd-wireguard")
+        return [one_line(r) for r in repaired]
 
     def net_links(self) -> list[dict[str, Any]]:
         """The node's links and addresses, as pd-net-driver reads them (via pd-network-admin)."""

@@ -195,6 +195,18 @@ class WgPeerRemoved:
     reason: str
 
 
+@REGISTRY.register("wg.repaired")
+@dataclass(frozen=True, slots=True)
+class WgRepaired:
+    """The device had drifted from the desired state, and was set right: what drifted,
+    what was found, and what was done."""
+
+    interface: str
+    what: str
+    found: str
+    repair: str
+
+
 @REGISTRY.register("ledger.recovered")
 @dataclass(frozen=True, slots=True)
 class LedgerRecovered:

@@ -24,6 +24,7 @@ from ledger.catalog import (
     WgInterface,
     WgPeerAdded,
     WgPeerRemoved,
+    WgRepaired,
 )
 from ledger.events import EventTypeError
 from ledger.state import State, apply, try_state
@@ -188,6 +189,13 @@ def _wg_peer_added(s: State, e: WgPeerAdded) -> None:
                     raise EventInvalid(f"allowed IP {net} is {p.name}'s already")
 
 
+def _wg_repaired(s: State, e: WgRepaired) -> None:
+    interface(e.interface)
+    for what, text in (("what", e.what), ("found", e.found), ("repair", e.repair)):
+        if not text or len(text) > MAX_REASON or not text.isprintable():
+            raise EventInvalid(f"{what}: 1-{MAX_REASON} printable characters")
+
+
 def _wg_peer_removed(s: State, e: WgPeerRemoved) -> None:
     _name(e.name)
     _reason(e.reason)
@@ -201,6 +209,7 @@ COMMANDS: dict[type[Any], Callable[[State, Any], None]] = {
     WgInterface: _wg_interface,
     WgPeerAdded: _wg_peer_added,
     WgPeerRemoved: _wg_peer_removed,
+    WgRepaired: _wg_repaired,
 }
 """Event type -> its command's check.  A PD may journal only these types."""
 

@@ -13,9 +13,10 @@ import socket
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from actors.io.base import WorkerAdapter
+from actors.io.base import Emit, WorkerAdapter
+from actors.io.wireguard import TunnelProcesses, configure_link
 from actors.pds.base import IoAnswer, IoFailure, IoRequest, IoResult
-from actors.pds.pd_net_driver import ListLinks, SendDatagram
+from actors.pds.pd_net_driver import ConfigureLink, ListLinks, SendDatagram, StartTunnel
 
 FAMILIES = {AF_INET: "inet", AF_INET6: "inet6"}
 
@@ -27,11 +28,21 @@ class NetlinkAdapter(WorkerAdapter):
         self._netns = netns
         self._ipr: Any = None
         self._udp: socket.socket | None = None
+        self.tunnels = TunnelProcesses()
         super().__init__()
+
+    def attach(self, emit: Emit) -> None:
+        super().attach(emit)
+        self.tunnels.emit = emit
 
     def perform(self, request: IoRequest) -> IoAnswer:
         if type(request) is ListLinks:
             return IoResult(request.request_id, {"links": self._links()})
+        if type(request) is StartTunnel:
+            return IoResult(request.request_id, self.tunnels.start(request.interface))
+        if type(request) is ConfigureLink:
+            return IoResult(request.request_id, configure_link(
+                self._iproute(), request.interface, request.address, request.forwarding))
         if type(request) is SendDatagram:
             host, _, port = request.to.rpartition(":")
             if self._udp is None:
@@ -40,12 +51,15 @@ class NetlinkAdapter(WorkerAdapter):
             return IoResult(request.request_id, {"sent": sent})
         return IoFailure(request.request_id, f"netlink: no such request {type(request).__name__}")
 
-    def _links(self) -> list[dict[str, Any]]:
+    def _iproute(self) -> Any:
         if self._ipr is None:  # imported when first needed: pyroute2 costs ~9 MB of RSS
             from pyroute2 import IPRoute
             # flags=0: read a namespace that exists, never create one (pyroute2's default)
             self._ipr = IPRoute(netns=self._netns, flags=0) if self._netns else IPRoute()
-        ipr = self._ipr
+        return self._ipr
+
+    def _links(self) -> list[dict[str, Any]]:
+        ipr = self._iproute()
         addresses: dict[int, list[dict[str, Any]]] = {}
         for a in ipr.get_addr():
             family = FAMILIES.get(a["family"])
@@ -67,6 +81,7 @@ class NetlinkAdapter(WorkerAdapter):
         return sorted(links, key=lambda x: x["index"])
 
     def close(self) -> None:
+        self.tunnels.close()
         super().close()
         for thing in (self._ipr, self._udp):
             if thing is not None:

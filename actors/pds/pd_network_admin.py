@@ -20,6 +20,7 @@ FORWARDS: dict[str, tuple[str, str]] = {
     "net.links": ("net", "links"),
     "mesh.peer.add": ("peers", "peer.add"),
     "mesh.peer.remove": ("peers", "peer.remove"),
+    "mesh.repair": ("peers", "repair"),
 }
 """Operator command -> (the object it needs a capability on, the op sent there)."""
 

@@ -9,23 +9,67 @@ It serves ``peers`` (the desired state) and ``tunnel``.  A PD holding ``peers`` 
 * ``{"op": "peer.list"}`` -- the desired peers.
 
 Every request is checked by the kernel's command for its event before anything is
-recorded; a refusal is the answer, in one line.  (Configuring the device itself,
-over wireguard-go's UAPI socket, and reconciling it come with the rest of issue 9.)
+recorded; a refusal is the answer, in one line.
+
+The device: once the node has a mesh address, pd-wireguard asks pd-net-driver (under
+its ``net`` capability) to bring the tunnel up (``tunnel.up``: the backend's device,
+its address, forwarding on a hub), then reconciles: at start, every
+``RECONCILE_EVERY`` seconds, on ``{"op": "repair"}`` and whenever pd-net-driver
+answers its standing ``tunnel.watch`` call (the device was restarted).  To reconcile
+is to read the device (``GetDevice``), plan (``wg_plan.plan``) and, only if something
+drifted, set it whole (``SetDevice``) and journal one ``wg.repaired`` per drift.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from actors.pds.base import Action, Append, Core, Message, PdView, Refused, Reply, ReplyCap
-from ledger.catalog import WgPeerAdded, WgPeerRemoved
+from actors.pds.base import (
+    Action,
+    Append,
+    Call,
+    Core,
+    IoAnswer,
+    IoRequest,
+    IoResult,
+    Message,
+    PdView,
+    Refused,
+    Reply,
+    ReplyCap,
+    SetTimer,
+)
+from actors.pds.wg_plan import DeviceState, PeerConfig, plan, repair_peers
+from ledger.catalog import WgPeerAdded, WgPeerRemoved, WgRepaired
 from ledger.commands import EventInvalid, allowed_ips, mesh_ip
+
+RECONCILE_EVERY = 10.0  # seconds between reconciliations (besides the ones pushed)
+TAG_UP, TAG_WATCH = 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class GetDevice(IoRequest):
+    interface: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetDevice(IoRequest):
+    """Set the device whole: its port, its peers, and (``set_key``) the node's private key,
+    which the adapter reads from the node's key file (the core never sees it)."""
+
+    interface: str
+    listen_port: int
+    peers: tuple[PeerConfig, ...]
+    set_key: bool
 
 
 class WireguardCore(Core):
+    requests = (GetDevice, SetDevice)
     ops: ClassVar[dict[str, str]] = {**Core.ops, "peer.add": "op_peer_add",
                                      "peer.remove": "op_peer_remove",
-                                     "peer.list": "op_peer_list"}
+                                     "peer.list": "op_peer_list", "repair": "op_repair",
+                                     "status": "op_status"}
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -33,12 +77,115 @@ class WireguardCore(Core):
         self.interface: dict[str, Any] | None = None
         self._asking: ReplyCap | None = None  # who asked for this step's journalling
         self._restore: dict[str, Any] | None = None  # a removal to take back if refused
+        self.up = False
+        self.observed: DeviceState | None = None
+        self.repairs = 0
+        self.last_error: str | None = None
+        self._device_steps: dict[int, tuple[str, list[ReplyCap]]] = {}
+        self._last_drifts: list[str] = []
 
     def start(self, view: PdView, now: float) -> list[Action]:
         wg = view.owned.get("wg") or {}
         self.peers = dict(wg.get("peers", {}))
         self.interface = wg.get("interface")
-        return super().start(view, now)
+        actions = super().start(view, now)
+        return actions + self._bring_up()
+
+    # ------------------------------------------------------------- the device
+    def _address(self) -> str | None:
+        ip = (self.node or {}).get("mesh_ip")
+        return f"{ip}/24" if ip else None
+
+    def _bring_up(self) -> list[Action]:
+        net = self.holding("net", "grant-reply")
+        address = self._address()
+        if self.interface is None or address is None or net is None:
+            return []  # waiting to be joined (no address), or no way to the NIC
+        return [Call(net.token, {"op": "tunnel.up", "interface": self.interface["interface"],
+                                 "address": address,
+                                 "forwarding": (self.node or {}).get("role") == "hub"},
+                     tag=TAG_UP),
+                SetTimer("reconcile", RECONCILE_EVERY)]
+
+    def _reconcile(self, asked: list[ReplyCap]) -> list[Action]:
+        if not self.up or self.interface is None:
+            return [Reply(r, {"ok": False, "error": f"{self.name}: the tunnel is not up"})
+                    for r in asked]
+        rid = self.request_id()
+        self._device_steps[rid] = ("get", asked)
+        return [GetDevice(rid, self.interface["interface"])]
+
+    def timer(self, name: str, now: float) -> list[Action]:
+        if name != "reconcile":
+            return []
+        return [*self._reconcile([]), SetTimer("reconcile", RECONCILE_EVERY)]
+
+    def op_repair(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
+        return self._reconcile([m.reply] if m.reply is not None else [])
+
+    def op_status(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
+        if m.reply is None:
+            return []
+        observed = {} if self.observed is None else {
+            k.hex(): {"endpoint": v.endpoint, "allowed_ips": list(v.allowed_ips),
+                      "keepalive": v.keepalive, "last_handshake": v.last_handshake,
+                      "rx_bytes": v.rx_bytes, "tx_bytes": v.tx_bytes}
+            for k, v in self.observed.peers.items()}
+        return [Reply(m.reply, {"ok": True, "interface": self.interface, "up": self.up,
+                                "address": self._address(), "observed": observed,
+                                "listen_port": None if self.observed is None
+                                else self.observed.listen_port,
+                                "repairs": self.repairs, "last_error": self.last_error})]
+
+    def handle(self, m: Message, now: float) -> list[Action]:
+        if m.obj != "reply":
+            return super().handle(m, now)
+        ok = type(m.payload) is dict and m.payload.get("ok") is True
+        net = self.holding("net", "grant-reply")
+        if m.tag == TAG_UP:
+            self.up = ok
+            if not ok:
+                self.last_error = str(m.payload.get("error") if type(m.payload) is dict
+                                      else m.payload)[:300]
+                return []
+            watch = [] if net is None else [Call(net.token, {"op": "tunnel.watch"},
+                                                 tag=TAG_WATCH)]
+            return [*watch, *self._reconcile([])]
+        if m.tag == TAG_WATCH and ok:  # the device was restarted: it holds nothing now
+            watch = [] if net is None else [Call(net.token, {"op": "tunnel.watch"},
+                                                 tag=TAG_WATCH)]
+            return [*watch, *self._reconcile([])]
+        return []
+
+    def io(self, answer: IoAnswer, now: float) -> list[Action]:
+        step = self._device_steps.pop(answer.request_id, None)
+        if step is None or self.interface is None:
+            return []
+        kind, asked = step
+        if not isinstance(answer, IoResult):
+            self.last_error = answer.error[:300]
+            return [Reply(r, {"ok": False, "error": f"{self.name}: {answer.error}"})
+                    for r in asked]
+        if kind == "get":
+            observed = answer.value.get("device") if type(answer.value) is dict else None
+            if not isinstance(observed, DeviceState):
+                return []
+            self.observed = observed
+            port = int(self.interface["listen_port"])
+            drifts = plan(port, self.peers, observed)
+            if not drifts:
+                return [Reply(r, {"ok": True, "repaired": []}) for r in asked]
+            rid = self.request_id()
+            self._device_steps[rid] = ("set", asked)
+            iface = self.interface["interface"]
+            events: list[Action] = [Append(WgRepaired(iface, d.what, d.found, d.repair))
+                                    for d in drifts[:32]]
+            self.repairs += len(drifts)
+            self._last_drifts = [f"{d.what}: {d.found} -> {d.repair}" for d in drifts]
+            return [*events, SetDevice(rid, iface, port, tuple(repair_peers(self.peers)),
+                                       not observed.public_key_set)]
+        self.last_error = None  # set: the device matches now
+        return [Reply(r, {"ok": True, "repaired": list(self._last_drifts)}) for r in asked]
 
     def op_peer_add(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         if m.reply is None:
