@@ -133,7 +133,7 @@ def _node_run(args: argparse.Namespace) -> int:
         received.append(signum)
         stop.set()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    node = Node(Path(args.state_dir))
+    node = Node(Path(args.state_dir), tunnel=not args.no_tunnel)
     try:
         node.start()
         while not stop.wait(0.5):
@@ -217,6 +217,8 @@ def _rights_list(text: str) -> list[str]:
 def _add_node_commands(node: Any) -> None:
     run = node.add_parser("run", help="run the node in the foreground (SIGTERM stops it)")
     run.add_argument("--state-dir", required=True)
+    run.add_argument("--no-tunnel", action="store_true",
+                     help="leave WireGuard and the links alone (the control plane only)")
     run.set_defaults(func=_node_run)
     st = node.add_parser("status", help="the running node's PDs, ledger and counters")
     st.add_argument("--state-dir", required=True)

@@ -79,10 +79,12 @@ def _links_ok(links: Any) -> bool:
     return True
 
 
-def real_adapters(state_dir: Path) -> dict[str, Adapter]:
+def real_adapters(state_dir: Path, *, tunnel: bool = True) -> dict[str, Adapter]:
     """The node's adapters, by PD: real I/O (netlink and the WireGuard backend's process
-    for pd-net-driver, the device over UAPI for pd-wireguard)."""
-    return {"pd-net-driver": NetlinkAdapter(), "pd-wireguard": DeviceAdapter(state_dir)}
+    for pd-net-driver, the device over UAPI for pd-wireguard).  ``tunnel=False``: the
+    node never starts or changes a WireGuard device or a link."""
+    return {"pd-net-driver": NetlinkAdapter(tunnels=tunnel),
+            "pd-wireguard": DeviceAdapter(state_dir)}
 
 
 def cap_json(c: Cap) -> dict[str, Any]:
@@ -94,11 +96,11 @@ class Node:
     """One running node on one state directory."""
 
     def __init__(self, state_dir: Path, *, make_core: CoreFactory = make_core,
-                 adapters: AdapterFactory | None = None,
+                 adapters: AdapterFactory | None = None, tunnel: bool = True,
                  serve_control: bool = True) -> None:
         self.state_dir = Path(state_dir)
         self._make_core = make_core
-        self._adapters = adapters or (lambda: real_adapters(self.state_dir))
+        self._adapters = adapters or (lambda: real_adapters(self.state_dir, tunnel=tunnel))
         self._operator: OperatorPort | None = None
         self._serve_control = serve_control
         self._ledger: Ledger | None = None

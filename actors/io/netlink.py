@@ -24,8 +24,9 @@ FAMILIES = {AF_INET: "inet", AF_INET6: "inet6"}
 class NetlinkAdapter(WorkerAdapter):
     name = "netlink"
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, *, tunnels: bool = True) -> None:
         self._netns = netns
+        self._tunnels_on = tunnels
         self._ipr: Any = None
         self._udp: socket.socket | None = None
         self.tunnels = TunnelProcesses()
@@ -38,6 +39,8 @@ class NetlinkAdapter(WorkerAdapter):
     def perform(self, request: IoRequest) -> IoAnswer:
         if type(request) is ListLinks:
             return IoResult(request.request_id, {"links": self._links()})
+        if type(request) is StartTunnel and not self._tunnels_on:
+            return IoFailure(request.request_id, "the tunnel is off (ppn node run --no-tunnel)")
         if type(request) is StartTunnel:
             return IoResult(request.request_id, self.tunnels.start(request.interface))
         if type(request) is ConfigureLink:

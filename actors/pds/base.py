@@ -56,7 +56,7 @@ class PdView:
     pd: str
     held: tuple[Held, ...]
     node: dict[str, Any] | None = None
-    """The node's public identity: name, role, mesh IP (no keys beyond public ones)."""
+    """The node's public identity: name, role, mesh IP, underlay endpoint (no keys)."""
     owned: dict[str, Any] = field(default_factory=dict)
     """Per event family this PD journals, that family's part of the state (a copy)."""
 

@@ -99,13 +99,13 @@ class WireguardCore(Core):
     def _bring_up(self) -> list[Action]:
         net = self.holding("net", "grant-reply")
         address = self._address()
-        if self.interface is None or address is None or net is None:
-            return []  # waiting to be joined (no address), or no way to the NIC
+        endpoint = (self.node or {}).get("endpoint")
+        if self.interface is None or address is None or endpoint is None or net is None:
+            return []  # no address (waiting to be joined), no endpoint, or no way to the NIC
         return [Call(net.token, {"op": "tunnel.up", "interface": self.interface["interface"],
                                  "address": address,
                                  "forwarding": (self.node or {}).get("role") == "hub"},
-                     tag=TAG_UP),
-                SetTimer("reconcile", RECONCILE_EVERY)]
+                     tag=TAG_UP)]
 
     def _reconcile(self, asked: list[ReplyCap]) -> list[Action]:
         if not self.up or self.interface is None:
@@ -116,7 +116,7 @@ class WireguardCore(Core):
         return [GetDevice(rid, self.interface["interface"])]
 
     def timer(self, name: str, now: float) -> list[Action]:
-        if name != "reconcile":
+        if name != "reconcile" or not self.up:
             return []
         return [*self._reconcile([]), SetTimer("reconcile", RECONCILE_EVERY)]
 
@@ -150,7 +150,7 @@ class WireguardCore(Core):
                 return []
             watch = [] if net is None else [Call(net.token, {"op": "tunnel.watch"},
                                                  tag=TAG_WATCH)]
-            return [*watch, *self._reconcile([])]
+            return [*watch, *self._reconcile([]), SetTimer("reconcile", RECONCILE_EVERY)]
         if m.tag == TAG_WATCH and ok:  # the device was restarted: it holds nothing now
             watch = [] if net is None else [Call(net.token, {"op": "tunnel.watch"},
                                                  tag=TAG_WATCH)]

@@ -493,7 +493,8 @@ def test_a_core_is_started_with_its_own_view_only(node: SimNode, stage: Stage) -
         assert all(type(h) is Held and h.token.holder == pd for h in view.held)
         assert [h.token for h in view.held] == caps.tokens_of(state, pd)
         assert set(view.owned) == {f for f in journals[pd] if f in ("mesh", "wg")}
-        assert view.node == {"name": "sim-node", "role": "hub", "mesh_ip": "10.8.0.1"}
+        assert view.node == {"name": "sim-node", "role": "hub", "mesh_ip": "10.8.0.1",
+                             "endpoint": None}
 
 
 def test_mutating_the_view_changes_nothing(node: SimNode, stage: Stage) -> None:
@@ -664,7 +665,7 @@ MALFORMED: list[Any] = [
     [], 5, None, "ping", b"op", 1.5, True, [{"op": "ping"}], {}, {1: 2}, {"op": 5},
     {"op": None}, {"op": ["ping"]}, {"op": b"ping"}, {"op": {"op": "ping"}}, {"op": True},
     {"op": "crash"}, {"op": "unknown"}, {"op": "x" * 500_000}, {"op": "op_ping"},
-    {"op": "__init__"}, {"op": "handle"}, {"op": "status"}, {"op": "error"},
+    {"op": "__init__"}, {"op": "handle"}, {"op": "start"}, {"op": "error"},
     {"op": "links", "x": [1]}, {"op": "udp.send"}, {"op": "udp.send", "to": 5, "data": "x"},
     {"op": "udp.send", "to": "1.2.3.4:99999", "data": b""},
     {"op": "udp.send", "to": "1.2.3.4:53", "data": bytes(70_000)},

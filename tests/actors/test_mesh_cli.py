@@ -130,7 +130,7 @@ def test_bad_peers_are_refused_before_anything_is_recorded(
 def running(hub: Path, tmp_path: Path) -> Iterator[Path]:
     log = (tmp_path / "node.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "node", "run", "--state-dir",
-                             str(hub)], cwd=ROOT, stdin=subprocess.DEVNULL,
+                             str(hub), "--no-tunnel"], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 20

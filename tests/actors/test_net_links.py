@@ -63,7 +63,7 @@ def running(tmp_path: Path, netns: str) -> Iterator[Path]:
     log = (tmp_path / "node.log").open("ab")
     proc = subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-m", "actors.cli", "node", "run",
-         "--state-dir", str(state)], cwd=ROOT, stdin=subprocess.DEVNULL,
+         "--state-dir", str(state), "--no-tunnel"], cwd=ROOT, stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 20
