@@ -21,6 +21,7 @@ Commands (fields in brackets are optional):
   ``mesh.peer.remove name``        -- the desired WireGuard peers (pd-wireguard, reached
                                       through pd-network-admin under its ``peers`` cap)
 * ``mesh.repair``                  -- reconcile the device now; what was repaired
+* ``mesh.status``                  -- the interface, and per peer desired and observed
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Operator(Protocol):
     def mesh_peer_add(self, **fields: Any) -> dict[str, Any]: ...
     def mesh_peer_remove(self, name: str) -> dict[str, Any]: ...
     def mesh_repair(self) -> list[str]: ...
+    def mesh_status(self) -> dict[str, Any]: ...
 
 
 # ----------------------------------------------------------------- request decoding
@@ -142,6 +144,7 @@ COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, opti
     "mesh.peer.add": ({"name", "wg_key", "mesh_ip"}, {"endpoint", "role", "keepalive"}),
     "mesh.peer.remove": ({"name"}, set()),
     "mesh.repair": (set(), set()),
+    "mesh.status": (set(), set()),
 }
 
 
@@ -212,6 +215,8 @@ def execute(op: Operator, cmd: str, f: dict[str, Any]) -> Any:
         return op.mesh_peer_remove(f["name"])
     if cmd == "mesh.repair":
         return op.mesh_repair()
+    if cmd == "mesh.status":
+        return op.mesh_status()
     raise RequestError(f"unknown command {cmd!r}")  # COMMANDS and this list disagree
 
 

@@ -159,6 +159,26 @@ def _repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    st = control.request(Path(args.state_dir), {"cmd": "mesh.status"})
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    iface = st.get("interface") or {}
+    print(f"interface {iface.get('interface', '-')} ({st['backend']}): "
+          f"{'up' if st['up'] else 'down'}, address {st['address'] or '-'}, listen port "
+          f"{st['listen_port'] or '-'} (desired {iface.get('listen_port', '-')}), repairs "
+          f"{st['repairs']}" + (f", last error: {st['last_error']}" if st["last_error"] else ""))
+    for p in st["peers"]:
+        d, o = p["desired"], p["observed"]
+        seen = "not on the device" if o is None else (
+            f"endpoint {o['endpoint'] or '-'}, allowed {','.join(o['allowed_ips'])}, "
+            f"handshake {o['last_handshake'] or 'never'}, rx {o['rx_bytes']}, tx {o['tx_bytes']}")
+        print(f"  {p['name']:<18} desired: endpoint {d['endpoint'] or '-'}, allowed "
+              f"{','.join(d['allowed_ips'])} | observed: {seen}")
+    return 0
+
+
 def add_identity_command(node: Any) -> None:
     ident = node.add_parser("identity", help="what a peer needs to add this node")
     ident.add_argument("--state-dir", required=True)
@@ -191,3 +211,7 @@ def add_mesh_commands(top: Any) -> None:
     repair = mesh.add_parser("repair", help="reconcile the WireGuard device now")
     repair.add_argument("--state-dir", required=True)
     repair.set_defaults(func=_repair)
+    status = mesh.add_parser("status", help="the interface, and per peer desired vs observed")
+    status.add_argument("--state-dir", required=True)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)

@@ -278,6 +278,24 @@ class Node:
         out: dict[str, Any] = jsonable(self.admin("mesh.peer.remove", name=name))
         return out
 
+    def mesh_status(self) -> dict[str, Any]:
+        """The interface, and per peer the desired state (the ledger's) beside the observed
+        one (the device's, as pd-wireguard last read it)."""
+        st = self.admin("mesh.status")
+        observed = st.get("observed") if isinstance(st.get("observed"), dict) else {}
+        peers = []
+        for name, p in sorted(self.ledger.state.peers.items()):
+            seen = observed.get(p.wg_public_key.hex())
+            peers.append({"name": name, "desired": {
+                "endpoint": p.endpoint, "allowed_ips": list(p.allowed_ips),
+                "keepalive": p.keepalive, "mesh_ip": p.mesh_ip, "role": p.role},
+                "observed": seen if isinstance(seen, dict) else None})
+        out: dict[str, Any] = jsonable({
+            "interface": st.get("interface"), "backend": "wireguard-go", "up": st.get("up"),
+            "address": st.get("address"), "listen_port": st.get("listen_port"),
+            "repairs": st.get("repairs"), "last_error": st.get("last_error"), "peers": peers})
+        return out
+
     def mesh_repair(self) -> list[str]:
         """Reconcile the WireGuard device now; one line per repair (none if it matched)."""
         repaired = self.admin("mesh.repair").get("repaired")

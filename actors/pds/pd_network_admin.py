@@ -21,6 +21,7 @@ FORWARDS: dict[str, tuple[str, str]] = {
     "mesh.peer.add": ("peers", "peer.add"),
     "mesh.peer.remove": ("peers", "peer.remove"),
     "mesh.repair": ("peers", "repair"),
+    "mesh.status": ("peers", "status"),
 }
 """Operator command -> (the object it needs a capability on, the op sent there)."""
 

@@ -115,6 +115,10 @@ class WireguardCore(Core):
         self._device_steps[rid] = ("get", asked)
         return [GetDevice(rid, self.interface["interface"])]
 
+    def _reconcile_if_up(self) -> list[Action]:
+        """After the desired state changed: set the device now, not at the next tick."""
+        return self._reconcile([]) if self.up else []
+
     def timer(self, name: str, now: float) -> list[Action]:
         if name != "reconcile" or not self.up:
             return []
@@ -166,11 +170,16 @@ class WireguardCore(Core):
             self.last_error = answer.error[:300]
             return [Reply(r, {"ok": False, "error": f"{self.name}: {answer.error}"})
                     for r in asked]
-        if kind == "get":
+        if kind in ("get", "verify"):
             observed = answer.value.get("device") if type(answer.value) is dict else None
             if not isinstance(observed, DeviceState):
                 return []
             self.observed = observed
+        if kind == "verify":  # read back after a set: shown by status, never repaired again
+            return [Reply(r, {"ok": True, "repaired": list(self._last_drifts)}) for r in asked]
+        if kind == "get":
+            assert self.observed is not None
+            observed = self.observed
             port = int(self.interface["listen_port"])
             drifts = plan(port, self.peers, observed)
             if not drifts:
@@ -184,8 +193,10 @@ class WireguardCore(Core):
             self._last_drifts = [f"{d.what}: {d.found} -> {d.repair}" for d in drifts]
             return [*events, SetDevice(rid, iface, port, tuple(repair_peers(self.peers)),
                                        not observed.public_key_set)]
-        self.last_error = None  # set: the device matches now
-        return [Reply(r, {"ok": True, "repaired": list(self._last_drifts)}) for r in asked]
+        self.last_error = None  # set: read it back (what status shows), then answer
+        rid = self.request_id()
+        self._device_steps[rid] = ("verify", asked)
+        return [GetDevice(rid, self.interface["interface"])]
 
     def op_peer_add(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         if m.reply is None:
@@ -206,7 +217,8 @@ class WireguardCore(Core):
         self.peers[name] = {"name": name, "wg_public_key": key, "endpoint": ep,
                             "mesh_ip": ip, "role": role, "allowed_ips": list(allowed),
                             "keepalive": keepalive}
-        return [Append(event), Reply(m.reply, {"ok": True, "peer": self.peers[name]})]
+        return [Append(event), Reply(m.reply, {"ok": True, "peer": self.peers[name]}),
+                *self._reconcile_if_up()]
 
     def op_peer_remove(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         if m.reply is None:
@@ -218,7 +230,8 @@ class WireguardCore(Core):
         removed = self.peers.pop(name, None)
         self._restore = removed
         return [Append(WgPeerRemoved(name, reason)),
-                Reply(m.reply, {"ok": True, "removed": name, "was": removed})]
+                Reply(m.reply, {"ok": True, "removed": name, "was": removed}),
+                *self._reconcile_if_up()]
 
     def op_peer_list(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         if m.reply is None:

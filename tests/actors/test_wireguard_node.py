@@ -128,6 +128,14 @@ def test_the_device_follows_the_ledger_and_drift_is_repaired(
     assert in_ns("cat", "/proc/sys/net/ipv4/ip_forward").strip() == "1"  # a hub forwards
     first = repairs(state)
     assert {r.what for r in first} >= {"private key", "peer laptop-a"}
+    st = json.loads(ppn("mesh", "status", "--state-dir", state, "--json").stdout)
+    assert (st["up"], st["address"], st["listen_port"], st["backend"]) == (
+        True, "10.8.0.1/24", 51831, "wireguard-go")
+    (peer,) = st["peers"]
+    assert peer["desired"]["allowed_ips"] == peer["observed"]["allowed_ips"] == ["10.8.0.2/32"]
+    assert peer["observed"]["endpoint"] == "192.0.2.2:51820"
+    assert peer["observed"]["last_handshake"] == 0  # nobody answers at 192.0.2.2 here
+    assert "laptop-a" in ppn("mesh", "status", "--state-dir", state).stdout
 
     # kill -9 of wireguard-go: pd-net-driver restarts it, pd-wireguard is told and sets it.
     subprocess.run(["pkill", "-9", "-f", f"wireguard-go -f {IFACE}"], check=True)
@@ -156,3 +164,12 @@ def test_the_device_follows_the_ledger_and_drift_is_repaired(
                                capture_output=True, text=True).stdout.split()
     assert pid_before and pid_after == pid_before
     assert len(repairs(state)) == before + 1
+
+    # A peer added or removed on the running node reaches the device at once.
+    other = base64.b64encode(os.urandom(32)).decode()
+    ppn("mesh", "peer", "add", "--state-dir", state, "--name", "cloud", "--wg-key", other,
+        "--mesh-ip", "10.8.0.3")
+    wait_for(lambda: other in dump(), 3)
+    ppn("mesh", "peer", "remove", "--state-dir", state, "laptop-a")
+    wait_for(lambda: key not in dump(), 3)
+    assert set(dump()) == {"", other}
