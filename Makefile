@@ -50,7 +50,9 @@ run: $(STAMP)
 	$$ppn caps tree --state-dir "$$dir/node"; \
 	kill -TERM $$pid; wait $$pid; \
 	$$ppn ledger verify "$$dir/node/ledger" --against "$$dir/kept.note"; \
-	{ set +x; } 2>/dev/null; echo "state directory kept at $$dir/node (node log: $$dir/node.log)"
+	{ set +x; } 2>/dev/null; echo "state directory kept at $$dir/node (node log: $$dir/node.log)"; \
+	echo; echo "== the three-node WireGuard mesh (laptop-b the hub), each node in its own namespace"; \
+	$(PY) -m actors.mesh_demo "$$dir/mesh"
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

@@ -15,6 +15,7 @@ import argparse
 import base64
 import binascii
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +172,11 @@ def _status(args: argparse.Namespace) -> int:
           f"{st['repairs']}" + (f", last error: {st['last_error']}" if st["last_error"] else ""))
     for p in st["peers"]:
         d, o = p["desired"], p["observed"]
+        shake = o and o["last_handshake"]
+        ago = f"{max(0.0, time.time() - shake):.0f} s ago" if shake else "never"
         seen = "not on the device" if o is None else (
             f"endpoint {o['endpoint'] or '-'}, allowed {','.join(o['allowed_ips'])}, "
-            f"handshake {o['last_handshake'] or 'never'}, rx {o['rx_bytes']}, tx {o['tx_bytes']}")
+            f"handshake {ago}, rx {o['rx_bytes']}, tx {o['tx_bytes']}")
         print(f"  {p['name']:<18} desired: endpoint {d['endpoint'] or '-'}, allowed "
               f"{','.join(d['allowed_ips'])} | observed: {seen}")
     return 0

@@ -128,18 +128,26 @@ class WireguardCore(Core):
         return self._reconcile([m.reply] if m.reply is not None else [])
 
     def op_status(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
+        """The state, with the device read afresh when the tunnel is up."""
         if m.reply is None:
             return []
+        if self.up and self.interface is not None:
+            rid = self.request_id()
+            self._device_steps[rid] = ("status", [m.reply])
+            return [GetDevice(rid, self.interface["interface"])]
+        return [self._status_reply(m.reply)]
+
+    def _status_reply(self, reply: ReplyCap) -> Reply:
         observed = {} if self.observed is None else {
             k.hex(): {"endpoint": v.endpoint, "allowed_ips": list(v.allowed_ips),
                       "keepalive": v.keepalive, "last_handshake": v.last_handshake,
                       "rx_bytes": v.rx_bytes, "tx_bytes": v.tx_bytes}
             for k, v in self.observed.peers.items()}
-        return [Reply(m.reply, {"ok": True, "interface": self.interface, "up": self.up,
-                                "address": self._address(), "observed": observed,
-                                "listen_port": None if self.observed is None
-                                else self.observed.listen_port,
-                                "repairs": self.repairs, "last_error": self.last_error})]
+        return Reply(reply, {"ok": True, "interface": self.interface, "up": self.up,
+                             "address": self._address(), "observed": observed,
+                             "listen_port": None if self.observed is None
+                             else self.observed.listen_port,
+                             "repairs": self.repairs, "last_error": self.last_error})
 
     def handle(self, m: Message, now: float) -> list[Action]:
         if m.obj != "reply":
@@ -168,13 +176,17 @@ class WireguardCore(Core):
         kind, asked = step
         if not isinstance(answer, IoResult):
             self.last_error = answer.error[:300]
+            if kind == "status":
+                return [self._status_reply(r) for r in asked]
             return [Reply(r, {"ok": False, "error": f"{self.name}: {answer.error}"})
                     for r in asked]
-        if kind in ("get", "verify"):
+        if kind in ("get", "verify", "status"):
             observed = answer.value.get("device") if type(answer.value) is dict else None
             if not isinstance(observed, DeviceState):
                 return []
             self.observed = observed
+        if kind == "status":
+            return [self._status_reply(r) for r in asked]
         if kind == "verify":  # read back after a set: shown by status, never repaired again
             return [Reply(r, {"ok": True, "repaired": list(self._last_drifts)}) for r in asked]
         if kind == "get":

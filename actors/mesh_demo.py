@@ -1,0 +1,195 @@
+"""``python -m actors.mesh_demo DIR``: the three-node mesh, for real, on this machine.
+
+``make run`` calls it.  As root with wireguard-go present it builds three network
+namespaces (cloud, laptop-a, and laptop-b the hub) on one bridged underlay segment
+(192.0.2.0/24, in a fourth namespace), initialises and runs a node in each, adds
+each node's peers from the others' ``ppn node identity``, pings from one spoke to the
+other through the hub, and shows ``ppn mesh status`` on each.  Everything it made is
+removed afterwards, also on Ctrl-C or failure.  Otherwise it says why it cannot.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from actors.io import uapi
+
+NODES = {  # name: (role, mesh IP, underlay IP)
+    "laptop-b": ("hub", "10.8.0.1", "192.0.2.1"),
+    "laptop-a": ("node", "10.8.0.2", "192.0.2.2"),
+    "cloud": ("cloud", "10.8.0.3", "192.0.2.3"),
+}
+TOOLS = ("ip", "wireguard-go", "wg", "ping")
+
+
+def missing() -> str | None:
+    """Why the mesh cannot be built here, or None."""
+    if os.geteuid() != 0:
+        return "it needs root (network namespaces)"
+    absent = [t for t in TOOLS if shutil.which(t) is None]
+    return f"{', '.join(absent)} not installed" if absent else None
+
+
+def _run(*args: str) -> str:
+    return subprocess.run(list(args), capture_output=True, text=True, check=True).stdout
+
+
+def ppn(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "actors.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"ppn {' '.join(map(str, args))}: {proc.stderr.strip()}")
+    return proc
+
+
+def _answers(state: Path) -> bool:
+    return ppn("node", "status", "--state-dir", state, check=False).returncode == 0
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out")
+        time.sleep(0.1)
+
+
+class DemoMesh:
+    """The three namespaces and nodes; a context manager that always cleans up."""
+
+    def __init__(self, directory: Path, prefix: str = "ppnrun") -> None:
+        self.directory, self.prefix = directory, prefix
+        self.switch = f"{prefix}sw"
+        self.states: dict[str, Path] = {}
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+
+    def ns(self, name: str) -> str:
+        return f"{self.prefix}{name[-1]}"
+
+    def iface(self, name: str) -> str:
+        return f"{self.prefix}w{name[-1]}"  # the UAPI socket directory is shared
+
+    def ping(self, name: str, ip: str, timeout: int = 2, record: bool = False) -> str | None:
+        args = ["ip", "netns", "exec", self.ns(name), "ping", "-c", "1", "-W", str(timeout)]
+        proc = subprocess.run([*args, *(["-R"] if record else []), ip], capture_output=True,
+                              text=True)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def dump(self, name: str) -> set[str]:
+        out = _run("ip", "netns", "exec", self.ns(name), "wg", "show", self.iface(name), "dump")
+        return {line.split("\t")[0] for line in out.splitlines()[1:]}
+
+    def __enter__(self) -> DemoMesh:
+        self.cleanup()
+        try:
+            self._build()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _build(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        sw = self.switch
+        _run("ip", "netns", "add", sw)
+        _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", sw, "link", "set", "br0", "up")
+        for name, (role, mesh_ip, under) in NODES.items():
+            n = self.ns(name)
+            _run("ip", "netns", "add", n)
+            _run("ip", "-n", n, "link", "set", "lo", "up")
+            _run("ip", "-n", n, "link", "add", "eth0", "type", "veth", "peer", "name",
+                 f"p{name[-1]}", "netns", sw)
+            _run("ip", "-n", sw, "link", "set", f"p{name[-1]}", "master", "br0", "up")
+            _run("ip", "-n", n, "addr", "add", f"{under}/24", "dev", "eth0")
+            _run("ip", "-n", n, "link", "set", "eth0", "up")
+            state = self.directory / name
+            ppn("node", "init", "--state-dir", state, "--name", name, "--role", role,
+                "--mesh-ip", mesh_ip, "--endpoint", f"{under}:51820", "--interface",
+                self.iface(name), "--listen-port", "51820")
+            self.states[name] = state
+        ids = {name: json.loads(ppn("node", "identity", "--state-dir", s, "--json").stdout)
+               for name, s in self.states.items()}
+        for name, state in self.states.items():  # the hub peers with all; a spoke, the hub
+            for other in NODES:
+                if other != name and "hub" in (NODES[name][0], NODES[other][0]):
+                    o = ids[other]
+                    ppn("mesh", "peer", "add", "--state-dir", state, "--name", other,
+                        "--wg-key", o["wg_public_key"], "--endpoint", o["endpoint"],
+                        "--mesh-ip", o["mesh_ip"], "--role", o["role"], "--keepalive", "5")
+        for name, state in self.states.items():
+            log = (self.directory / f"{name}.log").open("ab")
+            self._logs.append(log)
+            self._procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(name), sys.executable, "-m", "actors.cli",
+                 "node", "run", "--state-dir", str(state)], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log))
+        for state in self.states.values():
+            wait_for(functools.partial(_answers, state))
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self._procs:
+            p.terminate()
+        for p in self._procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for log in self._logs:
+            log.close()
+        self._procs, self._logs = [], []
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        for name in NODES:
+            subprocess.run(["pkill", "-9", "-f", f"wireguard-go -f {self.iface(name)}"],
+                           capture_output=True)
+            uapi.socket_path(self.iface(name)).unlink(missing_ok=True)
+            subprocess.run(["ip", "netns", "del", self.ns(name)], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.switch], capture_output=True)
+
+
+def main(argv: list[str]) -> int:
+    why = missing()
+    if why is not None:
+        print(f"mesh demo skipped: {why}; the single node above is what this machine shows")
+        return 0
+    directory = Path(argv[0]) if argv else Path("mesh-demo")
+    try:
+        with DemoMesh(directory) as mesh:
+            print("three nodes up: laptop-b (hub, 10.8.0.1), laptop-a (10.8.0.2), "
+                  "cloud (10.8.0.3), each in its own network namespace")
+            route = wait_for(lambda: mesh.ping("laptop-a", "10.8.0.3", record=True))
+            print("ping laptop-a -> cloud (10.8.0.3) through the tunnels:")
+            print("\n".join("  " + line for line in route.strip().splitlines()[:6]))
+            for name, state in mesh.states.items():
+                print(f"\n$ ppn mesh status --state-dir {state}   # {name}")
+                print(ppn("mesh", "status", "--state-dir", state).stdout.rstrip())
+    except KeyboardInterrupt:
+        print("interrupted: the namespaces and processes were removed", file=sys.stderr)
+        return 130
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"mesh demo failed: {' '.join(str(exc).split())[:300]} (everything it made "
+              "was removed)", file=sys.stderr)
+        return 1
+    print("\nthe namespaces, nodes and wireguard-go processes are removed; ledgers kept in "
+          f"{directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
