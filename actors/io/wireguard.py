@@ -149,7 +149,17 @@ def configure_link(ipr: Any, iface: str, address: str, forwarding: bool) -> dict
     if (str(net.ip), net.network.prefixlen) not in have:
         ipr.addr("add", index=index, address=str(net.ip), prefixlen=net.network.prefixlen)
         changed.append(f"added {address}")
-    ipr.link("set", index=index, state="up")
+    link = ipr.get_links(index)[0]
+    if not link["flags"] & 1:  # IFF_UP
+        ipr.link("set", index=index, state="up")
+        changed.append("brought up")
+    mesh = str(net.network)
+    routes = [r for r in ipr.get_routes(family=2, table=254)
+              if r.get_attr("RTA_OIF") == index and r["dst_len"] == net.network.prefixlen
+              and r.get_attr("RTA_DST") == str(net.network.network_address)]
+    if not routes:
+        ipr.route("add", dst=mesh, oif=index)
+        changed.append(f"route {mesh} added")
     if forwarding:
         for key, value in (("net/ipv4/ip_forward", "1"),
                            ("net/ipv4/conf/all/send_redirects", "0"),

@@ -85,7 +85,8 @@ class NetDriverCore(Core):
     requests = (ListLinks, SendDatagram, StartTunnel, ConfigureLink)
     ops: ClassVar[dict[str, str]] = {**Core.ops, "links": "op_links", "udp.send": "op_udp_send",
                                      "tunnel.up": "op_tunnel_up",
-                                     "tunnel.watch": "op_tunnel_watch"}
+                                     "tunnel.watch": "op_tunnel_watch",
+                                     "link.check": "op_link_check"}
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -112,6 +113,16 @@ class NetDriverCore(Core):
         self._tunnel_steps[rid] = ("start", reply)
         return [StartTunnel(rid, self.tunnel["interface"])]
 
+    def op_link_check(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
+        """Set the tunnel's link right again (address, up, route); the answer says what
+        had to change (nothing, when it matched)."""
+        if self.tunnel is None:
+            return self.error(m, "no tunnel yet")
+        rid = self.request_id()
+        self._tunnel_steps[rid] = ("check", m.reply)
+        return [ConfigureLink(rid, self.tunnel["interface"], self.tunnel["address"],
+                              self.tunnel["forwarding"])]
+
     def op_tunnel_watch(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         """A call answered when the tunnel's device was restarted (so its configuration is
         gone): the caller's push, with no capability beyond the reply cap."""
@@ -124,6 +135,9 @@ class NetDriverCore(Core):
         if not isinstance(answer, IoResult):
             body = {"ok": False, "error": f"{self.name}: {step}: {answer.error}"}
             return [] if reply is None else [Reply(reply, body)]
+        if step == "check":
+            changed = answer.value.get("changed", []) if type(answer.value) is dict else []
+            return [] if reply is None else [Reply(reply, {"ok": True, "changed": changed})]
         if step == "start" and self.tunnel is not None:
             rid = self.request_id()
             self._tunnel_steps[rid] = ("link", reply)

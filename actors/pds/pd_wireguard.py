@@ -45,7 +45,7 @@ from ledger.catalog import WgPeerAdded, WgPeerRemoved, WgRepaired
 from ledger.commands import EventInvalid, allowed_ips, mesh_ip
 
 RECONCILE_EVERY = 10.0  # seconds between reconciliations (besides the ones pushed)
-TAG_UP, TAG_WATCH = 1, 2
+TAG_UP, TAG_WATCH, TAG_LINK = 1, 2, 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +83,8 @@ class WireguardCore(Core):
         self.last_error: str | None = None
         self._device_steps: dict[int, tuple[str, list[ReplyCap]]] = {}
         self._last_drifts: list[str] = []
+        self._after_link: list[ReplyCap] | None = None  # a repair waiting for its link check
+        self._link_repairs: list[str] = []
 
     def start(self, view: PdView, now: float) -> list[Action]:
         wg = view.owned.get("wg") or {}
@@ -108,9 +110,18 @@ class WireguardCore(Core):
                      tag=TAG_UP)]
 
     def _reconcile(self, asked: list[ReplyCap]) -> list[Action]:
+        """The link first (address, up, route: pd-net-driver's), then the device."""
         if not self.up or self.interface is None:
             return [Reply(r, {"ok": False, "error": f"{self.name}: the tunnel is not up"})
                     for r in asked]
+        net = self.holding("net", "grant-reply")
+        if net is not None and self._after_link is None:
+            self._after_link = list(asked)
+            return [Call(net.token, {"op": "link.check"}, tag=TAG_LINK)]
+        return self._reconcile_device(asked)
+
+    def _reconcile_device(self, asked: list[ReplyCap]) -> list[Action]:
+        assert self.interface is not None
         rid = self.request_id()
         self._device_steps[rid] = ("get", asked)
         return [GetDevice(rid, self.interface["interface"])]
@@ -163,6 +174,18 @@ class WireguardCore(Core):
             watch = [] if net is None else [Call(net.token, {"op": "tunnel.watch"},
                                                  tag=TAG_WATCH)]
             return [*watch, *self._reconcile([]), SetTimer("reconcile", RECONCILE_EVERY)]
+        if m.tag == TAG_LINK:
+            asked, self._after_link = self._after_link or [], None
+            changed = m.payload.get("changed") if ok else None
+            events: list[Action] = []
+            self._link_repairs = []
+            if type(changed) is list and self.interface is not None:
+                for c in [c for c in changed if type(c) is str][:8]:
+                    events.append(Append(WgRepaired(self.interface["interface"], "link",
+                                                    "drifted", c[:200])))
+                    self._link_repairs.append(f"link: {c[:200]}")
+                self.repairs += len(events)
+            return [*events, *self._reconcile_device(asked)]
         if m.tag == TAG_WATCH and ok:  # the device was restarted: it holds nothing now
             watch = [] if net is None else [Call(net.token, {"op": "tunnel.watch"},
                                                  tag=TAG_WATCH)]
@@ -195,14 +218,16 @@ class WireguardCore(Core):
             port = int(self.interface["listen_port"])
             drifts = plan(port, self.peers, observed)
             if not drifts:
-                return [Reply(r, {"ok": True, "repaired": []}) for r in asked]
+                return [Reply(r, {"ok": True, "repaired": list(self._link_repairs)})
+                        for r in asked]
             rid = self.request_id()
             self._device_steps[rid] = ("set", asked)
             iface = self.interface["interface"]
             events: list[Action] = [Append(WgRepaired(iface, d.what, d.found, d.repair))
                                     for d in drifts[:32]]
             self.repairs += len(drifts)
-            self._last_drifts = [f"{d.what}: {d.found} -> {d.repair}" for d in drifts]
+            self._last_drifts = [*self._link_repairs,
+                                 *(f"{d.what}: {d.found} -> {d.repair}" for d in drifts)]
             return [*events, SetDevice(rid, iface, port, tuple(repair_peers(self.peers)),
                                        not observed.public_key_set)]
         self.last_error = None  # set: read it back (what status shows), then answer

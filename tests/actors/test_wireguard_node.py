@@ -150,6 +150,17 @@ def test_the_device_follows_the_ledger_and_drift_is_repaired(
     out = ppn("mesh", "repair", "--state-dir", state).stdout
     assert "repaired: peer laptop-a: missing -> added" in out
     assert key in dump() and len(repairs(state)) == before + 1
+    # The link drifts too: its address removed (and its route with it) out of band.
+    in_ns("ip", "addr", "flush", "dev", IFACE)
+    out = ppn("mesh", "repair", "--state-dir", state).stdout
+    assert "repaired: link: added 10.8.0.1/24" in out
+    assert "10.8.0.1/24" in in_ns("ip", "-br", "addr", "show", IFACE)
+    assert "10.8.0.0/24" in in_ns("ip", "route", "show", "dev", IFACE)
+    before = len(repairs(state))
+    in_ns("ip", "route", "del", "10.8.0.0/24", "dev", IFACE)
+    assert "repaired: link: route 10.8.0.0/24 added" in ppn("mesh", "repair", "--state-dir",
+                                                            state).stdout
+    assert len(repairs(state)) == before + 1
     # A device that matches is left alone: no event, no reconfiguration.
     again = ppn("mesh", "repair", "--state-dir", state).stdout
     assert "nothing to repair" in again and len(repairs(state)) == before + 1
