@@ -207,6 +207,16 @@ class WgRepaired:
     repair: str
 
 
+@REGISTRY.register("wg.tunnel_failed")
+@dataclass(frozen=True, slots=True)
+class WgTunnelFailed:
+    """The tunnel could not be brought up (or back): the backend exited at once, its UAPI
+    socket answered nonsense, ...; it is tried again."""
+
+    interface: str
+    reason: str
+
+
 @REGISTRY.register("ledger.recovered")
 @dataclass(frozen=True, slots=True)
 class LedgerRecovered:

@@ -25,6 +25,7 @@ from ledger.catalog import (
     WgPeerAdded,
     WgPeerRemoved,
     WgRepaired,
+    WgTunnelFailed,
 )
 from ledger.events import EventTypeError
 from ledger.state import State, apply, try_state
@@ -196,6 +197,11 @@ def _wg_repaired(s: State, e: WgRepaired) -> None:
             raise EventInvalid(f"{what}: 1-{MAX_REASON} printable characters")
 
 
+def _wg_tunnel_failed(s: State, e: WgTunnelFailed) -> None:
+    interface(e.interface)
+    _reason(e.reason)
+
+
 def _wg_peer_removed(s: State, e: WgPeerRemoved) -> None:
     _name(e.name)
     _reason(e.reason)
@@ -210,6 +216,7 @@ COMMANDS: dict[type[Any], Callable[[State, Any], None]] = {
     WgPeerAdded: _wg_peer_added,
     WgPeerRemoved: _wg_peer_removed,
     WgRepaired: _wg_repaired,
+    WgTunnelFailed: _wg_tunnel_failed,
 }
 """Event type -> its command's check.  A PD may journal only these types."""
 

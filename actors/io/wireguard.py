@@ -88,6 +88,7 @@ class TunnelProcesses:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
+        last = "no UAPI socket"
         while True:
             if proc.poll() is not None:
                 err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
@@ -96,11 +97,13 @@ class TunnelProcesses:
             try:
                 uapi.get(path, timeout=1.0)
                 break
-            except uapi.UapiError:
+            except uapi.UapiError as exc:
+                last = str(exc)
                 if time.monotonic() > deadline:
                     proc.kill()
-                    raise RuntimeError(f"{backend.name} {iface}: no UAPI socket within "
-                                       f"{START_TIMEOUT:g} s") from None
+                    proc.wait(5)
+                    raise RuntimeError(f"{backend.name} {iface}: not ready within "
+                                       f"{START_TIMEOUT:g} s ({last})") from None
                 time.sleep(0.02)
         self._procs[iface] = proc
         threading.Thread(target=self._wait, args=(iface, proc), daemon=True,

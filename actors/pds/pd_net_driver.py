@@ -134,7 +134,12 @@ class NetDriverCore(Core):
     def _tunnel_io(self, step: str, reply: ReplyCap | None, answer: IoAnswer) -> list[Action]:
         if not isinstance(answer, IoResult):
             body = {"ok": False, "error": f"{self.name}: {step}: {answer.error}"}
-            return [] if reply is None else [Reply(reply, body)]
+            if reply is not None:
+                return [Reply(reply, body)]
+            # A restart that failed: whoever watches is told (and tries again, in time).
+            told: list[Action] = [Reply(w, body) for w in self._watchers]
+            self._watchers.clear()
+            return told
         if step == "check":
             changed = answer.value.get("changed", []) if type(answer.value) is dict else []
             return [] if reply is None else [Reply(reply, {"ok": True, "changed": changed})]

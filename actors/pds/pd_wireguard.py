@@ -41,10 +41,11 @@ from actors.pds.base import (
     SetTimer,
 )
 from actors.pds.wg_plan import DeviceState, PeerConfig, plan, repair_peers
-from ledger.catalog import WgPeerAdded, WgPeerRemoved, WgRepaired
+from ledger.catalog import WgPeerAdded, WgPeerRemoved, WgRepaired, WgTunnelFailed
 from ledger.commands import EventInvalid, allowed_ips, mesh_ip
 
 RECONCILE_EVERY = 10.0  # seconds between reconciliations (besides the ones pushed)
+RETRY_UP = 5.0  # seconds before a tunnel that failed to come up is tried again
 TAG_UP, TAG_WATCH, TAG_LINK = 1, 2, 3
 
 
@@ -85,6 +86,7 @@ class WireguardCore(Core):
         self._last_drifts: list[str] = []
         self._after_link: list[ReplyCap] | None = None  # a repair waiting for its link check
         self._link_repairs: list[str] = []
+        self._failures = 0
 
     def start(self, view: PdView, now: float) -> list[Action]:
         wg = view.owned.get("wg") or {}
@@ -131,6 +133,8 @@ class WireguardCore(Core):
         return self._reconcile([]) if self.up else []
 
     def timer(self, name: str, now: float) -> list[Action]:
+        if name == "retry-up" and not self.up:
+            return self._bring_up()
         if name != "reconcile" or not self.up:
             return []
         return [*self._reconcile([]), SetTimer("reconcile", RECONCILE_EVERY)]
@@ -165,12 +169,11 @@ class WireguardCore(Core):
             return super().handle(m, now)
         ok = type(m.payload) is dict and m.payload.get("ok") is True
         net = self.holding("net", "grant-reply")
+        if m.tag in (TAG_UP, TAG_WATCH) and not ok:
+            return self._tunnel_failed(m.payload)
         if m.tag == TAG_UP:
-            self.up = ok
-            if not ok:
-                self.last_error = str(m.payload.get("error") if type(m.payload) is dict
-                                      else m.payload)[:300]
-                return []
+            self.up = True
+            self._failures = 0
             watch = [] if net is None else [Call(net.token, {"op": "tunnel.watch"},
                                                  tag=TAG_WATCH)]
             return [*watch, *self._reconcile([]), SetTimer("reconcile", RECONCILE_EVERY)]
@@ -191,6 +194,19 @@ class WireguardCore(Core):
                                                  tag=TAG_WATCH)]
             return [*watch, *self._reconcile([])]
         return []
+
+    def _tunnel_failed(self, payload: Any) -> list[Action]:
+        """The tunnel did not come up (or back): one event, one log-worthy error, a retry."""
+        error = payload.get("error") if type(payload) is dict else None
+        reason = " ".join(str(error or "no answer").split())
+        reason = "".join(c if c.isprintable() else "?" for c in reason)[:290]
+        was_up, self.up, self.last_error = self.up, False, reason
+        actions: list[Action] = [SetTimer("retry-up", RETRY_UP)]
+        if self.interface is not None and (was_up or self._failures == 0):
+            # The first failure of a run of them is journalled, not every retry.
+            actions.insert(0, Append(WgTunnelFailed(self.interface["interface"], reason)))
+        self._failures += 1
+        return actions
 
     def io(self, answer: IoAnswer, now: float) -> list[Action]:
         step = self._device_steps.pop(answer.request_id, None)
