@@ -73,6 +73,7 @@ class DemoMesh:
         self.directory, self.prefix = directory, prefix
         self.switch = f"{prefix}sw"
         self.states: dict[str, Path] = {}
+        self.started_at = 0.0
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
 
@@ -130,6 +131,7 @@ class DemoMesh:
                     ppn("mesh", "peer", "add", "--state-dir", state, "--name", other,
                         "--wg-key", o["wg_public_key"], "--endpoint", o["endpoint"],
                         "--mesh-ip", o["mesh_ip"], "--role", o["role"], "--keepalive", "5")
+        self.started_at = time.monotonic()  # the nodes start: what a cold start is timed from
         for name, state in self.states.items():
             log = (self.directory / f"{name}.log").open("ab")
             self._logs.append(log)
