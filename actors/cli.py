@@ -24,7 +24,14 @@ from actors import control
 from actors.ledger_cli import add_ledger_commands, cap_row
 from actors.lifecycle import HostError
 from actors.logs import configure_logging
-from actors.mesh_cli import add_identity_command, add_mesh_commands
+from actors.mesh_cli import (
+    add_identity_command,
+    add_mesh_commands,
+    endpoint_arg,
+    interface_arg,
+    mesh_ip_arg,
+    port_arg,
+)
 from actors.runtime import LEDGER_SUBDIR, Node
 from actors.system import (
     DEFAULT_INTERFACE,
@@ -32,7 +39,6 @@ from actors.system import (
     SystemDescriptionError,
     load_default,
 )
-from ledger import commands
 from ledger.catalog import ROLES
 from ledger.commands import NAME_RE
 from ledger.errors import LedgerError, LedgerUsageError
@@ -288,13 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     init = node.add_parser("init", help="create the node's keys and ledger")
     init.add_argument("--state-dir", required=True)
     init.add_argument("--name", required=True)
-    init.add_argument("--mesh-ip", default="10.8.0.1", type=_mesh_ip)
+    init.add_argument("--mesh-ip", default="10.8.0.1", type=mesh_ip_arg)
     init.add_argument("--role", choices=ROLES, default="node")
-    init.add_argument("--endpoint", default=None, type=_endpoint,
+    init.add_argument("--endpoint", default=None, type=endpoint_arg,
                       help="underlay IP:PORT peers dial")
-    init.add_argument("--interface", default=DEFAULT_INTERFACE, type=_interface,
+    init.add_argument("--interface", default=DEFAULT_INTERFACE, type=interface_arg,
                       help=f"the WireGuard interface (default {DEFAULT_INTERFACE})")
-    init.add_argument("--listen-port", default=DEFAULT_LISTEN_PORT, type=_listen_port,
+    init.add_argument("--listen-port", default=DEFAULT_LISTEN_PORT, type=port_arg,
                       help=f"WireGuard's UDP port (default {DEFAULT_LISTEN_PORT})")
     init.set_defaults(func=_node_init)
     _add_node_commands(node)
@@ -305,35 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ledger_commands(top)
     return p
-
-
-def _mesh_ip(text: str) -> str:
-    try:
-        return str(commands.mesh_ip(text))
-    except commands.EventInvalid as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _interface(text: str) -> str:
-    try:
-        return commands.interface(text)
-    except commands.EventInvalid as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _listen_port(text: str) -> int:
-    try:
-        return commands.port(int(text) if text.isascii() and text.isdigit() else -1)
-    except commands.EventInvalid as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _endpoint(text: str) -> str:
-    try:
-        ip, port = commands.endpoint(text)
-    except commands.EventInvalid as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return f"{ip}:{port}"
 
 
 def _one_line(exc: BaseException, limit: int = 800) -> str:

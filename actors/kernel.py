@@ -268,12 +268,13 @@ class Kernel:
             self._forget(reply_id)
             raise
 
-    def _forget(self, reply_id: int) -> None:
+    def _forget(self, reply_id: int) -> _Call | None:
         """Drop a reply cap that will not be used (its call was refused or dropped)."""
         with self._reply_lock:
             entry = self._calls.pop(reply_id, None)
             if entry is not None:
                 self._pending[entry.counted] -= 1
+        return entry
 
     def reply(self, pd: str, reply: ReplyCap, payload: Any) -> None:
         """Answer a call, once, to the caller (who sees no badge, only the answer)."""
@@ -327,10 +328,7 @@ class Kernel:
 
     def _call_dropped(self, reply_id: int, why: str) -> None:
         """A call that will not be delivered: its reply cap goes, and its caller is told."""
-        with self._reply_lock:
-            entry = self._calls.pop(reply_id, None)
-            if entry is not None:
-                self._pending[entry.counted] -= 1
+        entry = self._forget(reply_id)
         if entry is not None:
             self._answer_failure(entry, why)
 

@@ -16,6 +16,7 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,19 +74,20 @@ def wg_key(text: str) -> bytes:
     return key
 
 
-def _endpoint(text: str) -> str:
-    try:
-        ip, port = commands.endpoint(text)
-    except commands.EventInvalid as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return f"{ip}:{port}"
+def argument(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a command's check: its EventInvalid is the usage error."""
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except commands.EventInvalid as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
-def _mesh_ip(text: str) -> str:
-    try:
-        return str(commands.mesh_ip(text))
-    except commands.EventInvalid as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+mesh_ip_arg = argument(lambda t: str(commands.mesh_ip(t)))
+endpoint_arg = argument(lambda t: "{}:{}".format(*commands.endpoint(t)))
+interface_arg = argument(commands.interface)
+port_arg = argument(lambda t: commands.port(int(t) if t.isascii() and t.isdigit() else -1))
 
 
 def _offline(state_dir: Path, make: Any) -> dict[str, Any]:
@@ -198,8 +200,8 @@ def add_mesh_commands(top: Any) -> None:
     add.add_argument("--state-dir", required=True)
     add.add_argument("--name", required=True)
     add.add_argument("--wg-key", required=True, type=wg_key, metavar="KEY")
-    add.add_argument("--endpoint", default=None, type=_endpoint, metavar="IP:PORT")
-    add.add_argument("--mesh-ip", required=True, type=_mesh_ip, metavar="10.8.0.X")
+    add.add_argument("--endpoint", default=None, type=endpoint_arg, metavar="IP:PORT")
+    add.add_argument("--mesh-ip", required=True, type=mesh_ip_arg, metavar="10.8.0.X")
     add.add_argument("--role", choices=ROLES, default="node")
     add.add_argument("--keepalive", type=int, default=0, metavar="S")
     add.set_defaults(func=_peer_add)
