@@ -74,7 +74,7 @@ class DemoMesh:
         self.switch = f"{prefix}sw"
         self.states: dict[str, Path] = {}
         self.started_at = 0.0
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
 
     def ns(self, name: str) -> str:
@@ -132,20 +132,36 @@ class DemoMesh:
                         "--wg-key", o["wg_public_key"], "--endpoint", o["endpoint"],
                         "--mesh-ip", o["mesh_ip"], "--role", o["role"], "--keepalive", "5")
         self.started_at = time.monotonic()  # the nodes start: what a cold start is timed from
-        for name, state in self.states.items():
-            log = (self.directory / f"{name}.log").open("ab")
-            self._logs.append(log)
-            self._procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", self.ns(name), sys.executable, "-m", "actors.cli",
-                 "node", "run", "--state-dir", str(state)], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=log))
+        for name in self.states:
+            self.start(name, wait=False)
         for state in self.states.values():
             wait_for(functools.partial(_answers, state))
 
+    def start(self, name: str, wait: bool = True) -> None:
+        """Run ``ppn node run`` for NAME in its namespace (again, after :meth:`kill`)."""
+        log = (self.directory / f"{name}.log").open("ab")
+        self._logs.append(log)
+        self._procs[name] = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(name), sys.executable, "-m", "actors.cli",
+             "node", "run", "--state-dir", str(self.states[name])], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=log)
+        if wait:
+            wait_for(functools.partial(_answers, self.states[name]))
+
+    def kill(self, name: str) -> None:
+        """kill -9 of NAME's ``ppn node run`` (its wireguard-go is left running)."""
+        proc = self._procs.pop(name)
+        proc.kill()
+        proc.wait(10)
+
+    def backend_pids(self, name: str) -> list[str]:
+        return subprocess.run(["pgrep", "-f", f"wireguard-go -f {self.iface(name)}"],
+                              capture_output=True, text=True).stdout.split()
+
     def __exit__(self, *exc: object) -> None:
-        for p in self._procs:
+        for p in self._procs.values():
             p.terminate()
-        for p in self._procs:
+        for p in self._procs.values():
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
@@ -153,7 +169,7 @@ class DemoMesh:
                 p.wait(5)
         for log in self._logs:
             log.close()
-        self._procs, self._logs = [], []
+        self._procs, self._logs = {}, []
         self.cleanup()
 
     def cleanup(self) -> None:

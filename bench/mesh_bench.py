@@ -136,10 +136,8 @@ def main() -> int:
                     0.01) - t0
         tput = stream(mesh, "laptop-a", "10.8.0.1")
     with DemoMesh(work / "hand", prefix=PREFIX) as hand:
-        for p in hand._procs:  # the same namespaces, with no node in them
-            p.kill()
-            p.wait(5)
-        hand._procs = []
+        for name in NODES:  # the same namespaces, with no node in them
+            hand.kill(name)
         subprocess.run(["pkill", "-9", "-f", f"wireguard-go -f {PREFIX}w"])
         time.sleep(0.3)
         for name in NODES:
