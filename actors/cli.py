@@ -294,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     init = node.add_parser("init", help="create the node's keys and ledger")
     init.add_argument("--state-dir", required=True)
     init.add_argument("--name", required=True)
-    init.add_argument("--mesh-ip", default="10.8.0.1", type=mesh_ip_arg)
+    init.add_argument("--mesh-ip", default=None, type=mesh_ip_arg,
+                      help="its address on the mesh; without one the node waits to be "
+                           "joined (the Genesis ceremony assigns it)")
     init.add_argument("--role", choices=ROLES, default="node")
     init.add_argument("--endpoint", default=None, type=endpoint_arg,
                       help="underlay IP:PORT peers dial")

@@ -182,10 +182,8 @@ class Kernel:
                      for c in sorted(state.caps.values(), key=lambda c: c.cap_id)
                      if c.holder == pd)
         node = state.node
-        public = None if node is None else {k: node[k] for k in ("name", "role", "mesh_ip")}
-        if public is not None:
-            me = state.members.get(public["name"])
-            public["endpoint"] = None if me is None else me.endpoint
+        public = None if node is None else {
+            k: node.get(k) for k in ("name", "role", "mesh_ip", "endpoint")}
         owned = {f: SECTIONS[f](state) for f in sorted(self._journals.get(pd, ()))
                  if f in SECTIONS}
         return PdView(pd, held, public, owned)

@@ -44,9 +44,8 @@ def _b64(key: bytes) -> str:
 
 def identity(state: State) -> dict[str, Any]:
     node = state.node or {}
-    me = state.members.get(node.get("name", ""))
     return {"name": node.get("name"), "role": node.get("role"), "mesh_ip": node.get("mesh_ip"),
-            "endpoint": me.endpoint if me is not None else None,
+            "endpoint": node.get("endpoint"),
             "wg_public_key": _b64(node.get("wg_public_key", b"")),
             "signing_key": _b64(node.get("signing_key", b"")),
             "interface": (state.wg or {}).get("interface"),
@@ -171,7 +170,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"interface {iface.get('interface', '-')} ({st['backend']}): "
           f"{'up' if st['up'] else 'down'}, address {st['address'] or '-'}, listen port "
           f"{st['listen_port'] or '-'} (desired {iface.get('listen_port', '-')}), repairs "
-          f"{st['repairs']}" + (f", last error: {st['last_error']}" if st["last_error"] else ""))
+          f"{st['repairs']}" + (f", last error: {st['last_error']}" if st["last_error"] else "")
+          + (f" ({st['held_back']})" if st.get("held_back") else ""))
     for p in st["peers"]:
         d, o = p["desired"], p["observed"]
         shake = o and o["last_handshake"]

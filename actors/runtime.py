@@ -293,7 +293,8 @@ class Node:
         out: dict[str, Any] = jsonable({
             "interface": st.get("interface"), "backend": "wireguard-go", "up": st.get("up"),
             "address": st.get("address"), "listen_port": st.get("listen_port"),
-            "repairs": st.get("repairs"), "last_error": st.get("last_error"), "peers": peers})
+            "repairs": st.get("repairs"), "last_error": st.get("last_error"),
+            "held_back": st.get("held_back"), "peers": peers})
         return out
 
     def mesh_repair(self) -> list[str]:

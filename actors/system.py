@@ -99,16 +99,18 @@ class SystemDescription:
             next_id += 1
         return out
 
-    def first_events(self, name: str, keys: NodeKeys, mesh_ip: str, role: str,
+    def first_events(self, name: str, keys: NodeKeys, mesh_ip: str | None, role: str,
                      endpoint: str | None, interface: str = DEFAULT_INTERFACE,
                      listen_port: int = DEFAULT_LISTEN_PORT) -> list[object]:
-        """A new node's ledger after its genesis record: who it is, its own membership,
-        its WireGuard interface, its PDs and their capabilities.  ``ppn node init`` and the
+        """A new node's ledger after its genesis record: who it is, its own membership
+        (unless it has no mesh address yet: then it is waiting to be joined), its
+        WireGuard interface, its PDs and their capabilities.  ``ppn node init`` and the
         simulator both use it."""
-        return [NodeIdentity(name, keys.public_key, keys.wg_public_key, mesh_ip, role),
-                MemberAdded(name, keys.public_key, keys.wg_public_key, mesh_ip, endpoint, role),
-                WgInterface(interface, listen_port),
-                *self.initial_events()]
+        me = [] if mesh_ip is None else [
+            MemberAdded(name, keys.public_key, keys.wg_public_key, mesh_ip, endpoint, role)]
+        return [NodeIdentity(name, keys.public_key, keys.wg_public_key, mesh_ip, role,
+                             endpoint),
+                *me, WgInterface(interface, listen_port), *self.initial_events()]
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:

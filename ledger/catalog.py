@@ -24,16 +24,28 @@ class LedgerGenesis:
     format: int
 
 
-@REGISTRY.register("node.identity")
+def _identity_v1_to_v2(fields: dict[str, object]) -> dict[str, object]:
+    # v1 always had a mesh IP, and kept the endpoint only in the node's own membership
+    # record, which the fold still reads.
+    return {**fields, "endpoint": None}
+
+
+@REGISTRY.register("node.identity", 2, upcasters={1: _identity_v1_to_v2})
 @dataclass(frozen=True, slots=True)
 class NodeIdentity:
-    """The node this ledger belongs to."""
+    """The node this ledger belongs to.
+
+    ``mesh_ip`` is None for a node waiting to be joined: its address comes with its own
+    membership record (``mesh.member_added`` under its name), which the Genesis ceremony
+    appends.  ``endpoint`` is where peers reach it on the underlay, if known.
+    """
 
     name: str
     signing_key: bytes
     wg_public_key: bytes
-    mesh_ip: str
+    mesh_ip: str | None
     role: str
+    endpoint: str | None = None
 
 
 @REGISTRY.register("mesh.member_added")

@@ -90,6 +90,15 @@ def _member_added(s: State, e: MemberAdded) -> None:
         raise EventInvalid(f"role {e.role[:20]!r}: one of {', '.join(ROLES)}")
     if e.name in s.members:
         raise EventInvalid(f"{e.name} is a member already")
+    node = s.node or {}
+    if e.name == node.get("name") and (e.signing_key, e.wg_public_key, e.role) != (
+            node.get("signing_key"), node.get("wg_public_key"), node.get("role")):
+        raise EventInvalid(f"{e.name} is this node: its membership must carry its own "
+                           "keys and role")
+    if e.name == node.get("name"):
+        for p in s.peers.values():
+            if p.mesh_ip == e.mesh_ip:
+                raise EventInvalid(f"mesh IP {e.mesh_ip} is {p.name}'s")
     for m in s.members.values():
         if m.mesh_ip == e.mesh_ip:
             raise EventInvalid(f"mesh IP {e.mesh_ip} is {m.name}'s")

@@ -158,12 +158,16 @@ def _genesis(s: State, e: c.LedgerGenesis, seq: int, ts: int, sig: bytes | None)
 
 def _identity(s: State, e: c.NodeIdentity, seq: int, ts: int, sig: bytes | None) -> None:
     s.node = {"name": e.name, "signing_key": e.signing_key, "wg_public_key": e.wg_public_key,
-              "mesh_ip": e.mesh_ip, "role": e.role}
+              "mesh_ip": e.mesh_ip, "role": e.role, "endpoint": e.endpoint}
 
 
 def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | None) -> None:
     s.members[e.name] = Member(e.name, e.signing_key, e.wg_public_key, e.mesh_ip,
                                e.endpoint, e.role, seq, ts)
+    if s.node is not None and e.name == s.node["name"]:
+        # The node's own membership: how a node waiting to be joined gets its address.
+        s.node["mesh_ip"] = e.mesh_ip
+        s.node["endpoint"] = e.endpoint if e.endpoint is not None else s.node.get("endpoint")
 
 
 def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int, sig: bytes | None) -> None:

@@ -100,12 +100,24 @@ class WireguardCore(Core):
         ip = (self.node or {}).get("mesh_ip")
         return f"{ip}/24" if ip else None
 
+    def _held_back(self) -> str | None:
+        """Why the tunnel is not to be brought up yet, or None."""
+        if self.interface is None:
+            return "no WireGuard interface in the ledger"
+        if self._address() is None:
+            return "waiting to be joined: no mesh address yet (`ppn pair`)"
+        if (self.node or {}).get("endpoint") is None:
+            return "no underlay endpoint (`ppn node init --endpoint IP:PORT`)"
+        if self.holding("net", "grant-reply") is None:
+            return f"{self.name} holds no net capability"
+        return None
+
     def _bring_up(self) -> list[Action]:
         net = self.holding("net", "grant-reply")
         address = self._address()
-        endpoint = (self.node or {}).get("endpoint")
-        if self.interface is None or address is None or endpoint is None or net is None:
-            return []  # no address (waiting to be joined), no endpoint, or no way to the NIC
+        if self._held_back() is not None or net is None or address is None:
+            return []
+        assert self.interface is not None
         return [Call(net.token, {"op": "tunnel.up", "interface": self.interface["interface"],
                                  "address": address,
                                  "forwarding": (self.node or {}).get("role") == "hub"},
@@ -162,7 +174,8 @@ class WireguardCore(Core):
                              "address": self._address(), "observed": observed,
                              "listen_port": None if self.observed is None
                              else self.observed.listen_port,
-                             "repairs": self.repairs, "last_error": self.last_error})
+                             "repairs": self.repairs, "last_error": self.last_error,
+                             "held_back": None if self.up else self._held_back()})
 
     def handle(self, m: Message, now: float) -> list[Action]:
         if m.obj != "reply":

@@ -144,7 +144,8 @@ def test_init_redoes_an_uncommitted_creation(tmp_path: Path) -> None:
     state = tmp_path / "s"
     keys = _torn_init(state)
     (state / "ledger.init").mkdir()  # and a staging directory an earlier init left
-    proc = ppn("node", "init", "--state-dir", state, "--name", "redo-node")
+    proc = ppn("node", "init", "--state-dir", state, "--name", "redo-node", "--mesh-ip",
+               "10.8.0.1")
     assert proc.returncode == 0, proc.stderr
     assert b"redone" in proc.stdout
     assert NodeKeys.load(state).public_key == keys.public_key  # never used: kept

@@ -165,3 +165,46 @@ def test_on_a_running_node_peers_go_through_pd_network_admin(running: Path,
     assert cut.returncode == 1 and f"capability #{peers_cap['cap']} on peers" in cut.stderr
     assert [p["name"] for p in json.loads(ppn("mesh", "peer", "list", "--state-dir", running,
                                               "--json").stdout)] == ["laptop-a"]
+
+
+def test_a_node_without_a_mesh_address_waits_to_be_joined(tmp_path: Path) -> None:
+    d = tmp_path / "new"
+    ppn("node", "init", "--state-dir", d, "--name", "laptop-c", "--endpoint",
+        "192.0.2.9:51820", "--interface", "ppn9c")
+    ident = identity(d)
+    assert ident["mesh_ip"] is None and ident["endpoint"] == "192.0.2.9:51820"
+    assert "mesh_ip: -" in ppn("node", "identity", "--state-dir", d).stdout
+    keys = NodeKeys.load(d)
+    with Ledger.open(d / "ledger", keys) as led:
+        state = led.state_copy()
+    assert state.members == {} and state.node is not None
+    assert state.node["endpoint"] == "192.0.2.9:51820"
+    # Its own membership (what the Genesis ceremony appends) must carry its own keys, and
+    # an address no peer has; then the node has its address.
+    from ledger.catalog import MemberAdded, WgPeerAdded
+    from ledger.commands import EventInvalid, check_batch
+    peer = WgPeerAdded("laptop-b", bytes(range(32)), "192.0.2.1:51820", "10.8.0.1", "hub",
+                       ("10.8.0.0/24",), 0)
+    check_batch(state, [peer])
+    for bad, why in ((MemberAdded("laptop-c", keys.public_key, bytes(32), "10.8.0.9", None,
+                                  "node"), "its own keys"),
+                     (MemberAdded("laptop-c", keys.public_key, keys.wg_public_key, "10.8.0.1",
+                                  None, "node"), "10.8.0.1 is laptop-b's")):
+        with pytest.raises(EventInvalid, match=why):
+            check_batch(state, [peer, bad])
+    me = MemberAdded("laptop-c", keys.public_key, keys.wg_public_key, "10.8.0.9", None, "node")
+    check_batch(state, [peer, me])
+    with Ledger.open(d / "ledger", keys) as led:
+        led.append_many([me])
+    joined = identity(d)
+    assert joined["mesh_ip"] == "10.8.0.9" and joined["endpoint"] == "192.0.2.9:51820"
+
+
+def test_an_identity_written_before_endpoints_were_kept_in_it_reads_as_before() -> None:
+    from ledger.catalog import REGISTRY, NodeIdentity
+    from ledger.events import pack
+    old = pack(["node.identity", 1, {"name": "old-node", "signing_key": bytes(32),
+                                     "wg_public_key": bytes([1]) * 32, "mesh_ip": "10.8.0.4",
+                                     "role": "node"}])
+    got = REGISTRY.decode(old)
+    assert got == NodeIdentity("old-node", bytes(32), bytes([1]) * 32, "10.8.0.4", "node", None)

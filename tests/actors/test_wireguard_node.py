@@ -23,6 +23,9 @@ import pytest
 
 from actors.io import uapi
 from ledger import audit
+from ledger.catalog import MemberAdded
+from ledger.keys import NodeKeys
+from ledger.log import Ledger
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.real
@@ -91,25 +94,57 @@ def _cleanup() -> None:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Path, list[Run]]]:
+def runs() -> Iterator[list[Run]]:
+    """The namespace, and the node runs a test starts in it (all removed afterwards)."""
     if os.geteuid() != 0 or not shutil.which("wireguard-go") or not shutil.which("wg"):
         pytest.skip("needs root, wireguard-go and wireguard-tools")
     _cleanup()
     subprocess.run(["ip", "netns", "add", NS], check=True)
     subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True)
-    runs: list[Run] = []
+    started: list[Run] = []
     try:
-        state = tmp_path / "hub"
-        ppn("node", "init", "--state-dir", state, "--name", "laptop-b", "--role", "hub",
-            "--mesh-ip", "10.8.0.1", "--endpoint", "192.0.2.1:51820", "--interface", IFACE,
-            "--listen-port", "51831")
-        yield state, runs
+        yield started
     finally:
-        for r in runs:
+        for r in started:
             if r.proc.poll() is None:
                 r.proc.kill()
                 r.proc.wait(10)
         _cleanup()
+
+
+@pytest.fixture
+def node(tmp_path: Path, runs: list[Run]) -> tuple[Path, list[Run]]:
+    state = tmp_path / "hub"
+    ppn("node", "init", "--state-dir", state, "--name", "laptop-b", "--role", "hub",
+        "--mesh-ip", "10.8.0.1", "--endpoint", "192.0.2.1:51820", "--interface", IFACE,
+        "--listen-port", "51831")
+    return state, runs
+
+
+def test_a_node_waiting_to_be_joined_brings_its_tunnel_up_once_it_has_an_address(
+        runs: list[Run], tmp_path: Path) -> None:
+    state = tmp_path / "new"
+    ppn("node", "init", "--state-dir", state, "--name", "laptop-c", "--endpoint",
+        "192.0.2.7:51820", "--interface", IFACE, "--listen-port", "51832")
+    runs.append(Run(state, tmp_path / "run1.log"))
+    st = json.loads(ppn("mesh", "status", "--state-dir", state, "--json").stdout)
+    assert st["up"] is False and "waiting to be joined" in st["held_back"]
+    assert "waiting to be joined" in ppn("mesh", "status", "--state-dir", state).stdout
+    assert not uapi.socket_path(IFACE).exists()  # no wireguard-go started for it
+    assert json.loads(ppn("node", "status", "--state-dir", state, "--json").stdout
+                      )["mesh_ip"] is None
+    runs[0].stop()
+    # Its own membership, as the Genesis ceremony will append it: the tunnel comes up.
+    keys = NodeKeys.load(state)
+    with Ledger.open(state / "ledger", keys) as led:
+        led.append_many([MemberAdded("laptop-c", keys.public_key, keys.wg_public_key,
+                                     "10.8.0.7", None, "node")])
+    runs.append(Run(state, tmp_path / "run2.log"))
+    got = wait_for(lambda: dump()[""][2] == "51832" and dump())
+    assert got[""][1] == base64.b64encode(keys.wg_public_key).decode()
+    assert "10.8.0.7/24" in in_ns("ip", "-br", "addr", "show", IFACE)
+    st = json.loads(ppn("mesh", "status", "--state-dir", state, "--json").stdout)
+    assert st["up"] is True and st["held_back"] is None and st["address"] == "10.8.0.7/24"
 
 
 def test_the_device_follows_the_ledger_and_drift_is_repaired(
