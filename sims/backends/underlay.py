@@ -10,11 +10,19 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from sims.backends.nic import SimNic
     from sims.host import World
+
+
+class Listener(Protocol):
+    """What listens at an endpoint: a node's NIC, or its simulated WireGuard device."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def arrive(self, source: str, data: bytes) -> None: ...
 
 
 @dataclass
@@ -32,13 +40,17 @@ class Underlay:
     rng: random.Random
     conditions: Conditions = field(default_factory=Conditions)
     stats: Counter[str] = field(default_factory=Counter)
-    _nics: dict[str, SimNic] = field(default_factory=dict)
+    _nics: dict[str, Listener] = field(default_factory=dict)
     _cut: set[frozenset[str]] = field(default_factory=set)
 
-    def attach(self, endpoint: str, nic: SimNic) -> None:
+    def attach(self, endpoint: str, nic: Listener) -> None:
         """``nic`` listens on ``endpoint`` (``IP:PORT``): datagrams to any other port of its
         IP find no listener and are lost."""
         self._nics[endpoint] = nic
+
+    def detach(self, endpoint: str, nic: Listener) -> None:
+        if self._nics.get(endpoint) is nic:
+            del self._nics[endpoint]
 
     def partition(self, side_a: set[str], side_b: set[str]) -> None:
         """No datagram crosses between the IPs of ``side_a`` and those of ``side_b``."""
@@ -70,7 +82,7 @@ class Underlay:
     def _partitioned(self, source: str, to: str) -> bool:
         return frozenset((source.rpartition(":")[0], to.rpartition(":")[0])) in self._cut
 
-    def _arrive(self, nic: SimNic, source: str, data: bytes) -> None:
+    def _arrive(self, nic: Listener, source: str, data: bytes) -> None:
         if self._partitioned(source, nic.endpoint):  # cut while it was in flight
             self.stats["partitioned"] += 1
             return

@@ -28,7 +28,7 @@ def workdir() -> Iterator[Path]:
 
 
 def run(directory: Path, seed: int, conditions: Conditions | None = None) -> dict[str, Any]:
-    mesh = build_mesh(directory, seed, NAMES, conditions=conditions)
+    mesh = build_mesh(directory, seed, NAMES, conditions=conditions, tunnels=False)
     try:
         traffic(mesh)
         return {"received": {n: mesh.received(n) for n in NAMES},
@@ -49,7 +49,7 @@ def traffic(mesh: Mesh) -> None:
 
 
 def test_datagrams_cross_between_nodes_through_the_adapters(workdir: Path) -> None:
-    mesh = build_mesh(workdir, 1, NAMES)
+    mesh = build_mesh(workdir, 1, NAMES, tunnels=False)
     try:
         traffic(mesh)
         a, b, c = (mesh.endpoint(n) for n in NAMES[1:] + NAMES[:1])
@@ -66,7 +66,7 @@ def test_datagrams_cross_between_nodes_through_the_adapters(workdir: Path) -> No
 
 
 def test_a_partition_stops_datagrams_until_it_heals(workdir: Path) -> None:
-    mesh = build_mesh(workdir, 2, NAMES)
+    mesh = build_mesh(workdir, 2, NAMES, tunnels=False)
     try:
         ip = {n: mesh.endpoint(n).rpartition(":")[0] for n in NAMES}
         mesh.underlay.partition({ip["laptop-a"]}, {ip["laptop-b"]})
@@ -97,7 +97,7 @@ def test_loss_and_duplication_are_seeded(workdir: Path) -> None:
 
 
 def test_links_reach_the_operator_through_pd_network_admin(workdir: Path) -> None:
-    mesh = build_mesh(workdir, 3, NAMES)
+    mesh = build_mesh(workdir, 3, NAMES, tunnels=False)
     try:
         node = mesh.nodes["laptop-a"]
         entry = next(c.cap_id for c in node.kernel.state.caps.values()

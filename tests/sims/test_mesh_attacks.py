@@ -37,7 +37,7 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def mesh(workdir: Path) -> Iterator[Mesh]:
-    m = build_mesh(workdir / "m", 11, NAMES)
+    m = build_mesh(workdir / "m", 11, NAMES, tunnels=False)
     try:
         yield m
     finally:
@@ -147,7 +147,8 @@ def test_a_datagram_sent_across_a_partition_is_lost_even_if_it_heals_at_once(
 
 
 def test_every_datagram_duplicated(workdir: Path) -> None:
-    mesh = build_mesh(workdir / "dup", 12, NAMES, conditions=Conditions(duplicate=1.0))
+    mesh = build_mesh(workdir / "dup", 12, NAMES, conditions=Conditions(duplicate=1.0),
+                      tunnels=False)
     try:
         for i in range(20):
             mesh.send("laptop-a", "cloud", b"twice %d" % i)
@@ -163,7 +164,7 @@ def test_every_datagram_duplicated(workdir: Path) -> None:
 @pytest.mark.parametrize("duplicate", [0.0, 1.0])
 def test_every_datagram_lost(workdir: Path, duplicate: float) -> None:
     mesh = build_mesh(workdir / "loss", 13, NAMES,
-                      conditions=Conditions(loss=1.0, duplicate=duplicate))
+                      conditions=Conditions(loss=1.0, duplicate=duplicate), tunnels=False)
     try:
         for i in range(20):
             mesh.send("laptop-a", "cloud", b"never %d" % i)
@@ -196,7 +197,7 @@ def scenario(directory: Path, seed: int) -> dict[str, Any]:
     self-sends, sends to nowhere, operator commands and a journalled event."""
     mesh = build_mesh(directory, seed, NAMES,
                       conditions=Conditions(loss=0.3, duplicate=0.3,
-                                            latency_ns=(100_000, 3_000_000)))
+                                            latency_ns=(100_000, 3_000_000)), tunnels=False)
     try:
         answers: list[Any] = []
         a, b = ip_of(mesh, "laptop-a"), ip_of(mesh, "laptop-b")
