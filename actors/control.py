@@ -454,7 +454,8 @@ def request(state_dir: Path, obj: dict[str, Any], timeout: float = 10.0) -> Any:
 # ----------------------------------------------------------------- client-side views
 def status_lines(st: dict[str, Any]) -> list[str]:
     """A ``status`` result as the operator reads it."""
-    lines = [f"node {st['node']} ({st['role']}, {st['mesh_ip']}), pid {st['pid']}, "
+    lines = [f"node {st['node']} ({st['role']}, {st['mesh_ip'] or 'no mesh address yet'}), "
+             f"pid {st['pid']}, "
              f"up {st['uptime']:.1f} s",
              f"ledger: {st['ledger']['size']} records, root {st['ledger']['root']}",
              "protection domains:"]

@@ -40,6 +40,7 @@ from actors.pds.base import (
     IoInput,
     IoRequest,
     IoResult,
+    NodeChanged,
     Refused,
     Reply,
     Send,
@@ -230,6 +231,9 @@ class Engine:
         """What the world said unasked; dropped if the core changed since it was said."""
         if not isinstance(event, IoInput) or generation != cell.generation:
             self.dropped["stale or malformed input"] += 1
+            return
+        if type(event) is NodeChanged:
+            self._run(cell, lambda core, now: core.node_changed(dict(event.node), now))
             return
         self._run(cell, lambda core, now: core.input(event, now))
 

@@ -34,7 +34,7 @@ from actors.io.base import Adapter, submit_guarded
 from actors.kernel import Backpressure, Delivery, Kernel
 from actors.lifecycle import HostError
 from actors.pds import make_core
-from actors.pds.base import Action, IoAnswer, IoFailure, IoInput, IoRequest
+from actors.pds.base import Action, IoAnswer, IoFailure, IoInput, IoRequest, NodeChanged
 from ledger.caps import CapRefused
 from ledger.log import Ledger
 
@@ -242,6 +242,7 @@ class Host:
         for pd, adapter in self._adapters.items():
             adapter.attach(functools.partial(self._unsolicited, pd))
         kernel.set_route(self.route)
+        kernel.watch_node(self._node_changed)
 
     # ----------------------------------------------------------------- routing
     def route(self, target: str, delivery: Delivery) -> None:
@@ -281,6 +282,10 @@ class Host:
             return
         submit_guarded(adapter, request,
                        lambda answer: self._tell(pd, _Answer(generation, answer)))
+
+    def _node_changed(self, node: dict[str, Any]) -> None:
+        for pd in list(self._cells):
+            self._unsolicited(pd, NodeChanged(dict(node)))
 
     def _unsolicited(self, pd: str, event: IoInput) -> None:
         """Stamped with the core's generation as the adapter says it: if the core is

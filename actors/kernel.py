@@ -132,12 +132,25 @@ class Kernel:
         self._no_journal_cap: dict[str, int] = {}  # PD -> the seq at which it had none
         self._pending: Counter[str] = Counter()  # caller -> calls not answered yet
         self._epochs: Counter[str] = Counter()  # PD -> how many times its core was replaced
+        self._node_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._public: dict[str, Any] | None = None  # the node's identity, as last told
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
         self.dropped = 0  # deliveries stopped at the receiver: cap revoked in flight
         self.forged = 0  # deliveries the kernel did not make, refused at the receiver
 
     def set_route(self, route: Route) -> None:
         self._route = route
+
+    def watch_node(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """``listener`` (the host's) hears the node's public identity each time a journalled
+        batch changes it, to tell every running core (``NodeChanged``)."""
+        self._node_listeners.append(listener)
+        self._public = self._public_node()
+
+    def _public_node(self) -> dict[str, Any] | None:
+        node = self._state.node
+        return None if node is None else {
+            k: node.get(k) for k in ("name", "role", "mesh_ip", "endpoint")}
 
     @property
     def state(self) -> State:
@@ -181,9 +194,7 @@ class Kernel:
         held = tuple(Held(caps.token_for(c), c.obj, c.rights, c.badge)
                      for c in sorted(state.caps.values(), key=lambda c: c.cap_id)
                      if c.holder == pd)
-        node = state.node
-        public = None if node is None else {
-            k: node.get(k) for k in ("name", "role", "mesh_ip", "endpoint")}
+        public = self._public_node()
         owned = {f: SECTIONS[f](state) for f in sorted(self._journals.get(pd, ()))
                  if f in SECTIONS}
         return PdView(pd, held, public, owned)
@@ -416,6 +427,12 @@ class Kernel:
             except commands.EventInvalid as exc:
                 raise CapRefused("bad-event", pd, cap.cap_id, str(exc)) from None
             self._ledger.append_many(events)
+            if self._node_listeners:
+                public = self._public_node()
+                if public != self._public and public is not None:
+                    self._public = public
+                    for listener in self._node_listeners:
+                        listener(dict(public))
         except CapRefused as exc:
             raise self._refuse(exc) from None
         except LedgerUsageError as exc:  # the batch as a whole did not fit the state

@@ -100,7 +100,7 @@ def _state(args: argparse.Namespace) -> int:
         return 0
     node = state.node or {}
     print(f"as of seq {state.seq}: node {node.get('name', '?')} ({node.get('role', '?')}, "
-          f"{node.get('mesh_ip', '?')}), origin {state.origin}")
+          f"{node.get('mesh_ip') or 'no mesh address yet'}), origin {state.origin}")
     print(f"protection domains: {', '.join(sorted(state.pds))}")
     print(f"members ({len(state.members)}):")
     for m in sorted(state.members.values(), key=lambda m: m.name):

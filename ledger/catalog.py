@@ -26,8 +26,12 @@ class LedgerGenesis:
 
 def _identity_v1_to_v2(fields: dict[str, object]) -> dict[str, object]:
     # v1 always had a mesh IP, and kept the endpoint only in the node's own membership
-    # record, which the fold still reads.
-    return {**fields, "endpoint": None}
+    # record, which the fold still reads.  A v1 record that says otherwise is not one.
+    if "endpoint" in fields:
+        raise ValueError("unexpected fields ['endpoint']: v1 had none")
+    if "mesh_ip" in fields and fields["mesh_ip"] is None:
+        raise ValueError("mesh_ip is nil: a v1 identity always had one")
+    return {**fields, "endpoint": None}  # a missing or odd field: v2's checks name it
 
 
 @REGISTRY.register("node.identity", 2, upcasters={1: _identity_v1_to_v2})

@@ -95,6 +95,9 @@ def _member_added(s: State, e: MemberAdded) -> None:
             node.get("signing_key"), node.get("wg_public_key"), node.get("role")):
         raise EventInvalid(f"{e.name} is this node: its membership must carry its own "
                            "keys and role")
+    if e.name != node.get("name") and {e.signing_key, e.wg_public_key} & {
+            node.get("signing_key"), node.get("wg_public_key")}:
+        raise EventInvalid(f"a key of {e.name} is this node's own")
     if e.name == node.get("name"):
         for p in s.peers.values():
             if p.mesh_ip == e.mesh_ip:

@@ -115,8 +115,14 @@ class State:
     def from_obj(cls, obj: dict[str, Any]) -> State:
         members = [Member(*m) for m in obj["members"]]
         caps = [Cap(k[0], k[1], k[2], tuple(k[3]), *k[4:]) for k in obj["caps"]]
+        node = dict(obj["node"]) if obj["node"] is not None else None
+        if node is not None and "endpoint" not in node:
+            # A snapshot from before node.identity v2: the endpoint was only in the
+            # node's own membership, where replaying finds it too.
+            me = next((m for m in members if m.name == node.get("name")), None)
+            node["endpoint"] = None if me is None else me.endpoint
         state = cls(seq=obj["seq"], origin=obj["origin"], signing_key=obj["signing_key"],
-                    node=dict(obj["node"]) if obj["node"] is not None else None,
+                    node=node,
                     pds=dict(obj["pds"]), members={m.name: m for m in members},
                     caps={k.cap_id: k for k in caps}, event_counts=dict(obj["event_counts"]),
                     pd_status=dict(obj["pd_status"]), restarts=dict(obj["restarts"]),
@@ -157,8 +163,10 @@ def _genesis(s: State, e: c.LedgerGenesis, seq: int, ts: int, sig: bytes | None)
 
 
 def _identity(s: State, e: c.NodeIdentity, seq: int, ts: int, sig: bytes | None) -> None:
+    me = s.members.get(e.name)  # its own membership, if (oddly) recorded before it
     s.node = {"name": e.name, "signing_key": e.signing_key, "wg_public_key": e.wg_public_key,
-              "mesh_ip": e.mesh_ip, "role": e.role, "endpoint": e.endpoint}
+              "mesh_ip": e.mesh_ip if me is None else me.mesh_ip, "role": e.role,
+              "endpoint": e.endpoint if me is None or me.endpoint is None else me.endpoint}
 
 
 def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | None) -> None:
@@ -166,8 +174,9 @@ def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | No
                                e.endpoint, e.role, seq, ts)
     if s.node is not None and e.name == s.node["name"]:
         # The node's own membership: how a node waiting to be joined gets its address.
-        s.node["mesh_ip"] = e.mesh_ip
-        s.node["endpoint"] = e.endpoint if e.endpoint is not None else s.node.get("endpoint")
+        # A new dict: a trial state (try_state) must never write into the live one's.
+        s.node = {**s.node, "mesh_ip": e.mesh_ip,
+                  "endpoint": e.endpoint if e.endpoint is not None else s.node.get("endpoint")}
 
 
 def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int, sig: bytes | None) -> None:
@@ -372,8 +381,9 @@ def try_state(state: State, *, caps: bool = False) -> State:
     """A copy to try a batch on: the small tables copied, the capability table deep only
     with ``caps`` (without, the batch must hold no event that changes capabilities)."""
     t = State(seq=state.seq, origin=state.origin, signing_key=state.signing_key,
-              node=state.node, pds=dict(state.pds), members=dict(state.members),
-              wg=state.wg, peers=dict(state.peers),
+              node=None if state.node is None else dict(state.node), pds=dict(state.pds),
+              members=dict(state.members),
+              wg=None if state.wg is None else dict(state.wg), peers=dict(state.peers),
               caps=copy.deepcopy(state.caps) if caps else state.caps,
               pd_status=dict(state.pd_status), restarts=dict(state.restarts),
               next_cap_id=state.next_cap_id, objects=dict(state.objects))

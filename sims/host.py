@@ -31,7 +31,15 @@ from actors.io.base import Adapter, submit_guarded
 from actors.kernel import Delivery, Kernel
 from actors.lifecycle import HostError
 from actors.pds import make_core
-from actors.pds.base import Action, Core, IoAnswer, IoFailure, IoInput, IoRequest
+from actors.pds.base import (
+    Action,
+    Core,
+    IoAnswer,
+    IoFailure,
+    IoInput,
+    IoRequest,
+    NodeChanged,
+)
 from ledger.caps import CapRefused
 from ledger.log import Ledger
 
@@ -157,6 +165,7 @@ class Host:
         for pd, adapter in self._adapters.items():
             adapter.attach(functools.partial(self._unsolicited, pd))
         kernel.set_route(self.route)
+        kernel.watch_node(self._node_changed)
 
     # ----------------------------------------------------------------- views for tests
     @property
@@ -197,6 +206,10 @@ class Host:
             answer(IoFailure(request.request_id, f"{pd} has no simulated backend"))
         else:
             submit_guarded(adapter, request, answer)
+
+    def _node_changed(self, node: dict[str, Any]) -> None:
+        for pd in list(self.cells):
+            self._unsolicited(pd, NodeChanged(dict(node)))
 
     def _unsolicited(self, pd: str, event: IoInput) -> None:
         cell = self.cells.get(pd)

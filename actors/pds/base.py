@@ -124,6 +124,15 @@ class IoInput:
     """What the world says unasked (a datagram arrived, a process exited): subclassed."""
 
 
+@dataclass(frozen=True, slots=True)
+class NodeChanged(IoInput):
+    """The node's public identity changed in the ledger (a node waiting to be joined got
+    its mesh address, say): told by the kernel to every running core, which gets it by
+    :meth:`Core.node_changed`."""
+
+    node: dict[str, Any]
+
+
 # ----------------------------------------------------------------------------- actions
 @dataclass(frozen=True, slots=True)
 class Append:
@@ -218,6 +227,11 @@ class Core:
         return []
 
     def input(self, event: IoInput, now: float) -> list[Action]:
+        return []
+
+    def node_changed(self, node: dict[str, Any], now: float) -> list[Action]:
+        """The node's public identity is now ``node`` (as ``PdView.node`` gives it)."""
+        self.node = dict(node)
         return []
 
     def refused(self, r: Refused, now: float) -> list[Action]:

@@ -112,6 +112,14 @@ class WireguardCore(Core):
             return f"{self.name} holds no net capability"
         return None
 
+    def node_changed(self, node: dict[str, Any], now: float) -> list[Action]:
+        """Joined (an address at last), or moved: the tunnel comes up, or is set again."""
+        before = (self._address(), (self.node or {}).get("endpoint"))
+        super().node_changed(node, now)
+        if (self._address(), (self.node or {}).get("endpoint")) == before:
+            return []
+        return self._bring_up()
+
     def _bring_up(self) -> list[Action]:
         net = self.holding("net", "grant-reply")
         address = self._address()

@@ -14,24 +14,32 @@ answers the same requests in virtual time:
 
 Datagrams go between devices on the :class:`~sims.backends.underlay.Underlay` (so
 latency, loss, duplication and partitions apply), from the device's ``IP:listen port``.
-Cryptokey routing is modelled, not the cryptography: a device sends an inner packet to
-the peer whose allowed IPs cover its destination (longest prefix); a handshake
-completes only between two devices that each have the other configured under the key
-it really has; a data packet is accepted only within a session, from a configured peer,
-with an inner source inside that peer's allowed IPs.  A device with forwarding on (a
-hub) routes what is not for itself on to its other peers.  Everything is drawn from the
-world's seeded queue, so the same seed gives the same run.
+Cryptokey routing is modelled, and enough of the cryptography to make it hold: a device
+sends an inner packet to the peer whose allowed IPs cover its destination (longest
+prefix).  A handshake message is authenticated under the two devices' static X25519
+shared secret, so it completes only between devices that each have the other configured
+under the key it really has, and only the holder of a private key can speak for it; an
+initiation older than the last one taken from that peer is a replay.  Data is
+authenticated under the session's key, with a counter and a replay window, and is
+accepted only from a configured peer with an inner source inside that peer's allowed
+IPs; only an authenticated, fresh datagram moves a peer's endpoint (roaming).  A device
+with forwarding on (a hub) routes what is not for itself on to its other peers.
+Everything is drawn from the world's seeded queue, so the same seed gives the same run.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import ipaddress
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
 from actors.io.base import Answer, Emit
 from actors.pds.base import IoFailure, IoRequest, IoResult
@@ -49,6 +57,31 @@ REKEY_AFTER = 120.0  # a session older than this is renewed by its initiator
 REJECT_AFTER = 180.0  # a session older than this carries nothing
 MAGIC = b"SWG1"
 TTL = 64
+WINDOW = 256  # data counters this far below the highest seen are still taken, once
+KEPT = 1024  # inner packets a device keeps of what it received (for tests to read)
+KINDS = ("init", "resp", "data")
+
+
+@dataclass
+class _Session:
+    key: bytes
+    sent: int = 0
+    highest: int = -1
+    seen: set[int] = field(default_factory=set)
+
+    def fresh(self, n: int) -> bool:
+        """Whether counter ``n`` is new (and now seen): the replay window."""
+        if n <= self.highest - WINDOW or n in self.seen:
+            return False
+        self.seen.add(n)
+        if n > self.highest:
+            self.highest = n
+            self.seen = {c for c in self.seen if c > n - WINDOW}
+        return True
+
+
+def _mac(key: bytes, fields: list[Any]) -> bytes:
+    return hashlib.blake2b(msgpack.packb(fields), key=key[:64], digest_size=16).digest()
 
 
 @dataclass
@@ -62,6 +95,10 @@ class _Peer:
     session_at: float | None = None  # virtual elapsed seconds the session began
     initiated_at: float | None = None
     waiting: list[dict[str, Any]] = field(default_factory=list)
+    session: _Session | None = None
+    previous: _Session | None = None  # still taken, for what was in flight at a rekey
+    init_nonce: bytes | None = None  # of the initiation we wait an answer to
+    last_init: int = -1  # the newest initiation taken from this peer (its timestamp)
 
 
 class SimDevice:
@@ -73,6 +110,9 @@ class SimDevice:
         self.running = False
         self.generation = 0  # a restart leaves the old device's timers dead
         self.public_key: bytes | None = None  # set with the private key
+        self._private: bytes | None = None
+        self._statics: dict[bytes, bytes] = {}  # peer key -> the static shared secret
+        self._nonces = 0
         self.listen_port = 0
         self.peers: dict[bytes, _Peer] = {}
         self.address: ipaddress.IPv4Interface | None = None
@@ -80,7 +120,7 @@ class SimDevice:
         self.route = False
         self.forwarding = False
         self.stats: Counter[str] = Counter()
-        self.received: list[dict[str, Any]] = []  # inner packets delivered to this node
+        self.received: deque[dict[str, Any]] = deque(maxlen=KEPT)  # inner packets taken
         self.exited: Callable[[str, int], None] = lambda iface, code: None
 
     @property
@@ -94,7 +134,8 @@ class SimDevice:
         self._detach()
         self.interface, self.running = interface, True
         self.generation += 1
-        self.public_key, self.listen_port, self.peers = None, 0, {}
+        self.public_key, self._private, self.listen_port, self.peers = None, None, 0, {}
+        self._statics = {}
         self.address, self.link_up, self.route = None, False, False
         return {"interface": interface, "adopted": False, "pid": 10_000 + self.generation}
 
@@ -145,11 +186,13 @@ class SimDevice:
                            p.last_handshake, p.rx, p.tx)
             for key, p in sorted(self.peers.items())})
 
-    def set(self, public_key: bytes | None, listen_port: int,
+    def set(self, private_key: bytes | None, listen_port: int,
             peers: list[tuple[bytes, str | None, tuple[str, ...], int]]) -> None:
         """A whole-device set (``replace_peers``): kept peers keep their sessions."""
-        if public_key is not None:
-            self.public_key = public_key
+        if private_key is not None:
+            self._private = private_key
+            self.public_key = crypto_scalarmult_base(private_key)
+            self._statics = {}
         if listen_port != self.listen_port:
             self._detach()
             self.listen_port = listen_port
@@ -163,7 +206,7 @@ class SimDevice:
             peer.allowed, was, peer.keepalive = nets, peer.keepalive, keepalive
             self.peers[key] = peer
             if keepalive and (prev is None or was != keepalive):
-                self._keepalive(key, self.generation)
+                self._keepalive(key, peer, self.generation)
 
     def remove_peer(self, key: bytes) -> None:
         """``wg set ... peer KEY remove`` out of band."""
@@ -198,7 +241,24 @@ class SimDevice:
         return None if best is None else best[1]
 
     def _live(self, p: _Peer, now: float) -> bool:
-        return p.session_at is not None and now - p.session_at < REJECT_AFTER
+        return (p.session is not None and p.session_at is not None
+                and now - p.session_at < REJECT_AFTER)
+
+    def _static(self, key: bytes) -> bytes | None:
+        """The X25519 secret this device shares with the holder of ``key``."""
+        if self._private is None:
+            return None
+        if key not in self._statics:
+            try:
+                self._statics[key] = crypto_scalarmult(self._private, key)
+            except Exception:  # a low-order point: no secret with that "key"
+                return None
+        return self._statics[key]
+
+    def _nonce(self) -> bytes:
+        self._nonces += 1
+        return hashlib.blake2b(f"{self.ip}/{self.generation}/{self._nonces}".encode(),
+                               digest_size=16).digest()
 
     def _to_peer(self, key: bytes, packet: dict[str, Any] | None) -> None:
         p = self.peers[key]
@@ -216,8 +276,8 @@ class SimDevice:
     def _initiate(self, key: bytes, p: _Peer, now: float) -> None:
         if p.initiated_at is not None and now - p.initiated_at < REKEY_TIMEOUT:
             return
-        p.initiated_at = now
-        self._wire(key, p, "init", {})
+        p.initiated_at, p.init_nonce = now, self._nonce()
+        self._wire(key, p, "init", {"i": p.init_nonce})
         gen = self.generation
 
         def retry() -> None:  # unanswered, with something still to say: try again
@@ -231,55 +291,98 @@ class SimDevice:
         if p.endpoint is None or self.public_key is None or not self.listen_port:
             self.stats["no endpoint"] += 1
             return
-        data = MAGIC + msgpack.packb([kind, self.public_key, key, body])
+        if kind == "data":
+            if p.session is None:
+                return
+            n, secret = p.session.sent, p.session.key
+            p.session.sent += 1
+        else:  # a handshake message: stamped, under the static secret
+            n, secret = self.net.underlay.world.clock.elapsed_ns, self._static(key) or b""
+        fields = [kind, self.public_key, key, n, body]
+        data = MAGIC + msgpack.packb([*fields, _mac(secret, fields)])
         p.tx += len(data)
         self.net.underlay.send(self.endpoint, p.endpoint, data)
 
-    def _keepalive(self, key: bytes, gen: int) -> None:
-        p = self.peers.get(key)
-        if gen != self.generation or p is None or not p.keepalive:
-            return
+    def _keepalive(self, key: bytes, p: _Peer, gen: int) -> None:
+        if gen != self.generation or self.peers.get(key) is not p or not p.keepalive:
+            return  # a restarted device, or a peer removed (and perhaps set again)
         if self.running and self.public_key is not None:
             self._to_peer(key, None)
-        self.net.underlay.world.after(p.keepalive * NS, lambda: self._keepalive(key, gen))
+        self.net.underlay.world.after(p.keepalive * NS, lambda: self._keepalive(key, p, gen))
 
     def arrive(self, source: str, data: bytes) -> None:
         """A datagram from the underlay, at this device's endpoint."""
-        try:
-            kind, sender, receiver, body = msgpack.unpackb(data[len(MAGIC):])
-            assert data.startswith(MAGIC) and type(body) is dict
-        except Exception:  # not ours: WireGuard drops what it cannot authenticate
+        frame = _frame(data)
+        if frame is None:  # not ours: WireGuard drops what it cannot authenticate
             self.stats["garbage"] += 1
             return
-        p = self.peers.get(sender) if type(sender) is bytes else None
+        kind, sender, receiver, n, body, mac = frame
+        p = self.peers.get(sender)
         if not self.running or receiver != self.public_key or p is None:
             self.stats["unknown key"] += 1  # the handshake cannot complete: dropped
             return
-        now = self.net.elapsed()
+        fields = [kind, sender, receiver, n, body]
+        if kind == "data":
+            session = next((x for x in (p.session, p.previous) if x is not None
+                            and hmac.compare_digest(_mac(x.key, fields), mac)), None)
+            if session is None or not self._live(p, self.net.elapsed()):
+                self.stats["no session"] += 1
+                return
+            if not session.fresh(n):
+                self.stats["replayed"] += 1
+                return
+        else:
+            static = self._static(sender)
+            if static is None or not hmac.compare_digest(_mac(static, fields), mac):
+                self.stats["not authentic"] += 1  # it does not hold the peer's private key
+                return
+            if not self._handshake(sender, p, kind, n, body):
+                return
         p.rx += len(data)
-        p.endpoint = source  # roaming: the latest authenticated source
-        if kind in ("init", "resp"):
-            p.session_at, p.initiated_at = now, None
-            p.last_handshake = self.net.now()
-            if kind == "init":
-                self._wire(sender, p, "resp", {})
-            for packet in p.waiting:
-                self._wire(sender, p, "data", packet)
-            p.waiting = []
-            return
-        if kind != "data" or not self._live(p, now):
-            self.stats["no session"] += 1
-            return
-        if not body:
-            self.stats["keepalive"] += 1
-            return
-        self._inner(p, body)
+        p.endpoint = source  # roaming: the latest authenticated, fresh source
+        if kind == "data":
+            if body:
+                self._inner(p, body)
+            else:
+                self.stats["keepalive"] += 1
+
+    def _handshake(self, key: bytes, p: _Peer, kind: str, n: int,
+                   body: dict[str, Any]) -> bool:
+        """An authentic initiation or response: a new session, if it is not a replay."""
+        i, r = body.get("i"), body.get("r")
+        if kind == "init":
+            if type(i) is not bytes or n <= p.last_init:
+                self.stats["replayed"] += 1
+                return False
+            p.last_init, r = n, self._nonce()
+        elif type(r) is not bytes or p.init_nonce is None or i != p.init_nonce:
+            self.stats["replayed"] += 1  # an answer to no initiation of ours
+            return False
+        static = self._static(key) or b""
+        assert type(i) is bytes and type(r) is bytes
+        p.previous, p.session = p.session, _Session(hashlib.blake2b(
+            static + i + r, digest_size=32).digest())
+        p.session_at = self.net.elapsed()
+        if kind == "resp":  # our initiation answered.  (Answering theirs leaves ours
+            p.initiated_at, p.init_nonce = None, None  # open: crossed ones both complete)
+        p.last_handshake = self.net.now()
+        if kind == "init":
+            self._wire(key, p, "resp", {"i": i, "r": r})
+        for packet in p.waiting:
+            self._wire(key, p, "data", packet)
+        p.waiting = []
+        return True
 
     def _inner(self, p: _Peer, packet: dict[str, Any]) -> None:
         try:
             src = ipaddress.IPv4Address(packet["src"])
             ipaddress.IPv4Address(packet["dst"])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError):
+            self.stats["garbage"] += 1
+            return
+        ttl, hops = packet.get("ttl"), packet.get("hops", 0)
+        if type(ttl) is not int or type(hops) is not int or not (
+                0 <= ttl <= 255 and 0 <= hops <= 255):
             self.stats["garbage"] += 1
             return
         if not any(src in n for n in p.allowed):
@@ -296,6 +399,25 @@ class SimDevice:
             return
         self.stats["forwarded"] += 1
         self.send_inner({**packet, "ttl": packet["ttl"] - 1, "hops": packet.get("hops", 0) + 1})
+
+
+def _frame(data: bytes) -> tuple[str, bytes, bytes, int, dict[str, Any], bytes] | None:
+    """A datagram as (kind, sender, receiver, counter, body, mac), or None if it is not one."""
+    if not data.startswith(MAGIC):
+        return None
+    try:
+        obj = msgpack.unpackb(data[len(MAGIC):], max_bin_len=65_536, max_str_len=65_536,
+                              max_array_len=64, max_map_len=64)
+    except Exception:
+        return None
+    if type(obj) is not list or len(obj) != 6:
+        return None
+    kind, sender, receiver, n, body, mac = obj
+    if (kind not in KINDS or type(sender) is not bytes or len(sender) != 32
+            or type(receiver) is not bytes or type(n) is not int or not 0 <= n < 2**63
+            or type(body) is not dict or type(mac) is not bytes or len(mac) != 16):
+        return None
+    return kind, sender, receiver, n, body, mac
 
 
 class SimWireGuard:
@@ -368,7 +490,8 @@ class SimUapi:
             out = IoResult(request.request_id, {"device": d.get()})
         else:
             assert isinstance(request, SetDevice)
-            d.set(self._keys.wg_public_key if request.set_key else None, request.listen_port,
+            d.set(base64.b64decode(self._keys.wg_private_key_b64()) if request.set_key
+                  else None, request.listen_port,
                   [(p.public_key, p.endpoint, p.allowed_ips, p.keepalive)
                    for p in request.peers])
             out = IoResult(request.request_id, {"set": len(request.peers)})
