@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := wireguard-go wireguard-tools qemu-system-x86 qemu-utils iproute2 iputils-ping
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench system-deps bytecode clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# Compiled once here: every `ppn` start (a node's cold start too) then skips compiling
+# ~11k lines, which PYTHONDONTWRITEBYTECODE would otherwise make it do each time.
+bytecode: $(STAMP)
+	@$(PY) -m compileall -q ledger actors sims
 
 # As root, install the Debian packages the real-component tests need.
 system-deps:
@@ -32,7 +37,7 @@ system-deps:
 # The main job so far: initialise a node in a fresh state directory, audit and print its ledger,
 # then run it: its seven PDs answer through the capability kernel, and SIGTERM stops it cleanly.
 # RUN_DIR=... keeps it somewhere of your choosing.
-run: $(STAMP)
+run: $(STAMP) bytecode
 	@set -e; dir="$${RUN_DIR:-$$(mktemp -d -t ppn-run-XXXXXX)}"; ppn=$(VENV)/bin/ppn; \
 	set -x; \
 	$$ppn node init --state-dir "$$dir/node" --name laptop-b --role hub --mesh-ip 10.8.0.1; \
@@ -54,16 +59,17 @@ run: $(STAMP)
 	echo; echo "== the three-node WireGuard mesh (laptop-b the hub), each node in its own namespace"; \
 	$(PY) -m actors.mesh_demo "$$dir/mesh"
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps bytecode
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ledger actors sims tests bench
 	$(VENV)/bin/mypy
 
-bench: $(STAMP)
+bench: $(STAMP) bytecode
 	$(PY) bench/ledger_bench.py
 	$(PY) bench/kernel_bench.py
+	$(PY) bench/mesh_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from actors import control
 from actors.io import uapi
 
 NODES = {  # name: (role, mesh IP, underlay IP)
@@ -52,7 +53,13 @@ def ppn(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[st
 
 
 def _answers(state: Path) -> bool:
-    return ppn("node", "status", "--state-dir", state, check=False).returncode == 0
+    """Whether the node on ``state`` answers on its control socket (asked in-process: a
+    ``ppn node status`` per poll would cost the starting nodes a Python start each)."""
+    try:
+        control.request(state, {"cmd": "status"}, timeout=2.0)
+    except control.ControlError:
+        return False
+    return True
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -69,8 +76,9 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
 class DemoMesh:
     """The three namespaces and nodes; a context manager that always cleans up."""
 
-    def __init__(self, directory: Path, prefix: str = "ppnrun") -> None:
-        self.directory, self.prefix = directory, prefix
+    def __init__(self, directory: Path, prefix: str = "ppnrun", wait: bool = True) -> None:
+        """``wait``: enter only once every node answers (else see :meth:`wait_ready`)."""
+        self.directory, self.prefix, self._wait = directory, prefix, wait
         self.switch = f"{prefix}sw"
         self.states: dict[str, Path] = {}
         self.started_at = 0.0
@@ -134,8 +142,23 @@ class DemoMesh:
         self.started_at = time.monotonic()  # the nodes start: what a cold start is timed from
         for name in self.states:
             self.start(name, wait=False)
+        if self._wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         for state in self.states.values():
             wait_for(functools.partial(_answers, state))
+
+    def handshaken(self) -> bool:
+        """Whether every tunnel of every device has had a handshake (read over UAPI)."""
+        for name in NODES:
+            try:
+                peers = uapi.get(uapi.socket_path(self.iface(name)), timeout=1.0).peers
+            except uapi.UapiError:
+                return False
+            if not peers or not all(p.last_handshake > 0 for p in peers.values()):
+                return False
+        return True
 
     def start(self, name: str, wait: bool = True) -> None:
         """Run ``ppn node run`` for NAME in its namespace (again, after :meth:`kill`)."""

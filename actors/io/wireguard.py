@@ -104,7 +104,7 @@ class TunnelProcesses:
                     proc.wait(5)
                     raise RuntimeError(f"{backend.name} {iface}: not ready within "
                                        f"{START_TIMEOUT:g} s ({last})") from None
-                time.sleep(0.02)
+                time.sleep(0.002)  # wireguard-go is ready within ~10 ms
         self._procs[iface] = proc
         threading.Thread(target=self._wait, args=(iface, proc), daemon=True,
                          name=f"ppn-wg-{iface}").start()

@@ -197,7 +197,9 @@ class WireguardCore(Core):
             self._failures = 0
             watch = [] if net is None else [Call(net.token, {"op": "tunnel.watch"},
                                                  tag=TAG_WATCH)]
-            return [*watch, *self._reconcile([]), SetTimer("reconcile", RECONCILE_EVERY)]
+            # tunnel.up has just set the link: the device is all there is to reconcile.
+            return [*watch, *self._reconcile_device([]), SetTimer("reconcile",
+                                                                  RECONCILE_EVERY)]
         if m.tag == TAG_LINK:
             asked, self._after_link = self._after_link or [], None
             changed = m.payload.get("changed") if ok else None
