@@ -56,7 +56,8 @@ class RunningNode:
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[Path]:
     s = tmp_path / "state"
-    ppn("node", "init", "--state-dir", s, "--name", "laptop-b", "--role", "hub")
+    ppn("node", "init", "--state-dir", s, "--name", "laptop-b", "--role", "hub", "--mesh-ip",
+        "10.8.0.1")
     yield s
 
 
