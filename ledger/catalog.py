@@ -233,6 +233,101 @@ class WgTunnelFailed:
     reason: str
 
 
+@REGISTRY.register("vm.pool")
+@dataclass(frozen=True, slots=True)
+class VmPool:
+    """The node's guest capacity: vCPUs it will hand out, RAM it keeps for itself (the
+    rest of the host's is the guests'), and how guests are run (``auto``: KVM when
+    ``/dev/kvm`` works, else TCG; or one forced)."""
+
+    vcpus: int
+    reserve_mib: int
+    accel: str
+
+
+@REGISTRY.register("vm.defined")
+@dataclass(frozen=True, slots=True)
+class VmDefined:
+    """A guest exists (not started): its profile, its size, its disk (a base image and
+    the guest's own qcow2 overlay on it; both None for a disk-less guest)."""
+
+    name: str
+    profile: str
+    vcpus: int
+    ram_mib: int
+    image: str | None
+    overlay: str | None
+
+
+@REGISTRY.register("vm.started")
+@dataclass(frozen=True, slots=True)
+class VmStarted:
+    """Its QEMU process runs: the pid, the QMP socket it is controlled through, and the
+    accelerator chosen for this host."""
+
+    name: str
+    pid: int
+    qmp: str
+    accel: str
+
+
+@REGISTRY.register("vm.paused")
+@dataclass(frozen=True, slots=True)
+class VmPaused:
+    name: str
+    why: str
+
+
+@REGISTRY.register("vm.resumed")
+@dataclass(frozen=True, slots=True)
+class VmResumed:
+    name: str
+    why: str
+
+
+@REGISTRY.register("vm.stopped")
+@dataclass(frozen=True, slots=True)
+class VmStopped:
+    """Its QEMU process ended when asked: ``how`` is ``powerdown`` (the guest went), or
+    ``quit`` (it did not within the timeout)."""
+
+    name: str
+    how: str
+
+
+@REGISTRY.register("vm.lost")
+@dataclass(frozen=True, slots=True)
+class VmLost:
+    """Its QEMU process died unasked (or was gone when the node came back)."""
+
+    name: str
+    reason: str
+
+
+@REGISTRY.register("vm.reattached")
+@dataclass(frozen=True, slots=True)
+class VmReattached:
+    """After the node restarted, its QEMU process was found running and taken back."""
+
+    name: str
+    pid: int
+
+
+@REGISTRY.register("vm.destroyed")
+@dataclass(frozen=True, slots=True)
+class VmDestroyed:
+    name: str
+
+
+@REGISTRY.register("vm.balloon_set")
+@dataclass(frozen=True, slots=True)
+class VmBalloonSet:
+    """The balloon's target (what QEMU reports back, without a guest driver, never moves)."""
+
+    name: str
+    target_mib: int
+
+
 @REGISTRY.register("ledger.recovered")
 @dataclass(frozen=True, slots=True)
 class LedgerRecovered:

@@ -21,6 +21,15 @@ from ledger.catalog import (
     ROLES,
     MemberAdded,
     MemberRemoved,
+    VmBalloonSet,
+    VmDefined,
+    VmDestroyed,
+    VmLost,
+    VmPaused,
+    VmReattached,
+    VmResumed,
+    VmStarted,
+    VmStopped,
     WgInterface,
     WgPeerAdded,
     WgPeerRemoved,
@@ -28,7 +37,9 @@ from ledger.catalog import (
     WgTunnelFailed,
 )
 from ledger.events import EventTypeError
-from ledger.state import State, apply, try_state
+from ledger.state import State, apply, try_state, unfit
+from ledger.vms import ACCELS as VM_ACCELS
+from ledger.vms import NAME_RE as VM_NAME_RE
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 """A node's name: 1-63 of a-z, 0-9 and '-', starting with a letter or digit (use
@@ -221,7 +232,74 @@ def _wg_peer_removed(s: State, e: WgPeerRemoved) -> None:
         raise EventInvalid(f"{e.name} is not a peer")
 
 
+MAX_VM_VCPUS = 256
+MAX_VM_RAM_MIB = 1 << 22  # 4 TiB: a bound on nonsense, not a policy (profiles set that)
+MAX_SOCKET_PATH = 107  # what a UNIX socket's path may hold
+STOP_HOW = ("powerdown", "quit")
+
+
+def _vm_name(value: str) -> None:
+    if not VM_NAME_RE.fullmatch(value):
+        raise EventInvalid(f"VM name {value[:40]!r}: use 1-32 of a-z, 0-9 and '-', "
+                           "starting with a letter or digit")
+
+
+def _path(value: str | None, what: str, limit: int = 4096) -> None:
+    if value is not None and (not value.startswith("/") or len(value) > limit
+                              or not value.isprintable()):
+        raise EventInvalid(f"{what}: an absolute path of at most {limit} printable "
+                           "characters")
+
+
+def _vm_fits(s: State, e: Any) -> None:
+    why = unfit(s, [e])
+    if why is not None:
+        raise EventInvalid(why[1])
+
+
+def _vm_defined(s: State, e: VmDefined) -> None:
+    _vm_name(e.name)
+    _name(e.profile, "profile")
+    if not 1 <= e.vcpus <= MAX_VM_VCPUS:
+        raise EventInvalid(f"vcpus {e.vcpus}: not 1-{MAX_VM_VCPUS}")
+    if not 16 <= e.ram_mib <= MAX_VM_RAM_MIB:
+        raise EventInvalid(f"RAM {e.ram_mib} MiB: not 16-{MAX_VM_RAM_MIB}")
+    _path(e.image, "image")
+    _path(e.overlay, "overlay")
+    if (e.image is None) != (e.overlay is None):
+        raise EventInvalid("a guest with a disk has both an image and its overlay")
+    _vm_fits(s, e)
+
+
+def _vm_step(s: State, e: Any) -> None:
+    _vm_name(e.name)
+    if type(e) is VmStarted:
+        if not 1 <= e.pid < 1 << 22:
+            raise EventInvalid(f"pid {e.pid}: not a process id")
+        _path(e.qmp, "QMP socket", MAX_SOCKET_PATH)
+        if e.accel not in VM_ACCELS:
+            raise EventInvalid(f"accel {e.accel[:20]!r}: one of {', '.join(VM_ACCELS)}")
+    elif type(e) is VmReattached:
+        if not 1 <= e.pid < 1 << 22:
+            raise EventInvalid(f"pid {e.pid}: not a process id")
+    elif type(e) is VmStopped:
+        if e.how not in STOP_HOW:
+            raise EventInvalid(f"how {e.how[:20]!r}: one of {', '.join(STOP_HOW)}")
+    elif type(e) in (VmPaused, VmResumed):
+        _reason(e.why)
+    elif type(e) is VmLost:
+        _reason(e.reason)
+    elif type(e) is VmBalloonSet:
+        vm = s.vms.get(e.name)
+        if vm is not None and not 1 <= e.target_mib <= vm.ram_mib:
+            raise EventInvalid(f"balloon {e.target_mib} MiB: not 1-{vm.ram_mib} (its RAM)")
+    _vm_fits(s, e)
+
+
 COMMANDS: dict[type[Any], Callable[[State, Any], None]] = {
+    VmDefined: _vm_defined,
+    **{t: _vm_step for t in (VmStarted, VmPaused, VmResumed, VmStopped, VmLost,
+                             VmReattached, VmDestroyed, VmBalloonSet)},
     MemberAdded: _member_added,
     MemberRemoved: _member_removed,
     WgInterface: _wg_interface,

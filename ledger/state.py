@@ -15,10 +15,12 @@ from __future__ import annotations
 import base64
 import copy
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 from ledger import catalog as c
+from ledger.vms import TRANSITIONS, Vm
+from ledger.vms import refused as vm_refused
 
 
 @dataclass(slots=True)
@@ -85,6 +87,10 @@ class State:
     """The node's WireGuard interface as it should be: ``interface``, ``listen_port``."""
     peers: dict[str, Peer] = field(default_factory=dict)
     """The WireGuard peers it should have, by name."""
+    vm_pool: dict[str, Any] | None = None
+    """The guest capacity: ``vcpus``, ``reserve_mib``, ``accel``."""
+    vms: dict[str, Vm] = field(default_factory=dict)
+    """The guests, by name (a destroyed one is gone)."""
     # Derived from ``caps`` (the derivation tree's edges); rebuilt, never stored.
     children: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -109,6 +115,8 @@ class State:
             "objects": dict(sorted(self.objects.items())),
             "wg": self.wg,
             "peers": [list(astuple(p)) for _, p in sorted(self.peers.items())],
+            "vm_pool": self.vm_pool,
+            "vms": [list(astuple(v)) for _, v in sorted(self.vms.items())],
         }
 
     @classmethod
@@ -129,7 +137,9 @@ class State:
                     next_cap_id=obj["next_cap_id"], objects=dict(obj["objects"]),
                     wg=dict(obj["wg"]) if obj.get("wg") is not None else None,
                     peers={p[0]: Peer(p[0], p[1], p[2], p[3], p[4], tuple(p[5]), p[6], p[7])
-                           for p in obj.get("peers", [])})
+                           for p in obj.get("peers", [])},
+                    vm_pool=dict(obj["vm_pool"]) if obj.get("vm_pool") is not None else None,
+                    vms={v[0]: Vm(*v) for v in obj.get("vms", [])})
         for k in caps:
             if k.parent is not None:
                 state.children.setdefault(k.parent, []).append(k.cap_id)
@@ -195,6 +205,53 @@ def _wg_peer_added(s: State, e: c.WgPeerAdded, seq: int, ts: int, sig: bytes | N
 def _wg_peer_removed(s: State, e: c.WgPeerRemoved, seq: int, ts: int,
                      sig: bytes | None) -> None:
     s.peers.pop(e.name, None)
+
+
+def _vm_pool(s: State, e: c.VmPool, seq: int, ts: int, sig: bytes | None) -> None:
+    s.vm_pool = {"vcpus": e.vcpus, "reserve_mib": e.reserve_mib, "accel": e.accel}
+
+
+def _vm_defined(s: State, e: c.VmDefined, seq: int, ts: int, sig: bytes | None) -> bool:
+    if e.name in s.vms:
+        return False
+    s.vms[e.name] = Vm(e.name, e.profile, e.vcpus, e.ram_mib, e.image, e.overlay,
+                       "defined", since_ns=ts, seq=seq)
+    return True
+
+
+VM_OPS: dict[type[Any], str] = {
+    c.VmStarted: "start", c.VmPaused: "pause", c.VmResumed: "resume", c.VmStopped: "stop",
+    c.VmLost: "lose", c.VmReattached: "reattach", c.VmDestroyed: "destroy"}
+"""Lifecycle event -> the operation of :data:`ledger.vms.TRANSITIONS` it records."""
+
+
+def _vm_step(s: State, e: Any, seq: int, ts: int, sig: bytes | None) -> bool:
+    vm = s.vms.get(e.name)
+    op = VM_OPS[type(e)]
+    if vm_refused(op, e.name, None if vm is None else vm.state) is not None:
+        return False
+    assert vm is not None
+    to = TRANSITIONS[op][1]
+    if to is None:
+        del s.vms[e.name]
+        return True
+    if type(e) is c.VmStarted:
+        vm = replace(vm, pid=e.pid, qmp=e.qmp, accel=e.accel)
+    elif type(e) is c.VmReattached:
+        vm = replace(vm, pid=e.pid)
+    elif to in ("stopped", "lost"):
+        vm = replace(vm, pid=None)
+    s.vms[e.name] = replace(vm, state=to or vm.state, since_ns=ts if to else vm.since_ns,
+                            seq=seq if to else vm.seq)
+    return True
+
+
+def _vm_balloon(s: State, e: c.VmBalloonSet, seq: int, ts: int, sig: bytes | None) -> bool:
+    vm = s.vms.get(e.name)
+    if vm is None:
+        return False
+    s.vms[e.name] = replace(vm, balloon_mib=e.target_mib)
+    return True
 
 
 def _pd_declared(s: State, e: c.PdDeclared, seq: int, ts: int, sig: bytes | None) -> None:
@@ -333,7 +390,18 @@ def _unfit_lifecycle(s: State, e: Any) -> str | None:
     return pd_transition(s, e.name, type(e))
 
 
+def _unfit_vm(s: State, e: Any) -> str | None:
+    if type(e) is c.VmDefined:
+        return f"VM {e.name} exists already" if e.name in s.vms else None
+    vm = s.vms.get(e.name)
+    if type(e) is c.VmBalloonSet:
+        return None if vm is not None else f"no VM {e.name!r}"
+    return vm_refused(VM_OPS[type(e)], e.name, None if vm is None else vm.state)
+
+
 UNFIT: dict[type[Any], Callable[[State, Any], str | None]] = {
+    c.VmDefined: _unfit_vm, c.VmBalloonSet: _unfit_vm,
+    **{t: _unfit_vm for t in VM_OPS},
     c.CapGranted: _unfit_grant,
     c.CapMoved: _unfit_cap,
     c.CapDeleted: _unfit_cap,
@@ -384,6 +452,7 @@ def try_state(state: State, *, caps: bool = False) -> State:
               node=None if state.node is None else dict(state.node), pds=dict(state.pds),
               members=dict(state.members),
               wg=None if state.wg is None else dict(state.wg), peers=dict(state.peers),
+              vm_pool=state.vm_pool, vms=dict(state.vms),
               caps=copy.deepcopy(state.caps) if caps else state.caps,
               pd_status=dict(state.pd_status), restarts=dict(state.restarts),
               next_cap_id=state.next_cap_id, objects=dict(state.objects))
@@ -411,6 +480,10 @@ APPLIERS: dict[type[Any], Applier] = {
     c.WgInterface: _wg_interface,
     c.WgPeerAdded: _wg_peer_added,
     c.WgPeerRemoved: _wg_peer_removed,
+    c.VmPool: _vm_pool,
+    c.VmDefined: _vm_defined,
+    c.VmBalloonSet: _vm_balloon,
+    **{t: _vm_step for t in VM_OPS},
 }
 def _ignore(s: State, e: Any, seq: int, ts: int, sig: bytes | None) -> None:
     pass
