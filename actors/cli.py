@@ -28,6 +28,7 @@ from actors.mesh_cli import (
     add_identity_command,
     add_mesh_commands,
     endpoint_arg,
+    int_arg,
     interface_arg,
     mesh_ip_arg,
     port_arg,
@@ -36,10 +37,11 @@ from actors.runtime import LEDGER_SUBDIR, Node
 from actors.system import (
     DEFAULT_INTERFACE,
     DEFAULT_LISTEN_PORT,
+    DEFAULT_POOL,
     SystemDescriptionError,
     load_default,
 )
-from ledger.catalog import ROLES
+from ledger.catalog import ROLES, VmPool
 from ledger.commands import NAME_RE
 from ledger.errors import LedgerError, LedgerUsageError
 from ledger.files import fsync_dir
@@ -47,6 +49,7 @@ from ledger.keys import NODE_KEY_FILE, WIREGUARD_KEY_FILE, NodeKeys
 from ledger.log import Ledger
 from ledger.note import verifier_key
 from ledger.scan import LedgerCorrupt, LedgerNotInitialised, LogReader
+from ledger.vms import ACCELS
 
 
 def _node_init(args: argparse.Namespace) -> int:
@@ -66,9 +69,9 @@ def _node_init(args: argparse.Namespace) -> int:
         shutil.rmtree(staging)  # a torn earlier init: nothing in it was ever used
     origin = f"{name}.ppn/ledger"
     with Ledger.create(staging, keys, origin) as ledger:
-        ledger.append_many(system.first_events(name, keys, args.mesh_ip, args.role,
-                                                args.endpoint, args.interface,
-                                                args.listen_port))
+        ledger.append_many(system.first_events(
+            name, keys, args.mesh_ip, args.role, args.endpoint, args.interface,
+            args.listen_port, VmPool(args.vm_vcpus, args.vm_reserve_mib, args.vm_accel)))
         size = ledger.size
     if redo:  # kept, not deleted: an auditor may want to see what the torn init left
         os.rename(ledger_dir, state_dir / f"{LEDGER_SUBDIR}.unfinished-{time.time_ns()}")
@@ -298,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="its address on the mesh; without one the node waits to be "
                            "joined (the Genesis ceremony assigns it)")
     init.add_argument("--role", choices=ROLES, default="node")
+    init.add_argument("--vm-vcpus", type=int_arg(1, 4096), default=DEFAULT_POOL.vcpus,
+                      help="vCPUs the node hands out to guests (default %(default)s)")
+    init.add_argument("--vm-reserve-mib", type=int_arg(0, 1 << 22),
+                      default=DEFAULT_POOL.reserve_mib,
+                      help="host RAM kept from guests, MiB (default %(default)s)")
+    init.add_argument("--vm-accel", choices=("auto", *ACCELS), default=DEFAULT_POOL.accel,
+                      help="how guests run: auto (KVM when /dev/kvm works, else TCG)")
     init.add_argument("--endpoint", default=None, type=endpoint_arg,
                       help="underlay IP:PORT peers dial")
     init.add_argument("--interface", default=DEFAULT_INTERFACE, type=interface_arg,

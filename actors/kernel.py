@@ -102,6 +102,13 @@ SECTIONS: dict[str, Callable[[State], Any]] = {
                            "endpoint": p.endpoint, "mesh_ip": p.mesh_ip, "role": p.role,
                            "allowed_ips": list(p.allowed_ips), "keepalive": p.keepalive}
                   for p in list(s.peers.values())}},
+    "vm": lambda s: {
+        "pool": None if s.vm_pool is None else dict(s.vm_pool),
+        "vms": {v.name: {"name": v.name, "profile": v.profile, "vcpus": v.vcpus,
+                         "ram_mib": v.ram_mib, "image": v.image, "overlay": v.overlay,
+                         "state": v.state, "accel": v.accel, "pid": v.pid, "qmp": v.qmp,
+                         "balloon_mib": v.balloon_mib, "since": v.since_ns / 1e9}
+                for v in list(s.vms.values())}},
 }
 """Event family -> the part of the state that family's events build (as plain data).
 (Each iterates over a ``list()`` of the live table: taken in one step, while another

@@ -19,6 +19,7 @@ from ledger.catalog import (
     MemberAdded,
     NodeIdentity,
     PdDeclared,
+    VmPool,
     WgInterface,
 )
 from ledger.keys import NodeKeys
@@ -28,6 +29,9 @@ CHANNEL_RIGHTS = ("write", "grant-reply")
 """What a channel gives its ``from`` PD on ``endpoint:<to>``: send, and call."""
 DEFAULT_INTERFACE = "ppn0"
 DEFAULT_LISTEN_PORT = 51820
+DEFAULT_POOL = VmPool(vcpus=256, reserve_mib=1024, accel="auto")
+"""A node's guest capacity unless ``ppn node init`` is told otherwise: the seed's 256
+vCPUs, 1 GiB of the host's RAM kept for itself, KVM when it works."""
 JOURNAL_OBJECT = "ledger.append"
 """The object a PD's journalling capability is on (served by pd-ledger)."""
 RESERVED_FAMILIES = frozenset({"ledger", "node", "cap", "pd"})
@@ -101,7 +105,8 @@ class SystemDescription:
 
     def first_events(self, name: str, keys: NodeKeys, mesh_ip: str | None, role: str,
                      endpoint: str | None, interface: str = DEFAULT_INTERFACE,
-                     listen_port: int = DEFAULT_LISTEN_PORT) -> list[object]:
+                     listen_port: int = DEFAULT_LISTEN_PORT,
+                     pool: VmPool | None = None) -> list[object]:
         """A new node's ledger after its genesis record: who it is, its own membership
         (unless it has no mesh address yet: then it is waiting to be joined), its
         WireGuard interface, its PDs and their capabilities.  ``ppn node init`` and the
@@ -110,7 +115,8 @@ class SystemDescription:
             MemberAdded(name, keys.public_key, keys.wg_public_key, mesh_ip, endpoint, role)]
         return [NodeIdentity(name, keys.public_key, keys.wg_public_key, mesh_ip, role,
                              endpoint),
-                *me, WgInterface(interface, listen_port), *self.initial_events()]
+                *me, WgInterface(interface, listen_port), pool or DEFAULT_POOL,
+                *self.initial_events()]
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:

@@ -22,6 +22,7 @@ from actors.io.base import Adapter
 from actors.kernel import Kernel, Port
 from actors.pds import make_core
 from actors.system import load_default
+from ledger.catalog import VmPool
 from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
 from sims.host import Host, VirtualClock, World
@@ -60,7 +61,8 @@ class SimNode:
 def build_node(directory: Path, seed: int, *, name: str = "sim-node", role: str = "hub",
                mesh_ip: str = "10.8.0.1", endpoint: str | None = None,
                world: World | None = None, adapters: dict[str, Adapter] | None = None,
-               make_core: CoreFactory = make_core, start: bool = True) -> SimNode:
+               make_core: CoreFactory = make_core, start: bool = True,
+               pool: VmPool | None = None) -> SimNode:
     """A node initialised as ``ppn node init`` does, in ``directory`` (new or empty).
 
     ``world`` puts it on a shared clock and queue with other nodes (``sims.mesh``);
@@ -72,7 +74,17 @@ def build_node(directory: Path, seed: int, *, name: str = "sim-node", role: str 
     ledger = Ledger.create(directory, keys, f"{name}.ppn/ledger", clock=clock.ledger_ns,
                            options=SIM_OPTIONS)
     system = load_default()
-    ledger.append_many(system.first_events(name, keys, mesh_ip, role, endpoint))
+    ledger.append_many(system.first_events(name, keys, mesh_ip, role, endpoint, pool=pool))
+    return boot_node(name, directory, keys, ledger, seed, world=world, clock=clock,
+                     adapters=adapters, make_core=make_core, start=start)
+
+
+def boot_node(name: str, directory: Path, keys: NodeKeys, ledger: Ledger, seed: int, *,
+              world: World | None, clock: VirtualClock, adapters: dict[str, Adapter] | None,
+              make_core: CoreFactory = make_core, start: bool = True) -> SimNode:
+    """A kernel and host on ``ledger`` (a new one, or one a node ran on before: what
+    ``ppn node run`` does after a restart)."""
+    system = load_default()
     reply_ids = random.Random(f"ppn-sim-replies/{seed}")
     kernel = Kernel(ledger, reply_ids=lambda: reply_ids.getrandbits(63),
                     journals=system.journals)

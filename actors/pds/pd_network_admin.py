@@ -22,6 +22,10 @@ FORWARDS: dict[str, tuple[str, str]] = {
     "mesh.peer.remove": ("peers", "peer.remove"),
     "mesh.repair": ("peers", "repair"),
     "mesh.status": ("peers", "status"),
+    **{f"vm.{op}": ("vm.control", f"vm.{op}")
+       for op in ("create", "start", "pause", "resume", "stop", "destroy", "balloon")},
+    "vm.list": ("vm.query", "vm.list"),
+    "vm.pool": ("vm.query", "vm.pool"),
 }
 """Operator command -> (the object it needs a capability on, the op sent there)."""
 

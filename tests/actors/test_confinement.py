@@ -492,7 +492,7 @@ def test_a_core_is_started_with_its_own_view_only(node: SimNode, stage: Stage) -
             assert not hasattr(view, name)
         assert all(type(h) is Held and h.token.holder == pd for h in view.held)
         assert [h.token for h in view.held] == caps.tokens_of(state, pd)
-        assert set(view.owned) == {f for f in journals[pd] if f in ("mesh", "wg")}
+        assert set(view.owned) == {f for f in journals[pd] if f in ("mesh", "wg", "vm")}
         assert view.node == {"name": "sim-node", "role": "hub", "mesh_ip": "10.8.0.1",
                              "endpoint": None}
 

@@ -102,13 +102,13 @@ def wait_for(cond: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
-    """An initialised node, plus cap #30: pd-fleet may call pd-vmm (badge 6)."""
+    """An initialised node, plus cap #33: pd-fleet may call pd-vmm (badge 6)."""
     state = tmp_path / "state"
     assert cli.main(["node", "init", "--state-dir", str(state), "--name", "laptop-b"]) == 0
     with Ledger.open(state / "ledger", NodeKeys.load(state)) as ledger:
         kernel = Kernel(ledger)
         tok = caps.token_for(kernel.state.caps[VMM_ENDPOINT])
-        assert kernel.mint("pd-vmm", tok, ("write", "grant-reply"), 6, "pd-fleet").cap_id == 30
+        assert kernel.mint("pd-vmm", tok, ("write", "grant-reply"), 6, "pd-fleet").cap_id == 33
     return state
 
 
@@ -142,12 +142,12 @@ def lifecycle(node: Node, kind: type) -> list[Any]:
 
 
 def test_ping_between_pds_through_the_kernel(node: Node) -> None:
-    as_holder(node, FLEET_ENDPOINT, {"op": "relay", "cap": 30})
+    as_holder(node, FLEET_ENDPOINT, {"op": "relay", "cap": 33})
     replies = wait_for(lambda: node.host.core_status("pd-fleet")["replies"])  # type: ignore[index]
     assert replies == [{"op": "pong", "badge": 6, "from": "pd-vmm"}]
     # The operator's own call, answered to it and not to a PD.
     assert node.ping("pd-wireguard") == {"op": "pong", "badge": None, "from": "pd-wireguard"}
-    assert node.ping(cap_id=30) == {"op": "pong", "badge": 6, "from": "pd-vmm"}
+    assert node.ping(cap_id=33) == {"op": "pong", "badge": 6, "from": "pd-vmm"}
 
 
 def test_crash_restarts_the_pd_from_the_ledger(node: Node) -> None:
@@ -187,7 +187,7 @@ def test_message_queued_before_revoke_is_not_delivered_after(node: Node, probe: 
     assert probe.entered.wait(5)
     kernel.port("pd-fleet").send(child, {"op": "hello"})  # queued behind the block
     dropped = kernel.dropped
-    assert node.revoke(VMM_ENDPOINT) == 3  # the child, #30 and pd-fleet's channel (#18)
+    assert node.revoke(VMM_ENDPOINT) == 3  # the child, #33 and pd-fleet's channel (#18)
     probe.gate.set()
     received = node.host.core_status("pd-vmm")["received"]  # type: ignore[index]
     assert received.get("block") == 1 and "hello" not in received
@@ -199,7 +199,7 @@ def test_message_queued_before_revoke_is_not_delivered_after(node: Node, probe: 
 
 def test_refused_sends_are_counted_and_never_crash_the_pd(node: Node, probe: Probe) -> None:
     vmm_token = holder_token(node, VMM_ENDPOINT)  # held by pd-vmm, not pd-fleet
-    forged = Token(30, "pd-fleet", b"\x00" * 64)
+    forged = Token(33, "pd-fleet", b"\x00" * 64)
     probe.tokens[:] = [vmm_token, forged, Token(999, "pd-fleet", b"")]
     as_holder(node, FLEET_ENDPOINT, {"op": "send"})
     assert node.ping("pd-fleet")["from"] == "pd-fleet"  # after the three, in queue order
@@ -213,7 +213,7 @@ def test_refused_sends_are_counted_and_never_crash_the_pd(node: Node, probe: Pro
 
 
 def test_events_are_journalled_before_anything_is_sent(node: Node, probe: Probe) -> None:
-    probe.tokens[:] = [holder_token(node, 30)]  # pd-fleet's cap on pd-vmm
+    probe.tokens[:] = [holder_token(node, 33)]  # pd-fleet's cap on pd-vmm
     as_holder(node, FLEET_ENDPOINT, {"op": "send-then-bad-append"})
     # Refused whole (an object is not an event): nothing appended, nothing sent, no crash.
     assert node.ping("pd-fleet")["from"] == "pd-fleet"
@@ -262,16 +262,16 @@ def test_one_node_per_state_directory(node: Node) -> None:
 
 
 def test_caps_tree_is_drawn_with_branches(node: Node) -> None:
-    assert node.mint(30, ["write"], "pd-fleet") == 31
-    assert node.mint(VMM_ENDPOINT, ["read"], "pd-network-admin", badge=7) == 32
+    assert node.mint(33, ["write"], "pd-fleet") == 34
+    assert node.mint(VMM_ENDPOINT, ["read"], "pd-network-admin", badge=7) == 35
     rows = [r for r in node.caps_tree() if r["object"] == "endpoint:pd-vmm"]
     assert [(r["cap"], r["depth"], r["last"]) for r in rows] == [
-        (9, 0, False), (18, 1, False), (30, 1, False), (31, 2, True), (32, 1, True)]
+        (9, 0, False), (18, 1, False), (33, 1, False), (34, 2, True), (35, 1, True)]
     assert draw_tree(rows)[3:] == [
-        "\u2502  \u2514\u2500 #31 pd-fleet endpoint:pd-vmm write badge=6",
-        "\u2514\u2500 #32 pd-network-admin endpoint:pd-vmm read badge=7"]
+        "\u2502  \u2514\u2500 #34 pd-fleet endpoint:pd-vmm write badge=6",
+        "\u2514\u2500 #35 pd-network-admin endpoint:pd-vmm read badge=7"]
     with pytest.raises(CapRefused, match="cannot derive 'grant'") as refused:
-        node.mint(31, ["write", "grant"], "pd-fleet")
+        node.mint(34, ["write", "grant"], "pd-fleet")
     assert refused.value.code == "escalation"
 
 
@@ -302,7 +302,7 @@ def test_control_socket_in_process(state_dir: Path, probe: Probe) -> None:
         with pytest.raises(ControlError, match="already listening"):
             listen(path)
         with pytest.raises(ControlError, match="cannot derive 'grant'"):
-            request(state_dir, {"cmd": "caps.mint", "cap": 30, "rights": ["grant"],
+            request(state_dir, {"cmd": "caps.mint", "cap": 33, "rights": ["grant"],
                                 "to": "pd-fleet"})
         assert request(state_dir, {"cmd": "status"})["pds"]["pd-ledger"]["alive"]
     assert not path.exists()
@@ -356,7 +356,7 @@ def test_a_full_mailbox_refuses_the_send_at_the_sender(
     as_holder(node, VMM_ENDPOINT, {"op": "block"})
     assert probe.entered.wait(5)
     fleet = node.kernel.port("pd-fleet")
-    tok = holder_token(node, 30)
+    tok = holder_token(node, 33)
     sent = 0
     with pytest.raises(CapRefused) as refused:
         for i in range(1000):

@@ -74,21 +74,21 @@ def drive(state: Path) -> None:
     """Mint, refuse an escalation, ping, revoke, and bad requests that change nothing."""
     assert ppn("caps", "mint", "--state-dir", state, "9", "--rights", "write,grant-reply",
                "--badge", "6", "--to", "pd-fleet").stdout.strip() == \
-        "minted #30 from #9 for pd-fleet"
-    assert ppn("caps", "mint", "--state-dir", state, "#30", "--rights", "write",
-               "--to", "pd-fleet").stdout.startswith("minted #31 from #30")
-    up = ppn("caps", "mint", "--state-dir", state, "31", "--rights", "write,grant",
+        "minted #33 from #9 for pd-fleet"
+    assert ppn("caps", "mint", "--state-dir", state, "#33", "--rights", "write",
+               "--to", "pd-fleet").stdout.startswith("minted #34 from #33")
+    up = ppn("caps", "mint", "--state-dir", state, "34", "--rights", "write,grant",
              "--to", "pd-fleet", check=False)
     assert up.returncode == 1 and "Traceback" not in up.stderr
-    assert "cap #31 (needs 'grant'): cannot derive 'grant'" in up.stderr
-    pong = json.loads(ppn("node", "ping", "--state-dir", state, "--cap", "30").stdout)
+    assert "cap #34 (needs 'grant'): cannot derive 'grant'" in up.stderr
+    pong = json.loads(ppn("node", "ping", "--state-dir", state, "--cap", "33").stdout)
     assert pong == {"op": "pong", "badge": 6, "from": "pd-vmm"}
     assert ppn("caps", "mint", "--state-dir", state, "21", "--rights", "read", "--to",
                "pd-vmm", check=False).returncode == 1  # #21 lacks grant
     assert ppn("caps", "mint", "--state-dir", state, "4", "--rights", "read", "--badge", "3",
                "--to", "pd-vmm").returncode == 0
-    out = ppn("caps", "revoke", "--state-dir", state, "30").stdout
-    assert out.strip() == "revoked #30: 1 derived capabilities deleted"
+    out = ppn("caps", "revoke", "--state-dir", state, "33").stdout
+    assert out.strip() == "revoked #33: 1 derived capabilities deleted"
     replies = raw(state / "control.sock",
                   b'{"cmd": "caps.revoke", "cap": "26"}\n'
                   b'not json\n'
@@ -114,12 +114,12 @@ def test_node_run_survives_kill_and_stops_cleanly(state: Path, tmp_path: Path) -
         st = json.loads(ppn("node", "status", "--state-dir", state, "--json").stdout)
         assert st["node"] == "laptop-b" and st["role"] == "hub"
         assert {p["status"] for p in st["pds"].values()} == {"running"}
-        assert st["refused_total"] >= 2 and st["ledger"]["size"] == 45
+        assert st["refused_total"] >= 2 and st["ledger"]["size"] == 49
         tree = ppn("caps", "tree", "--state-dir", state).stdout
         assert "\u2514\u2500 #16 pd-wireguard endpoint:pd-net-driver write,grant-reply badge=3" \
             in tree
-        assert "\u2514\u2500 #32 pd-vmm net read badge=3" in tree
-        assert "#30" in tree and "#31" not in tree
+        assert "\u2514\u2500 #35 pd-vmm net read badge=3" in tree
+        assert "#33" in tree and "#34" not in tree
         assert "#21 " not in tree and "#22 " not in tree  # revoking #2 took the journal caps
         os.kill(first.proc.pid, signal.SIGKILL)
         assert first.proc.wait(10) == -signal.SIGKILL
@@ -128,7 +128,7 @@ def test_node_run_survives_kill_and_stops_cleanly(state: Path, tmp_path: Path) -
     assert sock.exists()  # stale: nothing listens
     down = ppn("node", "status", "--state-dir", state, check=False)
     assert down.returncode == 1 and "the node is not running" in down.stderr
-    assert ppn("ledger", "verify", state / "ledger").stdout.startswith("ok: 45 records")
+    assert ppn("ledger", "verify", state / "ledger").stdout.startswith("ok: 49 records")
 
     second = RunningNode(state, tmp_path / "run2.log")
     try:
@@ -138,7 +138,7 @@ def test_node_run_survives_kill_and_stops_cleanly(state: Path, tmp_path: Path) -
     finally:
         second.close()
     assert not sock.exists()
-    assert ppn("ledger", "verify", state / "ledger").stdout.startswith("ok: 45 records")
+    assert ppn("ledger", "verify", state / "ledger").stdout.startswith("ok: 49 records")
     gone = ppn("caps", "list", "--state-dir", state, check=False)
     assert gone.returncode == 1 and "no control socket" in gone.stderr
 

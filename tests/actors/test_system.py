@@ -52,8 +52,8 @@ journals = []
      "pd[2].badge: 2 is another PD's badge"),
     ('[[pd]]\nname = "pd-c"\npriority = 3\nbadge = 3\nserves = []\njournals = ["cap"]\n',
      "pd[2].journals: 'cap' is not an event family a PD may journal"),
-    ('[[pd]]\nname = "pd-c"\npriority = 3\nbadge = 3\nserves = []\njournals = ["vm"]\n',
-     "pd[2].journals: 'vm' is not an event family"),
+    ('[[pd]]\nname = "pd-c"\npriority = 3\nbadge = 3\nserves = []\njournals = ["zz"]\n',
+     "pd[2].journals: 'zz' is not an event family"),
     ('[[pd]]\nname = "pd-c"\npriority = 3\nbadge = 3\nserves = []\njournals = ["mesh"]\n',
      "pd[2].journals: pd-c journals, but no [[cap]] gives it write on ledger.append"),
     ('[[cap]]\nholder = "pd-b"\nobject = "ledger.append"\nrights = ["write"]\n',
@@ -95,6 +95,7 @@ def test_every_entry_of_the_shipped_description_is_used() -> None:
     assert all(g.badge == badge[g.holder] for g in derived)
     journalling = {g.holder for g in derived if g.obj == "ledger.append"}
     assert journalling == {p.name for p in sd.pds if p.journals} == {
-        "pd-genesis", "pd-network-admin", "pd-wireguard"}
+        "pd-genesis", "pd-network-admin", "pd-wireguard", "pd-vmm"}
     assert sd.journals["pd-network-admin"] == frozenset({"mesh"})
-    assert sd.journals["pd-vmm"] == frozenset()
+    assert sd.journals["pd-vmm"] == frozenset({"vm"})
+    assert sd.journals["pd-fleet"] == frozenset()
