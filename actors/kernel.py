@@ -141,6 +141,7 @@ class Kernel:
         self._epochs: Counter[str] = Counter()  # PD -> how many times its core was replaced
         self._node_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._public: dict[str, Any] | None = None  # the node's identity, as last told
+        self._node_seen: dict[str, Any] | None = None  # state.node when it was last looked at
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
         self.dropped = 0  # deliveries stopped at the receiver: cap revoked in flight
         self.forged = 0  # deliveries the kernel did not make, refused at the receiver
@@ -152,7 +153,7 @@ class Kernel:
         """``listener`` (the host's) hears the node's public identity each time a journalled
         batch changes it, to tell every running core (``NodeChanged``)."""
         self._node_listeners.append(listener)
-        self._public = self._public_node()
+        self._node_seen, self._public = self._state.node, self._public_node()
 
     def _public_node(self) -> dict[str, Any] | None:
         node = self._state.node
@@ -434,7 +435,10 @@ class Kernel:
             except commands.EventInvalid as exc:
                 raise CapRefused("bad-event", pd, cap.cap_id, str(exc)) from None
             self._ledger.append_many(events)
-            if self._node_listeners:
+            if self._node_listeners and self._state.node is not self._node_seen:
+                # The fold replaces the node's dict whenever it changes: an identity
+                # test per batch, and the public part compared only then.
+                self._node_seen = self._state.node
                 public = self._public_node()
                 if public != self._public and public is not None:
                     self._public = public

@@ -21,7 +21,7 @@ from actors.engine import CoreFactory
 from actors.io.base import Adapter
 from actors.kernel import Kernel, Port
 from actors.pds import make_core
-from actors.system import load_default
+from actors.system import SystemDescription, load_default
 from ledger.catalog import VmPool
 from ledger.keys import NodeKeys
 from ledger.log import Ledger, Options
@@ -76,15 +76,16 @@ def build_node(directory: Path, seed: int, *, name: str = "sim-node", role: str 
     system = load_default()
     ledger.append_many(system.first_events(name, keys, mesh_ip, role, endpoint, pool=pool))
     return boot_node(name, directory, keys, ledger, seed, world=world, clock=clock,
-                     adapters=adapters, make_core=make_core, start=start)
+                     adapters=adapters, make_core=make_core, start=start, system=system)
 
 
 def boot_node(name: str, directory: Path, keys: NodeKeys, ledger: Ledger, seed: int, *,
               world: World | None, clock: VirtualClock, adapters: dict[str, Adapter] | None,
-              make_core: CoreFactory = make_core, start: bool = True) -> SimNode:
+              make_core: CoreFactory = make_core, start: bool = True,
+              system: SystemDescription | None = None) -> SimNode:
     """A kernel and host on ``ledger`` (a new one, or one a node ran on before: what
     ``ppn node run`` does after a restart)."""
-    system = load_default()
+    system = system or load_default()
     reply_ids = random.Random(f"ppn-sim-replies/{seed}")
     kernel = Kernel(ledger, reply_ids=lambda: reply_ids.getrandbits(63),
                     journals=system.journals)

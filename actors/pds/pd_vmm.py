@@ -178,9 +178,6 @@ class VmmCore(Core):
             return f"{m.payload.get('op')} needs a capability on {' or '.join(objects)}"
         return None
 
-    def _fail(self, m: Message, why: str) -> list[Action]:
-        return self.error(m, why)
-
     def _vm(self, p: dict[str, Any]) -> tuple[str | None, str | None]:
         name = p.get("name")
         if type(name) is not str or not NAME_RE.fullmatch(name):
@@ -216,21 +213,21 @@ class VmmCore(Core):
     def op_create(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         why = self._allowed(m, CONTROL)
         if why is not None:
-            return self._fail(m, why)
+            return self.error(m, why)
         if self.host is None:
             self._waiting_host.append(("create", m, p))
             return []
         profiles, limits = self.host["profiles"], self.host["limits"]
         profile = p.get("profile")
         if type(profile) is not str or profile not in profiles:
-            return self._fail(m, f"no profile {str(profile)[:40]!r} (profiles: "
+            return self.error(m, f"no profile {str(profile)[:40]!r} (profiles: "
                                  f"{', '.join(sorted(profiles))})")
         prof = profiles[profile]
         vcpus, ram = p.get("vcpus", prof["vcpus"]), p.get("ram_mib", prof["ram_mib"])
         for what, value, (lo, hi) in (("vcpus", vcpus, limits["vcpus"]),
                                       ("RAM (MiB)", ram, limits["ram_mib"])):
             if type(value) is not int or not lo <= value <= hi:
-                return self._fail(m, f"{what} {str(value)[:20]}: not {lo}-{hi} (the limits "
+                return self.error(m, f"{what} {str(value)[:20]}: not {lo}-{hi} (the limits "
                                      "of the profiles file)")
         name = p.get("name")
         if name is None:
@@ -238,11 +235,11 @@ class VmmCore(Core):
                         if f"{profile}-{i}" not in self.vms)
         name, bad = self._vm({"name": name})
         if bad is not None or name is None:
-            return self._fail(m, bad or "bad name")
+            return self.error(m, bad or "bad name")
         if name in self.vms:
-            return self._fail(m, f"VM {name} exists already")
+            return self.error(m, f"VM {name} exists already")
         if p.get("start", False) not in (True, False):
-            return self._fail(m, "start: true or false")
+            return self.error(m, "start: true or false")
         image = prof.get("image")
         overlay = None if image is None else f"{self.host['vm_dir']}/{name}.qcow2"
         event = VmDefined(name, profile, vcpus, ram, image, overlay)
@@ -267,7 +264,7 @@ class VmmCore(Core):
     def op_start(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         name, why = self._check(m, p, "start")
         if why is not None or name is None:
-            return self._fail(m, why or "")
+            return self.error(m, why or "")
         if self.host is None:
             self._waiting_host.append(("start", m, p))
             return []
@@ -312,19 +309,19 @@ class VmmCore(Core):
     def op_pause(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         name, why = self._check(m, p, "pause")
         if why is not None or name is None:
-            return self._fail(m, why or "")
+            return self.error(m, why or "")
         return self._command(name, "stop", [m.reply] if m.reply else [], "pause")
 
     def op_resume(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         name, why = self._check(m, p, "resume")
         if why is not None or name is None:
-            return self._fail(m, why or "")
+            return self.error(m, why or "")
         return self._command(name, "cont", [m.reply] if m.reply else [], "resume")
 
     def op_stop(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         name, why = self._check(m, p, "stop")
         if why is not None or name is None:
-            return self._fail(m, why or "")
+            return self.error(m, why or "")
         askers = [m.reply] if m.reply else []
         if name in self._stopping:
             self._stopping[name][1].extend(askers)
@@ -336,7 +333,7 @@ class VmmCore(Core):
     def op_destroy(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         name, why = self._check(m, p, "destroy")
         if why is not None or name is None:
-            return self._fail(m, why or "")
+            return self.error(m, why or "")
         askers = [m.reply] if m.reply else []
         if self.vms[name]["state"] in ACTIVE:
             self._stopping[name] = ("destroy", askers)
@@ -364,14 +361,14 @@ class VmmCore(Core):
                                                or not 1 <= mib <= vm["ram_mib"]):
             why = f"balloon {str(mib)[:20]} MiB: not 1-{vm['ram_mib']} (its RAM)"
         if why is not None or name is None or type(mib) is not int:
-            return self._fail(m, why or "")
+            return self.error(m, why or "")
         return self._command(name, "balloon", [m.reply] if m.reply else [], "balloon",
                              {"value": mib * MIB}, mib=mib)
 
     def op_list(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         why = self._allowed(m, QUERY)
         if why is not None:
-            return self._fail(m, why)
+            return self.error(m, why)
         if m.reply is None:
             return []
         return [Reply(m.reply, {"ok": True, "vms": [self._public(n, now)
@@ -380,7 +377,7 @@ class VmmCore(Core):
     def op_pool(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         why = self._allowed(m, QUERY)
         if why is not None:
-            return self._fail(m, why)
+            return self.error(m, why)
         if m.reply is None:
             return []
         return [Reply(m.reply, {"ok": True, **self.usage()})]
@@ -429,7 +426,7 @@ class VmmCore(Core):
             alive = ok and value.get("alive") is True
             if alive:
                 return [Append(VmReattached(name, int(vm["pid"])))]
-            self._lost(name, now)
+            self._lost(name)
             return [Append(VmLost(name, f"gone while the node was down ({error or 'dead'})"
                                   [:300]))]
         if not ok:
@@ -480,7 +477,7 @@ class VmmCore(Core):
             return [Append(VmResumed(name, why))]
         return []
 
-    def _lost(self, name: str, now: float) -> None:
+    def _lost(self, name: str) -> None:
         vm = self.vms.get(name)
         if vm is not None:
             vm.update(state="lost", pid=None)
@@ -511,7 +508,7 @@ class VmmCore(Core):
             return []  # not ours, or already accounted for
         stopping = self._stopping.pop(event.name, None)
         if stopping is None:
-            self._lost(event.name, now)
+            self._lost(event.name)
             return [Append(VmLost(event.name, f"QEMU exited unasked (status "
                                   f"{event.returncode})"))]
         how, askers = stopping
