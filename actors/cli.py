@@ -41,6 +41,7 @@ from actors.system import (
     SystemDescriptionError,
     load_default,
 )
+from actors.vm_cli import add_vm_commands
 from ledger.catalog import ROLES, VmPool
 from ledger.commands import NAME_RE
 from ledger.errors import LedgerError, LedgerUsageError
@@ -320,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caps_commands(top)
     _add_net_commands(top)
     add_mesh_commands(top)
+    add_vm_commands(top)
 
     add_ledger_commands(top)
     return p

@@ -84,6 +84,7 @@ class Operator(Protocol):
     def mesh_peer_remove(self, name: str) -> dict[str, Any]: ...
     def mesh_repair(self) -> list[str]: ...
     def mesh_status(self) -> dict[str, Any]: ...
+    def vm(self, op: str, **fields: Any) -> Any: ...
 
 
 # ----------------------------------------------------------------- request decoding
@@ -122,6 +123,20 @@ def _wg_key(v: Any) -> bytes:
     return key
 
 
+def _count(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"must be a whole number, {lo}-{hi}")
+        return v
+    return check
+
+
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
 def _seconds(v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65535:
         raise ValueError("must be a whole number of seconds, 0-65535")
@@ -132,7 +147,11 @@ FIELDS: dict[str, Callable[[Any], Any]] = {"cap": _cap_id, "badge": _cap_id, "pd
                                            "to": _name, "rights": _rights, "name": _text,
                                            "wg_key": _wg_key, "endpoint": _text,
                                            "mesh_ip": _text, "role": _text,
-                                           "keepalive": _seconds}
+                                           "keepalive": _seconds, "profile": _text,
+                                           "vcpus": _count(1, 4096),
+                                           "ram_mib": _count(1, 1 << 22),
+                                           "mib": _count(1, 1 << 22), "start": _flag}
+VM_OPS = ("start", "pause", "resume", "stop", "destroy")
 COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, optional) fields
     "status": (set(), set()),
     "caps.list": (set(), {"pd"}),
@@ -145,6 +164,11 @@ COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, opti
     "mesh.peer.remove": ({"name"}, set()),
     "mesh.repair": (set(), set()),
     "mesh.status": (set(), set()),
+    "vm.create": ({"profile"}, {"name", "vcpus", "ram_mib", "start"}),
+    "vm.list": (set(), set()),
+    "vm.pool": (set(), set()),
+    "vm.balloon": ({"name", "mib"}, set()),
+    **{f"vm.{op}": ({"name"}, set()) for op in VM_OPS},
 }
 
 
@@ -217,6 +241,8 @@ def execute(op: Operator, cmd: str, f: dict[str, Any]) -> Any:
         return op.mesh_repair()
     if cmd == "mesh.status":
         return op.mesh_status()
+    if cmd.startswith("vm."):
+        return op.vm(cmd.removeprefix("vm."), **f)
     raise RequestError(f"unknown command {cmd!r}")  # COMMANDS and this list disagree
 
 

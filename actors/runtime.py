@@ -30,6 +30,7 @@ from actors.engine import CoreFactory
 from actors.host import Host
 from actors.io.base import Adapter
 from actors.io.netlink import NetlinkAdapter
+from actors.io.qemu import QemuAdapter
 from actors.io.wireguard import DeviceAdapter
 from actors.kernel import Kernel, OperatorPort
 from actors.pds import make_core
@@ -44,10 +45,12 @@ LEDGER_SUBDIR = "ledger"
 PING_TIMEOUT = 2.0
 ADMIN = "pd-network-admin"
 ADMIN_TIMEOUT = 10.0
+VM_TIMEOUT = 40.0  # a stop is ACPI powerdown, then quit 10 s later; many guests may start
 AdapterFactory = Callable[[], dict[str, Adapter]]
 
 
 MAX_ERROR_TEXT = 300
+VM_ONE = ("start", "pause", "resume", "stop", "balloon")  # answered with the guest
 
 
 def one_line(text: str) -> str:
@@ -81,10 +84,10 @@ def _links_ok(links: Any) -> bool:
 
 def real_adapters(state_dir: Path, *, tunnel: bool = True) -> dict[str, Adapter]:
     """The node's adapters, by PD: real I/O (netlink and the WireGuard backend's process
-    for pd-net-driver, the device over UAPI for pd-wireguard).  ``tunnel=False``: the
-    node never starts or changes a WireGuard device or a link."""
+    for pd-net-driver, the device over UAPI for pd-wireguard, QEMU over QMP for pd-vmm).
+    ``tunnel=False``: the node never starts or changes a WireGuard device or a link."""
     return {"pd-net-driver": NetlinkAdapter(tunnels=tunnel),
-            "pd-wireguard": DeviceAdapter(state_dir)}
+            "pd-wireguard": DeviceAdapter(state_dir), "pd-vmm": QemuAdapter(state_dir)}
 
 
 def cap_json(c: Cap) -> dict[str, Any]:
@@ -303,6 +306,20 @@ class Node:
         if type(repaired) is not list or not all(type(r) is str for r in repaired):
             raise ControlError("mesh.repair: malformed answer from pd-wireguard")
         return [one_line(r) for r in repaired]
+
+    def vm(self, op: str, **fields: Any) -> Any:
+        """A guest operation (``create``, ``list``, ``pool``, ``start`` ... ``balloon``),
+        at pd-network-admin, which forwards it to pd-vmm under its vm.control cap (or
+        vm.query: ``list`` and ``pool``)."""
+        out = self.admin(f"vm.{op}", timeout=VM_TIMEOUT, **fields)
+        if op == "list":
+            vms = out.get("vms")
+            if type(vms) is not list or not all(type(v) is dict for v in vms):
+                raise ControlError("vm.list: malformed answer from pd-vmm")
+            return jsonable(vms)
+        if op in ("create", *VM_ONE) and type(out.get("vm")) is not dict:
+            raise ControlError(f"vm.{op}: malformed answer from pd-vmm")
+        return jsonable(out.get("vm") if op != "pool" and "vm" in out else out)
 
     def net_links(self) -> list[dict[str, Any]]:
         """The node's links and addresses, as pd-net-driver reads them (via pd-network-admin)."""

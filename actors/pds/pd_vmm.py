@@ -155,7 +155,10 @@ class VmmCore(Core):
         self._stopping: dict[str, tuple[str, list[ReplyCap]]] = {}  # name -> (how, askers)
         self._starting: dict[str, tuple[int, int]] = {}  # name -> (vcpus, ram) being launched
         self._actual: dict[str, int] = {}  # name -> the balloon's size as QEMU last said
+        self._audit: dict[str, str] = {}  # name -> the QMP socket pd-vmm never uses
         self._waiting_host: list[tuple[str, Message, dict[str, Any]]] = []
+        self.host_error: str | None = None
+        self._host_asked = False
 
     # ------------------------------------------------------------------ start
     def start(self, view: PdView, now: float) -> list[Action]:
@@ -164,7 +167,7 @@ class VmmCore(Core):
         self.vms = {k: dict(v) for k, v in (section.get("vms") or {}).items()}
         if section.get("pool"):
             self.pool = dict(section["pool"])
-        actions.append(LoadHost(self.request_id()))
+        actions += self._load_host()
         for name, vm in sorted(self.vms.items()):
             if vm["state"] in ACTIVE and vm.get("pid") and vm.get("qmp"):
                 rid = self.request_id()
@@ -206,6 +209,7 @@ class VmmCore(Core):
                 "ram_mib": {"capacity": ram, "used": used_ram, "free": max(0, ram - used_ram),
                             "reserve": reserve, "host": host.get("mem_mib")},
                 "load": host.get("load"), "cpus": host.get("cpus"), "accel": self._accel(),
+                "supervision": host.get("supervision"), "host_error": self.host_error,
                 "guests": {s: sum(1 for v in self.vms.values() if v["state"] == s)
                            for s in sorted({v["state"] for v in self.vms.values()})}}
 
@@ -214,9 +218,9 @@ class VmmCore(Core):
         why = self._allowed(m, CONTROL)
         if why is not None:
             return self.error(m, why)
-        if self.host is None:
+        if self.host is None:  # not read yet, or it failed: read it (again) first
             self._waiting_host.append(("create", m, p))
-            return []
+            return self._load_host()
         profiles, limits = self.host["profiles"], self.host["limits"]
         profile = p.get("profile")
         if type(profile) is not str or profile not in profiles:
@@ -265,9 +269,9 @@ class VmmCore(Core):
         name, why = self._check(m, p, "start")
         if why is not None or name is None:
             return self.error(m, why or "")
-        if self.host is None:
+        if self.host is None:  # not read yet, or it failed: read it (again) first
             self._waiting_host.append(("start", m, p))
-            return []
+            return self._load_host()
         return self._start(name, [m.reply] if m.reply else [])
 
     def _start(self, name: str, askers: list[ReplyCap]) -> list[Action]:
@@ -380,13 +384,21 @@ class VmmCore(Core):
             return self.error(m, why)
         if m.reply is None:
             return []
-        return [Reply(m.reply, {"ok": True, **self.usage()})]
+        self._waiting_host.append(("pool", m, p))  # answered with the host read afresh
+        return self._load_host()
+
+    def _load_host(self) -> list[Action]:
+        if self._host_asked:
+            return []
+        self._host_asked = True
+        return [LoadHost(self.request_id())]
 
     def _public(self, name: str, now: float) -> dict[str, Any]:
         vm = self.vms[name]
         since = vm.get("since")
         return {**{k: vm.get(k) for k in ("name", "profile", "state", "vcpus", "ram_mib",
                                           "accel", "pid", "qmp", "image", "overlay")},
+                "audit_qmp": self._audit.get(name) if vm["state"] in ACTIVE else None,
                 "balloon_target_mib": vm.get("balloon_mib"),
                 "balloon_actual_mib": self._actual.get(name),
                 "uptime": None if vm["state"] not in ACTIVE or since is None
@@ -400,17 +412,29 @@ class VmmCore(Core):
         return self._host_loaded(answer, now)
 
     def _host_loaded(self, answer: IoAnswer, now: float) -> list[Action]:
+        """The host read (at start, and afresh for each ``vm.pool``).  A failure keeps
+        what was read before and says why in ``vm.pool``; the next command reads it
+        again (a fixed profiles file is picked up without a restart)."""
+        self._host_asked = False
+        waiting, self._waiting_host = self._waiting_host, []
+        actions: list[Action] = []
         if not isinstance(answer, IoResult) or type(answer.value) is not dict:
             error = getattr(answer, "error", "an odd answer")
-            waiting, self._waiting_host = self._waiting_host, []
-            return [Reply(m.reply, {"ok": False, "error": f"{self.name}: cannot read the "
-                                    f"host or the profiles: {error}"})
-                    for _, m, _ in waiting if m.reply is not None]
-        self.host = dict(answer.value)
-        actions: list[Action] = []
-        waiting, self._waiting_host = self._waiting_host, []
+            self.host_error = f"cannot read the host or the profiles: {error}"
+            for op, m, _ in waiting:
+                if op == "pool" and self.host is not None and m.reply is not None:
+                    actions.append(Reply(m.reply, {"ok": True, **self.usage()}))
+                else:
+                    actions += self.error(m, self.host_error)
+            return actions
+        self.host, self.host_error = dict(answer.value), None
         for op, m, p in waiting:
-            actions += self.op_create(m, p, now) if op == "create" else self.op_start(m, p, now)
+            if op == "pool" and m.reply is not None:
+                actions.append(Reply(m.reply, {"ok": True, **self.usage()}))
+            elif op == "create":
+                actions += self.op_create(m, p, now)
+            elif op == "start":
+                actions += self.op_start(m, p, now)
         return actions
 
     def _step(self, step: str, name: str, askers: list[ReplyCap], extra: dict[str, Any],
@@ -425,7 +449,11 @@ class VmmCore(Core):
                 return []
             alive = ok and value.get("alive") is True
             if alive:
-                return [Append(VmReattached(name, int(vm["pid"])))]
+                self._observed(name, value)
+                found = {"paused": "STOP", "running": "RESUME"}.get(str(value.get("status")))
+                return [Append(VmReattached(name, int(vm["pid"]))),
+                        *([] if found is None else
+                          self._seen(name, found, "found so at re-attachment", now))]
             self._lost(name)
             return [Append(VmLost(name, f"gone while the node was down ({error or 'dead'})"
                                   [:300]))]
@@ -447,6 +475,7 @@ class VmmCore(Core):
                         for r in askers]
             vm.update(state="running", pid=pid, qmp=extra["qmp"], accel=extra["accel"],
                       since=now)
+            self._observed(name, value)
             return [Append(VmStarted(name, pid, extra["qmp"], extra["accel"])),
                     *[Reply(r, {"ok": True, "vm": self._public(name, now)}) for r in askers]]
         if step in ("pause", "resume") and vm is not None:
@@ -454,14 +483,25 @@ class VmmCore(Core):
                     *[Reply(r, {"ok": True, "vm": self._public(name, now)}) for r in askers]]
         if step == "balloon" and vm is not None:
             vm["balloon_mib"] = extra["mib"]
+            self._observed(name, value)
             return [Append(VmBalloonSet(name, extra["mib"])),
                     *[Reply(r, {"ok": True, "vm": self._public(name, now)}) for r in askers]]
         if step == "remove":
             self.vms.pop(name, None)
             self._actual.pop(name, None)
+            self._audit.pop(name, None)
             return [Append(VmDestroyed(name)),
                     *[Reply(r, {"ok": True, "destroyed": name}) for r in askers]]
         return []  # powerdown and quit are answered when the process ends
+
+    def _observed(self, name: str, value: dict[str, Any]) -> None:
+        """What the adapter saw of a guest: its balloon's size, its audit socket."""
+        actual = value.get("actual")
+        if type(actual) is int and actual >= 0:
+            self._actual[name] = actual // MIB
+        audit = value.get("audit_qmp")
+        if type(audit) is str and len(audit) <= 200:
+            self._audit[name] = audit
 
     def _seen(self, name: str, event: str, why: str, now: float) -> list[Action]:
         """A guest paused or resumed (QMP said so, or our command returned): recorded
@@ -481,6 +521,7 @@ class VmmCore(Core):
         vm = self.vms.get(name)
         if vm is not None:
             vm.update(state="lost", pid=None)
+        self._actual.pop(name, None)
 
     def timer(self, name: str, now: float) -> list[Action]:
         if not name.startswith("stop:"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from actors import vm_config
 from actors.io.base import Answer, Emit
 from actors.pds.base import IoFailure, IoRequest, IoResult
 from actors.pds.pd_vmm import (
@@ -34,14 +35,9 @@ NS = 1_000_000_000
 LAUNCH_NS = 300_000_000  # firmware start to the QMP greeting (TCG, disk-less: ~0.3 s)
 ANSWER_NS = 200_000
 
-PROFILES = {
-    "mediakit": {"vcpus": 2, "ram_mib": 2048, "image": None},
-    "totebox": {"vcpus": 2, "ram_mib": 1024, "image": None},
-    "orchestration": {"vcpus": 4, "ram_mib": 4096, "image": None},
-    "privategit": {"vcpus": 2, "ram_mib": 2048, "image": None},
-    "tiny": {"vcpus": 1, "ram_mib": 64, "image": None},
-}
-LIMITS = {"vcpus": [1, 32], "ram_mib": [16, 65536]}
+_SHIPPED = vm_config.load()  # the same profiles and limits as a real node's
+PROFILES: dict[str, dict[str, Any]] = _SHIPPED["profiles"]
+LIMITS: dict[str, list[int]] = _SHIPPED["limits"]
 
 
 @dataclass
@@ -102,13 +98,17 @@ class SimQemu:
                 self.procs[request.name] = _Proc(self._next_pid, request.name,
                                                  request.ram_mib, balloon_mib=request.ram_mib)
                 self.files.add(request.qmp)
-                out, delay = IoResult(rid, {"pid": self._next_pid}), LAUNCH_NS
+                out = IoResult(rid, {"pid": self._next_pid, "status": "running",
+                                     "actual": request.ram_mib << 20,
+                                     "audit_qmp": request.qmp.replace(".qmp", ".audit.qmp")})
+                delay = LAUNCH_NS
         elif type(request) is AttachVm:
             proc = self.procs.get(request.name)
             if proc is None or proc.pid != request.pid:
                 out = IoFailure(rid, f"no QEMU with pid {request.pid}")
             else:
-                out = IoResult(rid, {"alive": True, "status": proc.status})
+                out = IoResult(rid, {"alive": True, "status": proc.status,
+                                     "actual": proc.balloon_mib << 20})
         elif type(request) is VmCommand:
             out = self._command(request)
         elif type(request) is RemoveVmFiles:
@@ -140,8 +140,8 @@ class SimQemu:
             target = r.arguments.get("value")
             if type(target) is not int or target <= 0:
                 return IoFailure(r.request_id, "balloon: bad value")
-            # No guest driver: the actual size never moves.
-            events.append(("BALLOON_CHANGE", {"actual": proc.balloon_mib << 20}))
+            # No guest driver: the actual size never moves (and QEMU says nothing).
+            value = {"actual": proc.balloon_mib << 20}
         elif r.command == "query-status":
             value = {"status": proc.status, "running": proc.status == "running"}
         elif r.command == "query-balloon":

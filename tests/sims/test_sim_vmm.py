@@ -141,12 +141,12 @@ def test_admission_refuses_what_does_not_fit_with_the_numbers(tmp_path: Path) ->
                 assert v.cmd("vm.create", profile="tiny", name=f"t{i}", start=True)["ok"]
             assert len(v.qemu.procs) == 16
             no = v.cmd("vm.create", profile="tiny", name="t16", start=True)
-            assert no["ok"] is False and "asked 1 vCPUs and 64 MiB; free 0 of 16 vCPUs" \
+            assert no["ok"] is False and "asked 1 vCPUs and 32 MiB; free 0 of 16 vCPUs" \
                 in no["error"] and "reserve 1024 MiB" in no["error"]
             assert v.state("t16") == "defined" and len(v.qemu.procs) == 16
             pool = v.cmd("vm.pool")
             assert pool["vcpus"] == {"capacity": 16, "used": 16, "free": 0}
-            assert pool["ram_mib"]["used"] == 16 * 64 and pool["accel"] == "tcg"
+            assert pool["ram_mib"]["used"] == 16 * 32 and pool["accel"] == "tcg"
             assert v.cmd("vm.list")["vms"][0]["accel"] == "tcg"
         finally:
             v.node.close()
