@@ -185,6 +185,10 @@ class PdActor(pykka.ThreadingActor):
         self._host = host
         self._engine = host.engine
         self.cell = cell
+        # Reachable before on_start boots the core: an answer to an I/O request the core
+        # makes at start (an adapter may answer at once, from its own thread) or a
+        # message sent to it then must find it, not be dropped as "no actor".
+        host._register(cell.pd, self.actor_ref)
 
     # ----------------------------------------------------------------- pykka hooks
     def on_start(self) -> None:
@@ -306,11 +310,13 @@ class Host:
                 raise HostError(f"{pd} is already running")
         cell = Cell(pd)
         self._cells[pd] = cell
-        ref = PdActor.start(self, cell)
+        PdActor.start(self, cell)  # which registers itself before its thread runs
+        log.info("host.pd_started", pd=pd)
+
+    def _register(self, pd: str, ref: pykka.ActorRef[Any]) -> None:
         with self._lock:
             self._refs[pd] = ref
             self._mailboxes[pd] = _Mailbox(ref)
-        log.info("host.pd_started", pd=pd)
 
     def stop(self, pd: str) -> None:
         """Ask ``pd``'s actor to stop, without waiting (the caller may be its handler)."""

@@ -159,6 +159,7 @@ class VmmCore(Core):
         self._waiting_host: list[tuple[str, Message, dict[str, Any]]] = []
         self.host_error: str | None = None
         self._host_asked = False
+        self._waiting_next: list[tuple[str, Message, dict[str, Any]]] = []
 
     # ------------------------------------------------------------------ start
     def start(self, view: PdView, now: float) -> list[Action]:
@@ -218,9 +219,12 @@ class VmmCore(Core):
         why = self._allowed(m, CONTROL)
         if why is not None:
             return self.error(m, why)
-        if self.host is None:  # not read yet, or it failed: read it (again) first
-            self._waiting_host.append(("create", m, p))
-            return self._load_host()
+        # The profiles and the host are read afresh first: an edited profiles file, and
+        # the RAM free now, count (and a bad file is this command's clear error).
+        return self._after_host("create", m, p)
+
+    def _create(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
+        assert self.host is not None
         profiles, limits = self.host["profiles"], self.host["limits"]
         profile = p.get("profile")
         if type(profile) is not str or profile not in profiles:
@@ -244,6 +248,10 @@ class VmmCore(Core):
             return self.error(m, f"VM {name} exists already")
         if p.get("start", False) not in (True, False):
             return self.error(m, "start: true or false")
+        if p.get("start"):  # one that cannot start is not even defined
+            misfit = self._misfit(name, vcpus, ram)
+            if misfit is not None:
+                return [Reply(m.reply, {"ok": False, "error": misfit})] if m.reply else []
         image = prof.get("image")
         overlay = None if image is None else f"{self.host['vm_dir']}/{name}.qcow2"
         event = VmDefined(name, profile, vcpus, ram, image, overlay)
@@ -269,20 +277,28 @@ class VmmCore(Core):
         name, why = self._check(m, p, "start")
         if why is not None or name is None:
             return self.error(m, why or "")
-        if self.host is None:  # not read yet, or it failed: read it (again) first
-            self._waiting_host.append(("start", m, p))
-            return self._load_host()
+        return self._after_host("start", m, p)
+
+    def _start_asked(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
+        name, why = self._check(m, p, "start")  # again: it may have changed meanwhile
+        if why is not None or name is None:
+            return self.error(m, why or "")
         return self._start(name, [m.reply] if m.reply else [])
+
+    def _misfit(self, name: str, vcpus: int, ram_mib: int) -> str | None:
+        """Why a guest of this size cannot start now (admission), with the numbers."""
+        use = self.usage()
+        cpu, ram = use["vcpus"], use["ram_mib"]
+        if vcpus <= cpu["free"] and ram_mib <= ram["free"]:
+            return None
+        return (f"{self.name}: {name} does not fit: asked {vcpus} vCPUs and {ram_mib} MiB; "
+                f"free {cpu['free']} of {cpu['capacity']} vCPUs and {ram['free']} of "
+                f"{ram['capacity']} MiB (host {ram['host']} MiB, reserve {ram['reserve']} MiB)")
 
     def _start(self, name: str, askers: list[ReplyCap]) -> list[Action]:
         vm = self.vms[name]
-        use = self.usage()
-        cpu, ram = use["vcpus"], use["ram_mib"]
-        if vm["vcpus"] > cpu["free"] or vm["ram_mib"] > ram["free"]:
-            why = (f"{self.name}: {name} does not fit: asked {vm['vcpus']} vCPUs and "
-                   f"{vm['ram_mib']} MiB; free {cpu['free']} of {cpu['capacity']} vCPUs and "
-                   f"{ram['free']} of {ram['capacity']} MiB (host {ram['host']} MiB, reserve "
-                   f"{ram['reserve']} MiB)")
+        why = self._misfit(name, vm["vcpus"], vm["ram_mib"])
+        if why is not None:
             return [Reply(r, {"ok": False, "error": why}) for r in askers]
         if name in self._starting:
             return [Reply(r, {"ok": False, "error": f"{self.name}: {name} is starting"})
@@ -384,7 +400,15 @@ class VmmCore(Core):
             return self.error(m, why)
         if m.reply is None:
             return []
-        self._waiting_host.append(("pool", m, p))  # answered with the host read afresh
+        return self._after_host("pool", m, p)
+
+    def _after_host(self, op: str, m: Message, p: dict[str, Any]) -> list[Action]:
+        """Do ``op`` once the host and the profiles have been read after it was asked
+        (a read already under way may predate an edit: the op waits for the next)."""
+        if self._host_asked:
+            self._waiting_next.append((op, m, p))
+            return []
+        self._waiting_host.append((op, m, p))
         return self._load_host()
 
     def _load_host(self) -> list[Action]:
@@ -416,8 +440,9 @@ class VmmCore(Core):
         what was read before and says why in ``vm.pool``; the next command reads it
         again (a fixed profiles file is picked up without a restart)."""
         self._host_asked = False
-        waiting, self._waiting_host = self._waiting_host, []
-        actions: list[Action] = []
+        waiting = self._waiting_host
+        self._waiting_host, self._waiting_next = self._waiting_next, []
+        actions: list[Action] = self._load_host() if self._waiting_host else []
         if not isinstance(answer, IoResult) or type(answer.value) is not dict:
             error = getattr(answer, "error", "an odd answer")
             self.host_error = f"cannot read the host or the profiles: {error}"
@@ -432,9 +457,9 @@ class VmmCore(Core):
             if op == "pool" and m.reply is not None:
                 actions.append(Reply(m.reply, {"ok": True, **self.usage()}))
             elif op == "create":
-                actions += self.op_create(m, p, now)
+                actions += self._create(m, p, now)
             elif op == "start":
-                actions += self.op_start(m, p, now)
+                actions += self._start_asked(m, p, now)
         return actions
 
     def _step(self, step: str, name: str, askers: list[ReplyCap], extra: dict[str, Any],

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,17 @@ from actors.control import (
 )
 from actors.kernel import Kernel
 from actors.lifecycle import HostError
-from actors.pds.base import Action, Append, Call, Core, Message, Send, SetTimer
+from actors.pds.base import (
+    Action,
+    Append,
+    Call,
+    Core,
+    IoRequest,
+    IoResult,
+    Message,
+    Send,
+    SetTimer,
+)
 from actors.runtime import Node
 from ledger import caps
 from ledger.caps import CapRefused, Token
@@ -368,3 +379,50 @@ def test_a_full_mailbox_refuses_the_send_at_the_sender(
     status = node.host.core_status("pd-vmm")
     assert status is not None and status["received"]["n"] == 50
     fleet.send(tok, {"op": "n", "i": -1})  # drained: sends go through again
+
+
+@dataclass(frozen=True, slots=True)
+class _Hello(IoRequest):
+    pass
+
+
+class _AsksAtStart(ProbeCore):
+    """A core whose start() asks its adapter something (as pd-vmm asks for the host)."""
+
+    requests = (_Hello,)
+
+    def start(self, view: Any, now: float) -> list[Action]:
+        return [*super().start(view, now), _Hello(self.request_id())]
+
+    def io(self, answer: Any, now: float) -> list[Action]:
+        self.fired.append(f"answered:{answer.value}")
+        return []
+
+
+class _AtOnce:
+    """An adapter that answers inside submit(): on the PD's own thread, during its boot."""
+
+    def attach(self, emit: Any) -> None:
+        pass
+
+    def submit(self, request: IoRequest, answer: Any) -> None:
+        answer(IoResult(request.request_id, "at once"))
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_answer_given_while_the_core_boots_reaches_it(state_dir: Path) -> None:
+    """Found by pd-vmm's real adapter (which answers within microseconds): an answer to a
+    request made in start() came before the host had registered the PD's actor, and was
+    dropped as "no actor" -- the core then waited for it forever."""
+    pds = ("pd-vmm", "pd-fleet", "pd-genesis", "pd-wireguard")
+    for _ in range(5):
+        n = Node(state_dir, make_core=_AsksAtStart, serve_control=False,
+                 adapters=lambda: {pd: _AtOnce() for pd in pds}).start()
+        try:
+            for pd in pds:
+                wait_for(lambda pd=pd, n=n: n.host.core_status(pd)["fired"] == [
+                    "answered:at once"])
+        finally:
+            n.stop()

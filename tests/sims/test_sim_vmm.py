@@ -143,6 +143,10 @@ def test_admission_refuses_what_does_not_fit_with_the_numbers(tmp_path: Path) ->
             no = v.cmd("vm.create", profile="tiny", name="t16", start=True)
             assert no["ok"] is False and "asked 1 vCPUs and 32 MiB; free 0 of 16 vCPUs" \
                 in no["error"] and "reserve 1024 MiB" in no["error"]
+            assert v.state("t16") is None and len(v.qemu.procs) == 16  # nothing recorded
+            assert v.cmd("vm.create", profile="tiny", name="t16")["ok"]  # defined: fits
+            no = v.cmd("vm.start", name="t16")
+            assert no["ok"] is False and "free 0 of 16 vCPUs" in no["error"]
             assert v.state("t16") == "defined" and len(v.qemu.procs) == 16
             pool = v.cmd("vm.pool")
             assert pool["vcpus"] == {"capacity": 16, "used": 16, "free": 0}
