@@ -4,16 +4,20 @@
 namespaces (cloud, laptop-a, and laptop-b the hub) on one bridged underlay segment
 (192.0.2.0/24, in a fourth namespace), initialises and runs a node in each, adds
 each node's peers from the others' ``ppn node identity``, pings from one spoke to the
-other through the hub, and shows ``ppn mesh status`` on each.  Everything it made is
-removed afterwards, also on Ctrl-C or failure.  Otherwise it says why it cannot.
+other through the hub, and shows ``ppn mesh status`` on each; then a disk-less guest is
+created and started on cloud through pd-vmm, listed, and destroyed.  Everything it made
+(guests too: they outlive a node's process) is removed afterwards, also on Ctrl-C or
+failure.  Otherwise it says why it cannot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -195,13 +199,39 @@ class DemoMesh:
         self._procs, self._logs = {}, []
         self.cleanup()
 
+    def guests(self) -> list[int]:
+        """Pids of the QEMU guests of this mesh's nodes (they outlive a node's process)."""
+        needle = f"unix:{self.directory}/".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and needle in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
     def cleanup(self) -> None:
+        for pid in self.guests():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for name in NODES:
             subprocess.run(["pkill", "-9", "-f", f"wireguard-go -f {self.iface(name)}"],
                            capture_output=True)
             uapi.socket_path(self.iface(name)).unlink(missing_ok=True)
             subprocess.run(["ip", "netns", "del", self.ns(name)], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.switch], capture_output=True)
+
+
+def guest_step(state: Path) -> None:
+    """A disk-less guest created and started through pd-vmm, listed, and destroyed."""
+    if shutil.which("qemu-system-x86_64") is None:
+        print("\n(no qemu-system-x86_64 here: the guest step is skipped)")
+        return
+    for args in (("create", "--profile", "tiny", "--name", "demo-1", "--start"),
+                 ("list",), ("pool",), ("destroy", "demo-1")):
+        print(f"\n$ ppn vm {args[0]} --state-dir {state} {' '.join(args[1:])}   # cloud")
+        print(ppn("vm", args[0], "--state-dir", state, *args[1:]).stdout.rstrip())
 
 
 def main(argv: list[str]) -> int:
@@ -220,6 +250,7 @@ def main(argv: list[str]) -> int:
             for name, state in mesh.states.items():
                 print(f"\n$ ppn mesh status --state-dir {state}   # {name}")
                 print(ppn("mesh", "status", "--state-dir", state).stdout.rstrip())
+            guest_step(mesh.states["cloud"])
     except KeyboardInterrupt:
         print("interrupted: the namespaces and processes were removed", file=sys.stderr)
         return 130
@@ -227,7 +258,8 @@ def main(argv: list[str]) -> int:
         print(f"mesh demo failed: {' '.join(str(exc).split())[:300]} (everything it made "
               "was removed)", file=sys.stderr)
         return 1
-    print("\nthe namespaces, nodes and wireguard-go processes are removed; ledgers kept in "
+    print("\nthe namespaces, nodes, guests and wireguard-go processes are removed; ledgers "
+          "kept in "
           f"{directory}")
     return 0
 
