@@ -28,7 +28,6 @@ from actors.mesh_cli import (
     add_identity_command,
     add_mesh_commands,
     endpoint_arg,
-    int_arg,
     interface_arg,
     mesh_ip_arg,
     port_arg,
@@ -41,7 +40,7 @@ from actors.system import (
     SystemDescriptionError,
     load_default,
 )
-from actors.vm_cli import add_vm_commands
+from actors.vm_cli import add_vm_commands, int_arg
 from ledger.catalog import ROLES, VmPool
 from ledger.commands import NAME_RE
 from ledger.errors import LedgerError, LedgerUsageError

@@ -40,33 +40,40 @@ from typing import Any, Protocol
 
 import structlog
 
+from actors.control_client import (  # the client half, re-exported
+    MAX_REPLY as MAX_REPLY,
+)
+from actors.control_client import (
+    SOCKET_NAME as SOCKET_NAME,
+)
+from actors.control_client import (
+    ControlError as ControlError,
+)
+from actors.control_client import (
+    NodeNotRunning as NodeNotRunning,
+)
+from actors.control_client import (
+    RequestError as RequestError,
+)
+from actors.control_client import (
+    encode as encode,
+)
+from actors.control_client import (
+    request as request,
+)
 from ledger.caps import CapRefused
 from ledger.catalog import RIGHTS
 from ledger.errors import LedgerError
 
 log = structlog.get_logger("control")
 
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
-MAX_REPLY = 16 << 20
 MAX_CLIENTS = 8
 IDLE_TIMEOUT = 30.0  # seconds a client may keep a connection silent
 REQUEST_DEADLINE = 5.0
 """Seconds a request may take from its first byte to its newline: a client trickling a
 byte at a time cannot hold one of the MAX_CLIENTS slots for longer."""
 MAX_ID = 2**63 - 1
-
-
-class ControlError(Exception):
-    """A control request failed; the message says why, for the person at the console."""
-
-
-class NodeNotRunning(ControlError):
-    """No node answers on this state directory's control socket (none, or a stale one)."""
-
-
-class RequestError(ControlError):
-    """The request itself is malformed: not JSON, too large, an unknown command or field."""
 
 
 class Operator(Protocol):
@@ -260,10 +267,6 @@ def answer(op: Operator, line: bytes) -> dict[str, Any]:
         return {"ok": False, "error": f"internal error ({type(exc).__name__}); see the node log"}
 
 
-def encode(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=repr).encode() + b"\n"
-
-
 # ----------------------------------------------------------------- server
 class ControlServer:
     """Serves :class:`Operator` commands on a UNIX socket, one thread per client."""
@@ -439,44 +442,6 @@ def _remove_stale(path: Path) -> None:
 
 
 # ----------------------------------------------------------------- client
-def request(state_dir: Path, obj: dict[str, Any], timeout: float = 10.0) -> Any:
-    """Send one request to the node on ``state_dir``; its result, or ControlError."""
-    path = Path(state_dir) / SOCKET_NAME
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(os.fspath(path))
-        except FileNotFoundError:
-            raise NodeNotRunning(f"the node is not running (no control socket at {path}); "
-                                 f"start it with: ppn node run --state-dir {state_dir}"
-                                 ) from None
-        except ConnectionRefusedError:
-            raise NodeNotRunning(f"the node is not running ({path} is stale: nothing "
-                                 "listens on it)") from None
-        except PermissionError:
-            raise ControlError(f"{path}: permission denied (the socket is for the node's "
-                               "owner only)") from None
-        try:
-            sock.sendall(encode(obj))
-            with sock.makefile("rb") as reader:
-                line = reader.readline(MAX_REPLY + 1)
-        except TimeoutError:
-            raise ControlError(f"no reply from the node within {timeout:g} s") from None
-        except OSError as exc:  # a broken pipe here is the node's, not our stdout's
-            raise ControlError(f"the node closed the connection ({exc.strerror or exc}); "
-                               "the command did not happen") from None
-    if not line.endswith(b"\n"):
-        raise ControlError("the node closed the connection without a complete reply")
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        raise ControlError(f"malformed reply from the node: {line[:200]!r}") from None
-    if not isinstance(reply, dict) or not reply.get("ok"):
-        error = reply.get("error") if isinstance(reply, dict) else None
-        raise ControlError(str(error or f"malformed reply {line[:200]!r}"))
-    return reply.get("result")
-
-
 # ----------------------------------------------------------------- client-side views
 def status_lines(st: dict[str, Any]) -> list[str]:
     """A ``status`` result as the operator reads it."""

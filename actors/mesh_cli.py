@@ -89,16 +89,6 @@ interface_arg = argument(commands.interface)
 port_arg = argument(lambda t: commands.port(int(t) if t.isascii() and t.isdigit() else -1))
 
 
-def int_arg(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: a decimal integer from ``lo`` to ``hi``."""
-    def convert(text: str) -> int:
-        if not (text.isascii() and text.isdigit() and len(text) <= 12) or not (
-                lo <= int(text) <= hi):
-            raise argparse.ArgumentTypeError(f"{text[:20]!r}: not an integer {lo}-{hi}")
-        return int(text)
-    return convert
-
-
 def _offline(state_dir: Path, make: Any) -> dict[str, Any]:
     """Append one command's event to a stopped node's ledger, after the command's check."""
     with Ledger.open(state_dir / LEDGER_SUBDIR, NodeKeys.load(state_dir)) as ledger:

@@ -1,38 +1,42 @@
 """``ppn vm create|list|start|pause|resume|stop|destroy|balloon|pool``: the node's guests.
 
 Every command goes through the running node's control socket: it enters at
-pd-network-admin and reaches pd-vmm under pd-network-admin's ``vm.control`` (or, for
-``list`` and ``pool``, ``vm.query``) capability, so a revoked capability makes it fail,
-naming it.  pd-vmm checks everything before anything is recorded or started: the name
-(1-32 of a-z, 0-9 and '-'), the profile, the sizes (the profiles file's limits), and
-whether the operation fits the guest's state.  On a stopped node, ``list`` shows what
-the ledger last recorded.
+pd-network-admin and reaches pd-vmm under pd-network-admin's ``vm.control`` (or, for ``list`` and
+``pool``, ``vm.query``) capability, so a revoked capability makes it fail, naming it.
+This module is what ``ppn vm`` loads (see :mod:`actors.entry`): json, a socket and
+argparse, nothing of the node's runtime. pd-vmm checks everything before anything is
+recorded or started: the name (1-32 of a-z, 0-9 and '-'), the profile, the sizes (the
+profiles file's limits), and whether the operation fits the guest's state. On a stopped
+node, ``list`` shows what the ledger last recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from actors import control
-from actors.mesh_cli import _state, int_arg
-from ledger.state import jsonable
-from ledger.vms import NAME_RE
+from actors import control_client as control
 
 TIMEOUT = 45.0  # the node's own bound (40 s) and some
 
 
-def name_arg(text: str) -> str:
-    if not NAME_RE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text[:40]!r}: a VM name is 1-32 of a-z, 0-9 "
-                                         "and '-', starting with a letter or digit")
-    return text
+def int_arg(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a decimal integer from ``lo`` to ``hi``."""
+    def convert(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and len(text) <= 12) or not (
+                lo <= int(text) <= hi):
+            raise argparse.ArgumentTypeError(f"{text[:20]!r}: not an integer {lo}-{hi}")
+        return int(text)
+    return convert
 
 
 def _ask(args: argparse.Namespace, cmd: str, **fields: Any) -> Any:
-    return control.request(Path(args.state_dir), {"cmd": cmd, **fields}, timeout=TIMEOUT)
+    return control.request(args.state_dir, {"cmd": cmd, **fields}, timeout=TIMEOUT)
 
 
 def _mib(value: Any) -> str:
@@ -87,6 +91,10 @@ def _list(args: argparse.Namespace) -> int:
         vms: list[dict[str, Any]] = _ask(args, "vm.list")
         where = None
     except control.NodeNotRunning:
+        from pathlib import Path  # the ledger's reader: only when it is needed
+
+        from actors.mesh_cli import _state
+        from ledger.state import jsonable
         state = _state(Path(args.state_dir))
         vms = [jsonable({"name": v.name, "profile": v.profile, "state": v.state,
                          "vcpus": v.vcpus, "ram_mib": v.ram_mib, "accel": v.accel,
@@ -130,13 +138,43 @@ def _pool(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv: Sequence[str]) -> int:
+    """``ppn vm ...`` without the rest of ``ppn`` loaded (what :mod:`actors.entry` runs):
+    the exit codes and one-line errors of :func:`actors.cli.main`."""
+    top = argparse.ArgumentParser(prog="ppn")
+    top.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_vm_commands(top.add_subparsers(dest="area", required=True))
+    args = top.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("ppn: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from ledger.errors import LedgerError  # (the offline list reads the ledger)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        text = text if len(text) <= 800 else text[:797] + "..."
+        if isinstance(exc, control.ControlError | LedgerError | OSError):
+            print(f"ppn: error: {text}", file=sys.stderr)
+            return 1
+        print(f"ppn: internal error in `ppn vm {args.cmd}`: {type(exc).__name__}: {text} "
+              "(this is a bug; run with PPN_DEBUG=1 for the traceback)", file=sys.stderr)
+        if os.environ.get("PPN_DEBUG") == "1":
+            traceback.print_exc()
+        return 2
+    return code
+
+
 def add_vm_commands(top: Any) -> None:
     vm = top.add_parser("vm", help="the node's guest VMs (pd-vmm, QEMU)").add_subparsers(
         dest="cmd", required=True)
     create = vm.add_parser("create", help="define a guest from a profile (and start it)")
     create.add_argument("--state-dir", required=True)
     create.add_argument("--profile", required=True)
-    create.add_argument("--name", type=name_arg, default=None)
+    create.add_argument("--name", default=None)
     create.add_argument("--vcpus", type=int_arg(1, 4096), default=None)
     create.add_argument("--ram", type=int_arg(1, 1 << 22), default=None, metavar="MIB")
     create.add_argument("--start", action="store_true")
@@ -151,11 +189,11 @@ def add_vm_commands(top: Any) -> None:
                      ("destroy", "stop it if it runs, remove its overlay and record")):
         p = vm.add_parser(op, help=text)
         p.add_argument("--state-dir", required=True)
-        p.add_argument("name", type=name_arg, metavar="NAME")
+        p.add_argument("name", metavar="NAME")
         p.set_defaults(func=_one)
     balloon = vm.add_parser("balloon", help="set a running guest's balloon target")
     balloon.add_argument("--state-dir", required=True)
-    balloon.add_argument("name", type=name_arg, metavar="NAME")
+    balloon.add_argument("name", metavar="NAME")
     balloon.add_argument("mib", type=int_arg(1, 1 << 22), metavar="MIB")
     balloon.set_defaults(func=_balloon)
     pool = vm.add_parser("pool", help="capacity, used, free and reserve")

@@ -342,15 +342,16 @@ def test_kvm_is_found_recorded_and_used_when_dev_kvm_works(scratch: Path) -> Non
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["create", "--profile", "huge"], "no profile 'huge' (profiles: mediakit, orchestration"),
-    (["create", "--profile", "tiny", "--name", "Bad_Name"], "a VM name is 1-32 of a-z"),
-    (["create", "--profile", "tiny", "--name", "x" * 33], "a VM name is 1-32"),
+    (["create", "--profile", "tiny", "--name", "Bad_Name"],
+     "VM name 'Bad_Name': use 1-32 of a-z"),
+    (["create", "--profile", "tiny", "--name", "x" * 33], "use 1-32 of a-z"),
     (["create", "--profile", "tiny", "--vcpus", "33"], "vcpus 33: not 1-32"),
     (["create", "--profile", "tiny", "--ram", "8"], "RAM (MiB) 8: not 16-65536"),
     (["create", "--profile", "tiny", "--ram", "-5"], "not an integer"),
     (["start", "nosuch"], "no VM 'nosuch'"),
     (["destroy", "nosuch"], "no VM 'nosuch'"),
     (["balloon", "nosuch", "16"], "no VM 'nosuch'"),
-    (["pause", "../etc"], "a VM name is 1-32"),
+    (["pause", "../etc"], "use 1-32 of a-z"),
 ])
 def test_bad_requests_record_nothing_and_start_nothing(node: Node, args: list[str],
                                                        needle: str) -> None:
