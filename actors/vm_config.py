@@ -10,7 +10,9 @@ and nothing of that file is used.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,19 @@ def _int(v: Any) -> bool:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    try:  # non-blocking: a FIFO (or a device) put there must not hang the reader
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProfileError(f"{path.name}: cannot read: {exc.strerror or exc}") from None
     try:
-        with path.open("rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ProfileError(f"{path.name}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
             raw = f.read(MAX_FILE + 1)
     except OSError as exc:
         raise ProfileError(f"{path.name}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if len(raw) > MAX_FILE:
         raise ProfileError(f"{path.name}: larger than {MAX_FILE} bytes")
     try:
@@ -105,12 +115,17 @@ def _profile(where: str, base: Path, name: str, p: Any) -> dict[str, Any]:
             raise ProfileError(f"{where}: profiles.{name}.{key}: must be a whole number")
     image = p.get("image")
     if image is not None:
-        if type(image) is not str or not 0 < len(image) <= 200 or "\n" in image or \
-                "," in image:
+        if type(image) is not str or not 0 < len(image) <= 200 or "," in image or \
+                not image.isprintable():
             raise ProfileError(f"{where}: profiles.{name}.image: a path (no commas), "
                                "at most 200 characters")
-        path = (base / image).resolve()
-        if not path.is_file():
+        try:
+            path = (base / image).resolve()
+            found = path.is_file()
+        except (OSError, RuntimeError) as exc:  # a loop of links, a name too long
+            raise ProfileError(f"{where}: profiles.{name}.image: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not found:
             raise ProfileError(f"{where}: profiles.{name}.image: no file {str(path)[:120]}")
         image = str(path)
     description = p.get("description", "")

@@ -30,12 +30,14 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,9 +61,12 @@ from actors.pds.pd_vmm import (
 from ledger.vms import NAME_RE
 
 log = structlog.get_logger("qemu")
+# qemu.qmp logs a traceback for each connection that fails; this adapter reports each
+# failure itself, in one line, to the PD that asked.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 START_TIMEOUT = 30.0  # launch to QMP greeting (many guests at once on two cores)
-ATTACH_TIMEOUT = 5.0
+ATTACH_TIMEOUT = 10.0  # a guest found at restart that does not greet by then is killed
 COMMAND_TIMEOUT = 10.0
 QUIT_GRACE = 10.0  # after `quit`, a QEMU still there is killed
 MAX_SOCKET_PATH = 107  # sun_path
@@ -109,17 +114,44 @@ ACCELERATORS: dict[str, Accel] = {
 ``/dev/nvmm`` opens, run with ``-accel nvmm``.  The names are the ledger's (ACCELS)."""
 
 
+def _opt(value: str) -> str:
+    """A value inside a QEMU ``key=value,...`` option: its commas doubled (a state
+    directory with a comma in its path must not add options of its own)."""
+    return value.replace(",", ",,")
+
+
+def qmp_arg(socket_path: str) -> str:
+    """The ``-qmp`` argument of a guest's socket (also how its process is recognised)."""
+    return f"unix:{_opt(socket_path)},server=on,wait=off"
+
+
+def _printable(text: str) -> str:
+    """One line of printable text: what QEMU or a QMP peer says reaches an operator's
+    terminal (no escape sequences)."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+
+
+def _private_file(path: Path) -> int:
+    """A new file of this process's only (0600), never through a link planted there:
+    whatever was at ``path`` goes first (an ``unlink`` removes a link, not its target)."""
+    try:
+        path.unlink(missing_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise RuntimeError(f"{path.name}: {exc.strerror or exc}") from None
+
+
 def qemu_argv(qemu: dict[str, Any], name: str, vcpus: int, ram_mib: int, accel: str,
               qmp: str, audit: str, overlay: str | None) -> list[str]:
     """The guest's QEMU command line (no shell, no secret in it)."""
     argv = [qemu["binary"], "-name", f"guest={name},debug-threads=on",
             "-machine", qemu["machine"], *ACCELERATORS[accel].args(qemu),
             "-smp", str(vcpus), "-m", str(ram_mib), "-nodefaults", "-no-user-config",
-            "-display", "none", "-qmp", f"unix:{qmp},server=on,wait=off",
-            "-qmp", f"unix:{audit},server=on,wait=off",
+            "-display", "none", "-qmp", qmp_arg(qmp), "-qmp", qmp_arg(audit),
             "-device", "virtio-balloon-pci,id=balloon0"]
     if overlay is not None:
-        argv += ["-drive", f"file={overlay},if=virtio,format=qcow2"]
+        argv += ["-drive", f"file={_opt(overlay)},if=virtio,format=qcow2"]
     return argv
 
 
@@ -152,11 +184,12 @@ def _tail(path: Path, limit: int = 300) -> str:
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    return " ".join(text.split())[-limit:]
+    return _printable(text)[-limit:]
 
 
 def _alive(pid: int, socket_path: str) -> str | None:
-    """Why ``pid`` is not this guest's QEMU (None: it is)."""
+    """Why ``pid`` is not this guest's QEMU (None: it is).  Asked once a pidfd holds
+    the process, so a pid reused meanwhile cannot pass for it."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -164,7 +197,7 @@ def _alive(pid: int, socket_path: str) -> str | None:
         return f"no process {pid}"
     if stat.rpartition(")")[2].split()[:1] == ["Z"]:
         return f"process {pid} has exited"
-    if f"unix:{socket_path},server=on,wait=off".encode() not in cmdline:
+    if qmp_arg(socket_path).encode() not in cmdline:
         return f"process {pid} is not this guest's QEMU"
     return None
 
@@ -178,10 +211,11 @@ class _Forward(EventListener):
         self._name, self._emit = name, emit
 
     async def put(self, event: Any) -> None:
-        kind = event.get("event") if isinstance(event, dict) else None
+        # qemu.qmp's Message is a Mapping, not a dict.
+        kind = event.get("event") if isinstance(event, Mapping) else None
         if kind not in FORWARDED:
             return
-        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        data = event.get("data") if isinstance(event.get("data"), Mapping) else {}
         small = {k: data[k] for k in ("actual", "reason", "guest")
                  if type(data.get(k)) in (int, str, bool)}
         self._emit(VmEvent(self._name, str(kind), small))
@@ -258,7 +292,7 @@ class QemuAdapter:
                 raise RuntimeError(f"no such request {type(request).__name__}")
             result = IoResult(rid, await handler(self, request))
         except Exception as exc:
-            text = " ".join(str(exc).split()) or type(exc).__name__
+            text = _printable(str(exc)) or type(exc).__name__
             result = IoFailure(rid, text[:300])
         if self._closed:
             return
@@ -268,6 +302,8 @@ class QemuAdapter:
             log.warning("io.answer_failed", adapter=self.name, error=repr(exc)[:300])
 
     def _inside(self, path: str, what: str) -> Path:
+        if type(path) is not str or "\0" in path:
+            raise RuntimeError(f"{what}: not a path")
         p = Path(path)
         if p.parent.resolve() != self.vm_dir.resolve() or not p.name or p.is_symlink():
             raise RuntimeError(f"{what} {path[:120]}: not a file of {self.vm_dir}")
@@ -276,8 +312,13 @@ class QemuAdapter:
     # ------------------------------------------------------------------ host
     async def _load_host(self, r: LoadHost) -> dict[str, Any]:
         config = vm_config.load(self.state_dir, self._shipped)
-        self.vm_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.vm_dir, 0o700)
+        with contextlib.suppress(FileExistsError):
+            self.vm_dir.mkdir(mode=0o700)
+        if self.vm_dir.is_symlink() or not self.vm_dir.is_dir():
+            # Guests' files are made and removed there: a link to elsewhere would make
+            # "inside vms/" mean anywhere.
+            raise RuntimeError(f"{self.vm_dir}: not a directory (a link, or a file)")
+        os.chmod(self.vm_dir, 0o700, follow_symlinks=False)
         qemu = config["qemu"]
         if qemu["supervision"] == "auto":
             self._supervision = "systemd" if Path("/run/systemd/system").is_dir() else "direct"
@@ -348,6 +389,9 @@ class QemuAdapter:
         if overlay is not None and not Path(overlay).is_file():
             raise RuntimeError(f"overlay {overlay[:120]}: missing")
         for stale in (qmp, audit):
+            if _served(stale):
+                raise RuntimeError(f"{stale.name}: something still serves it (a QEMU of "
+                                   f"{r.name} not known here?): not started twice")
             stale.unlink(missing_ok=True)
         argv = qemu_argv(self._config["qemu"], r.name, r.vcpus, r.ram_mib, r.accel,
                          str(qmp), str(audit), overlay)
@@ -355,8 +399,7 @@ class QemuAdapter:
         if self._supervision == "systemd":
             pid, proc = await self._systemd_start(r.name, argv), None
         else:
-            with logfile.open("wb") as out:
-                os.chmod(logfile, 0o600)
+            with os.fdopen(_private_file(logfile), "wb") as out:
                 try:
                     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=out, start_new_session=True,
@@ -365,11 +408,12 @@ class QemuAdapter:
                     raise RuntimeError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
             pid = proc.pid
         g = _Guest(r.name, pid, str(qmp), str(audit), proc)
+        deadline = self._loop.time() + START_TIMEOUT  # all of it: greeting and answers
         try:
             self._watch(g)
             await self._greeted(g, START_TIMEOUT, logfile)
-            status = await self._execute(g, "query-status")
-            actual = await self._balloon_actual(g)
+            status = await self._execute(g, "query-status", deadline=deadline)
+            actual = await self._balloon_actual(g, deadline)
         except BaseException:
             self._kill(g)
             self._unwatch(g)
@@ -388,8 +432,8 @@ class QemuAdapter:
             raise RuntimeError("systemd supervision: a path with spaces or quotes cannot go "
                                "into the unit's environment file")
         env = self.vm_dir / f"{name}.env"
-        env.write_text(f"PPN_QEMU={argv[0]}\nPPN_QEMU_ARGS={' '.join(argv[1:])}\n")
-        os.chmod(env, 0o600)
+        with os.fdopen(_private_file(env), "w") as f:
+            f.write(f"PPN_QEMU={argv[0]}\nPPN_QEMU_ARGS={' '.join(argv[1:])}\n")
         installed = UNIT_DIR / UNIT_TEMPLATE.name
         text = UNIT_TEMPLATE.read_text()
         if not installed.exists() or installed.read_text() != text:
@@ -489,6 +533,11 @@ class QemuAdapter:
                 await asyncio.wait_for(client.disconnect(), 2.0)
 
     def _kill(self, g: _Guest) -> None:
+        if g.proc is not None:
+            # Our child leads its own session: whatever it forked goes with it (a
+            # "QEMU" that forks and exits at once leaves nothing running).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(g.pid, signal.SIGKILL)
         if g.exited:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -513,16 +562,21 @@ class QemuAdapter:
         return g.client
 
     async def _execute(self, g: _Guest, command: str,
-                       arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+                       arguments: dict[str, Any] | None = None,
+                       deadline: float | None = None) -> dict[str, Any]:
+        timeout = COMMAND_TIMEOUT
+        if deadline is not None:
+            timeout = min(timeout, deadline - self._loop.time())
+            if timeout <= 0:
+                raise RuntimeError(f"QMP {command}: no time left")
         client = await self._client(g)
         try:
             value = await asyncio.wait_for(client.execute(command, arguments or None),
-                                           COMMAND_TIMEOUT)
+                                           timeout)
         except ExecuteError as exc:
             raise RuntimeError(f"QMP {command}: {exc.error_class}: {exc}") from None
         except TimeoutError:
-            raise RuntimeError(f"QMP {command}: no answer within {COMMAND_TIMEOUT:g} s"
-                               ) from None
+            raise RuntimeError(f"QMP {command}: no answer within {timeout:g} s") from None
         except (QMPError, OSError, EOFError) as exc:
             raise RuntimeError(f"QMP {command}: the connection broke "
                                f"({type(exc).__name__})") from None
@@ -532,12 +586,12 @@ class QemuAdapter:
             return {"return": value}
         return value
 
-    async def _balloon_actual(self, g: _Guest) -> int | None:
+    async def _balloon_actual(self, g: _Guest, deadline: float | None = None) -> int | None:
         try:
-            actual = (await self._execute(g, "query-balloon")).get("actual")
+            actual = (await self._execute(g, "query-balloon", deadline=deadline)).get("actual")
         except RuntimeError:
             return None  # no balloon device: the guest runs, its balloon is unknown
-        return actual if type(actual) is int else None
+        return actual if type(actual) is int and actual >= 0 else None
 
     async def _command(self, r: VmCommand) -> dict[str, Any]:
         if r.command not in COMMANDS:
@@ -561,20 +615,33 @@ class QemuAdapter:
         if g is not None and not g.exited and g.pid == r.pid:
             status = await self._execute(g, "query-status")
             return {"alive": True, "status": status.get("status"), "audit_qmp": g.audit}
+        if g is not None and not g.exited:
+            # Known here with another pid (the core restarted): that one is the guest.
+            raise RuntimeError(f"{r.name}: runs here as pid {g.pid}, not {r.pid}")
         qmp = str(self._inside(r.qmp, "QMP socket"))
-        why = _alive(r.pid, qmp)
-        if why is not None:
-            raise RuntimeError(why)
+        if type(r.pid) is not int or r.pid <= 1:
+            raise RuntimeError(f"no process {str(r.pid)[:20]}")
         g = _Guest(r.name, r.pid, qmp, str(Path(qmp).with_name(r.name + AUDIT_SUFFIX)),
                    None)
+        self._watch(g)  # the pidfd first: the process checked is the one held
+        why = "process has exited" if g.exited else _alive(r.pid, qmp)
+        if why is not None:
+            self._unwatch(g)
+            raise RuntimeError(why)
+        deadline = self._loop.time() + ATTACH_TIMEOUT + COMMAND_TIMEOUT
         try:
-            self._watch(g)
             await self._greeted(g, ATTACH_TIMEOUT, None)
-            status = await self._execute(g, "query-status")
-            actual = await self._balloon_actual(g)
-        except BaseException:
+            status = await self._execute(g, "query-status", deadline=deadline)
+            actual = await self._balloon_actual(g, deadline)
+        except BaseException as exc:
+            # It is this guest's QEMU but does not answer: it is killed, not left running
+            # unmanaged (pd-vmm records it lost, and a start must not find it there).
+            self._kill(g)
             self._unwatch(g)
             await self._hang_up(g)
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"pid {r.pid} did not answer on QMP ({exc}): "
+                                   "killed") from None
             raise
         self._guests[r.name] = g
         log.info("qemu.reattached", vm=r.name, pid=r.pid)
@@ -603,3 +670,19 @@ class QemuAdapter:
     _HANDLERS: ClassVar[dict[type, Callable[[Any, Any], Coroutine[Any, Any, dict[str, Any]]]]] = {
         LoadHost: _load_host, MakeOverlay: _overlay, LaunchVm: _launch, AttachVm: _attach,
         VmCommand: _command, RemoveVmFiles: _remove}
+
+
+def _served(path: Path) -> bool:
+    """Whether a process listens on the UNIX socket ``path`` (a stale file left by a
+    QEMU that is gone refuses the connection)."""
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:
+            return True  # the backlog is full: someone listens
+        except OSError:
+            return False
+        return True

@@ -154,11 +154,14 @@ class VmmCore(Core):
         self._steps: dict[int, tuple[str, str, list[ReplyCap], dict[str, Any]]] = {}
         self._stopping: dict[str, tuple[str, list[ReplyCap]]] = {}  # name -> (how, askers)
         self._starting: dict[str, tuple[int, int]] = {}  # name -> (vcpus, ram) being launched
+        self._defining: set[str] = set()  # names whose overlay is being made (not yet defined)
+        self._removing: dict[str, list[ReplyCap]] = {}  # name -> askers of its destroy
         self._actual: dict[str, int] = {}  # name -> the balloon's size as QEMU last said
         self._audit: dict[str, str] = {}  # name -> the QMP socket pd-vmm never uses
         self._waiting_host: list[tuple[str, Message, dict[str, Any]]] = []
         self.host_error: str | None = None
         self._host_asked = False
+        self._host_rid: int | None = None  # the host read under way
         self._waiting_next: list[tuple[str, Message, dict[str, Any]]] = []
 
     # ------------------------------------------------------------------ start
@@ -239,12 +242,13 @@ class VmmCore(Core):
                                      "of the profiles file)")
         name = p.get("name")
         if name is None:
-            name = next(f"{profile}-{i}" for i in range(1, 100_000)
-                        if f"{profile}-{i}" not in self.vms)
+            name = next((f"{profile}-{i}" for i in range(1, 100_000)
+                         if f"{profile}-{i}" not in self.vms
+                         and f"{profile}-{i}" not in self._defining), "")
         name, bad = self._vm({"name": name})
         if bad is not None or name is None:
             return self.error(m, bad or "bad name")
-        if name in self.vms:
+        if name in self.vms or name in self._defining:
             return self.error(m, f"VM {name} exists already")
         if p.get("start", False) not in (True, False):
             return self.error(m, "start: true or false")
@@ -259,6 +263,7 @@ class VmmCore(Core):
         if image is not None:
             rid = self.request_id()
             self._steps[rid] = ("overlay", name, [m.reply] if m.reply else [], after)
+            self._defining.add(name)
             return [MakeOverlay(rid, image, str(overlay))]
         return self._define(name, [m.reply] if m.reply else [], after)
 
@@ -318,7 +323,19 @@ class VmmCore(Core):
         if bad is not None or name is None:
             return None, bad
         vm = self.vms.get(name)
-        return name, refused(op, name, None if vm is None else vm["state"])
+        return name, refused(op, name, None if vm is None else vm["state"]) or self._busy(
+            name, op)
+
+    def _busy(self, name: str, op: str) -> str | None:
+        """Why ``op`` cannot be done now, while another operation on ``name`` is under
+        way (one that a second could undo or race: the files going, a launch)."""
+        if name in self._removing and op != "destroy":
+            return f"{name} is being destroyed"
+        if op == "destroy" and name in self._starting:
+            return f"{name} is starting: destroy it once it has started"
+        if op == "stop" and self._stopping.get(name, ("",))[0] == "destroy":
+            return f"{name} is being destroyed"
+        return None
 
     def _command(self, name: str, command: str, askers: list[ReplyCap], step: str,
                  arguments: dict[str, Any] | None = None, **extra: Any) -> list[Action]:
@@ -356,13 +373,25 @@ class VmmCore(Core):
             return self.error(m, why or "")
         askers = [m.reply] if m.reply else []
         if self.vms[name]["state"] in ACTIVE:
+            how, waiting = self._stopping.get(name, ("", []))
+            if how == "destroy":  # asked twice: both are answered when it is gone
+                waiting.extend(askers)
+                return []
             self._stopping[name] = ("destroy", askers)
-            return self._command(name, "quit", [], "quit")
+            why = f"{self.name}: {name}: a destroy came while it stopped (it is being destroyed)"
+            overtaken: list[Action] = [Reply(r, {"ok": False, "error": why}) for r in waiting]
+            if how == "quit":  # already asked to quit: its end completes the destroy
+                return overtaken
+            return overtaken + self._command(name, "quit", [], "quit")
         return self._remove(name, askers)
 
     def _remove(self, name: str, askers: list[ReplyCap]) -> list[Action]:
         vm = self.vms.get(name) or {}
         paths = tuple(p for p in (vm.get("overlay"), vm.get("qmp")) if p)
+        if name in self._removing:  # asked twice: one removal answers both
+            self._removing[name].extend(askers)
+            return []
+        self._removing[name] = askers = list(askers)
         rid = self.request_id()
         self._steps[rid] = ("remove", name, askers, {})
         return [RemoveVmFiles(rid, name, paths)]
@@ -415,7 +444,8 @@ class VmmCore(Core):
         if self._host_asked:
             return []
         self._host_asked = True
-        return [LoadHost(self.request_id())]
+        self._host_rid = self.request_id()
+        return [LoadHost(self._host_rid)]
 
     def _public(self, name: str, now: float) -> dict[str, Any]:
         vm = self.vms[name]
@@ -433,13 +463,15 @@ class VmmCore(Core):
         if answer.request_id in self._steps:
             step, name, askers, extra = self._steps.pop(answer.request_id)
             return self._step(step, name, askers, extra, answer, now)
+        if answer.request_id != self._host_rid:
+            return []  # nobody asked for it (never taken for the host)
         return self._host_loaded(answer, now)
 
     def _host_loaded(self, answer: IoAnswer, now: float) -> list[Action]:
         """The host read (at start, and afresh for each ``vm.pool``).  A failure keeps
         what was read before and says why in ``vm.pool``; the next command reads it
         again (a fixed profiles file is picked up without a restart)."""
-        self._host_asked = False
+        self._host_asked, self._host_rid = False, None
         waiting = self._waiting_host
         self._waiting_host, self._waiting_next = self._waiting_next, []
         actions: list[Action] = self._load_host() if self._waiting_host else []
@@ -482,6 +514,12 @@ class VmmCore(Core):
             self._lost(name)
             return [Append(VmLost(name, f"gone while the node was down ({error or 'dead'})"
                                   [:300]))]
+        if step == "launch":
+            self._starting.pop(name, None)
+        elif step == "remove":
+            self._removing.pop(name, None)
+        elif step == "overlay":
+            self._defining.discard(name)
         if not ok:
             if step == "launch":
                 self._starting.pop(name, None)
@@ -492,8 +530,15 @@ class VmmCore(Core):
                     for r in askers]
         if step == "overlay":
             return self._define(name, askers, extra)
+        if step == "launch" and vm is None:
+            # Its record went while QEMU started: that QEMU is no guest's, and goes
+            # again (nothing is recorded of it).
+            rid = self.request_id()
+            self._steps[rid] = ("orphan", name, [], {})
+            return [VmCommand(rid, name, "quit", {}),
+                    *[Reply(r, {"ok": False, "error": f"{self.name}: {name} changed while "
+                                "it started"}) for r in askers]]
         if step == "launch" and vm is not None:
-            self._starting.pop(name, None)
             pid = value.get("pid")
             if type(pid) is not int:
                 return [Reply(r, {"ok": False, "error": f"{self.name}: no pid for {name}"})
@@ -561,7 +606,7 @@ class VmmCore(Core):
         if isinstance(event, VmEvent):
             if event.event == "BALLOON_CHANGE":
                 actual = event.data.get("actual")
-                if type(actual) is int:
+                if type(actual) is int and actual >= 0:
                     self._actual[event.name] = actual // MIB
                 return []
             if event.event in ("STOP", "RESUME"):
@@ -578,6 +623,12 @@ class VmmCore(Core):
             return [Append(VmLost(event.name, f"QEMU exited unasked (status "
                                   f"{event.returncode})"))]
         how, askers = stopping
+        if how == "powerdown" and event.returncode < 0:  # killed, not powered down
+            self._lost(event.name)
+            return [Append(VmLost(event.name, f"QEMU killed during its stop (status "
+                                  f"{event.returncode})")),
+                    *[Reply(r, {"ok": False, "error": f"{self.name}: {event.name} was "
+                                "lost during its stop"}) for r in askers]]
         if how == "destroy":
             vm.update(state="stopped", pid=None)
             return self._remove(event.name, askers)

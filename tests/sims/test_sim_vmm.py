@@ -184,3 +184,20 @@ def test_the_operator_needs_the_capability_on_vm_control(vmm: Vmm) -> None:
     assert out["ok"] is False and f"capability #{control.cap_id} on vm.control" in out["error"]
     assert vmm.events() == [] and vmm.qemu.procs == {}
     assert vmm.cmd("vm.list")["ok"] is True  # vm.query is a capability of its own
+
+
+def test_a_guest_killed_during_its_stop_is_lost_not_stopped(vmm: Vmm) -> None:
+    """kill -9 of QEMU while pd-vmm waits for the ACPI powerdown: the guest did not power
+    down, it was lost (and the stop's caller is told so)."""
+    assert vmm.cmd("vm.create", profile="tiny", name="k1", start=True)["ok"]
+    answers: list[Any] = []
+    vmm.node.kernel.operator().call(vmm.admin_cap(), {"op": "vm.stop", "name": "k1"},
+                                    answers.append)
+    vmm.world.run_for(1)  # powerdown asked; no OS answers it
+    assert answers == [] and vmm.state("k1") == "running"
+    vmm.qemu.kill("k1")
+    vmm.world.run_for(1)
+    assert answers and answers[0]["ok"] is False and "lost during its stop" in \
+        answers[0]["error"]
+    assert vmm.state("k1") == "lost" and vmm.events()[-1] == "VmLost"
+    assert "VmStopped" not in vmm.events()
