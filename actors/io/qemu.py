@@ -155,6 +155,17 @@ def qemu_argv(qemu: dict[str, Any], name: str, vcpus: int, ram_mib: int, accel: 
     return argv
 
 
+def systemd_env(argv: list[str]) -> str:
+    """The ``ppn-vm@.service`` instance's environment file for ``argv``: the unit runs
+    ``/usr/bin/env ${PPN_QEMU} $PPN_QEMU_ARGS``, and systemd splits an unquoted ``$VAR``
+    at whitespace, so no argument may hold whitespace, quotes, ``$``, ``%`` or ``\\``."""
+    if not argv or any(not arg or any(c.isspace() or c in "\"'\\$%" for c in arg)
+                       for arg in argv):
+        raise RuntimeError("systemd supervision: a path with spaces or quotes cannot go "
+                           "into the unit's environment file")
+    return f"PPN_QEMU={argv[0]}\nPPN_QEMU_ARGS={' '.join(argv[1:])}\n"
+
+
 def unit_instance(path: Path) -> str:
     """``systemd-escape --path``: the template's instance name for a guest's file stem."""
     text = str(path).strip("/")
@@ -428,12 +439,10 @@ class QemuAdapter:
                 "audit_qmp": str(audit), "supervision": self._supervision}
 
     async def _systemd_start(self, name: str, argv: list[str]) -> int:
-        if any(not arg or any(c.isspace() or c in "\"'\\$%" for c in arg) for arg in argv):
-            raise RuntimeError("systemd supervision: a path with spaces or quotes cannot go "
-                               "into the unit's environment file")
+        text = systemd_env(argv)
         env = self.vm_dir / f"{name}.env"
         with os.fdopen(_private_file(env), "w") as f:
-            f.write(f"PPN_QEMU={argv[0]}\nPPN_QEMU_ARGS={' '.join(argv[1:])}\n")
+            f.write(text)
         installed = UNIT_DIR / UNIT_TEMPLATE.name
         text = UNIT_TEMPLATE.read_text()
         if not installed.exists() or installed.read_text() != text:

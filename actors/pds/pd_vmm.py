@@ -59,6 +59,9 @@ from ledger.catalog import (
 from ledger.vms import ACCELS, ACTIVE, NAME_RE, refused
 
 STOP_TIMEOUT = 10.0  # seconds from ACPI powerdown to quit
+MAX_GUESTS = 1024
+"""Guests defined on one node (running ones are bounded by the pool): ``vm.list`` of all
+of them stays well inside one kernel message (MAX_MESSAGE_BYTES)."""
 MIB = 1 << 20
 
 
@@ -250,6 +253,9 @@ class VmmCore(Core):
             return self.error(m, bad or "bad name")
         if name in self.vms or name in self._defining:
             return self.error(m, f"VM {name} exists already")
+        if len(self.vms) + len(self._defining) >= MAX_GUESTS:
+            return self.error(m, f"at most {MAX_GUESTS} guests are defined on a node "
+                                 "(destroy one first)")
         if p.get("start", False) not in (True, False):
             return self.error(m, "start: true or false")
         if p.get("start"):  # one that cannot start is not even defined

@@ -114,3 +114,18 @@ def test_ppn_vm_loads_nothing_of_the_nodes_runtime(tmp_path: Path) -> None:
                          text=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
     assert out.stdout.split(None, 1) == ["1", "[]\n"], (out.stdout, out.stderr)
     assert out.stderr.startswith("ppn: error: the node is not running")
+
+
+def test_the_units_environment_file_gives_back_the_direct_command_line() -> None:
+    """What systemd runs (``env ${PPN_QEMU} $PPN_QEMU_ARGS``, the second split at
+    whitespace) is the command line direct supervision runs; one that would not split
+    back the same is refused."""
+    q = vm_config.load()["qemu"]
+    argv = qemu.qemu_argv(q, "tb-1", 2, 1024, "tcg", "/var/lib/ppn/vms/tb-1.qmp",
+                          "/var/lib/ppn/vms/tb-1.audit.qmp", "/var/lib/ppn/vms/tb-1.qcow2")
+    env = dict(line.split("=", 1) for line in qemu.systemd_env(argv).splitlines())
+    assert set(env) == {"PPN_QEMU", "PPN_QEMU_ARGS"}
+    assert [env["PPN_QEMU"], *env["PPN_QEMU_ARGS"].split()] == argv
+    spaced = qemu.qemu_argv(q, "x", 1, 32, "tcg", "/tmp/a b/x.qmp", "/tmp/a b/y.qmp", None)
+    with pytest.raises(RuntimeError, match="spaces or quotes"):
+        qemu.systemd_env(spaced)

@@ -201,3 +201,23 @@ def test_a_guest_killed_during_its_stop_is_lost_not_stopped(vmm: Vmm) -> None:
         answers[0]["error"]
     assert vmm.state("k1") == "lost" and vmm.events()[-1] == "VmLost"
     assert "VmStopped" not in vmm.events()
+
+
+def test_the_number_of_defined_guests_is_bounded_and_list_fits_one_message(vmm: Vmm) -> None:
+    """Without a bound, enough defined (not running) guests made ``vm.list`` larger than
+    one kernel message: the reply was refused and the operator waited for nothing."""
+    from actors.pds import pd_vmm
+    from actors.wire import MAX_MESSAGE_BYTES, encode
+
+    limit = pd_vmm.MAX_GUESTS
+    core = vmm.node.host.cells["pd-vmm"].core
+    for i in range(limit):  # defined straight into the core: a thousand calls are slow
+        name = f"g{i:04d}-" + "x" * 26
+        core.vms[name] = {"name": name, "profile": "tiny", "vcpus": 1, "ram_mib": 32,
+                          "image": None, "overlay": None, "state": "defined", "accel": None,
+                          "pid": None, "qmp": None, "balloon_mib": None, "since": None}
+    no = vmm.cmd("vm.create", profile="tiny", name="one-more")
+    assert no["ok"] is False and f"at most {limit} guests" in no["error"]
+    listed = vmm.cmd("vm.list")
+    assert listed["ok"] and len(listed["vms"]) == limit
+    assert len(encode(listed)) < MAX_MESSAGE_BYTES
