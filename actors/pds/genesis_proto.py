@@ -19,6 +19,11 @@ types, the exact keys of its kind, no msgpack extensions, nothing after it.
     B -> A  sealed join    {wg_key, signing_key, endpoint}    keys from the PAKE key
     A -> B  sealed welcome {mesh_ip, admin, members}          (secretbox, a counter
     B -> A  sealed done    {transcript}                       nonce per direction)
+    A -> B  sealed committed {transcript}
+
+The approving node decides and commits first (on ``done``); the new node completes only
+on ``committed``.  If that last frame is lost, the approving node has a member that never
+came (``ppn mesh member remove`` takes it out), never the other way round.
 
 Each confirmation is an HMAC-SHA-256 over the transcript so far (SHA-256 of every
 frame in order), under a key of its own side, so neither can be replayed as the other.
@@ -158,6 +163,7 @@ SEALED: dict[str, dict[str, type]] = {
     "join": {"wg_key": bytes, "signing_key": bytes, "endpoint": str},
     "welcome": {"mesh_ip": str, "admin": dict, "members": list},
     "done": {"transcript": bytes},
+    "committed": {"transcript": bytes},
 }
 MEMBER: dict[str, type] = {"name": str, "wg_key": bytes, "signing_key": bytes,
                            "mesh_ip": str, "endpoint": str, "role": str}
@@ -237,7 +243,7 @@ _NEXT: dict[tuple[str, str], str] = {  # (role, state) -> the frame that may com
     ("joiner", "new"): "hello", ("approver", "hello-sent"): "pake",
     ("joiner", "pake-sent"): "pake-confirm", ("approver", "confirm-sent"): "confirm",
     ("approver", "confirmed"): "sealed", ("joiner", "joined"): "sealed",
-    ("approver", "welcomed"): "sealed"}
+    ("approver", "welcomed"): "sealed", ("joiner", "done-sent"): "sealed"}
 
 
 def _ids(approver: str, joiner: str) -> tuple[bytes, bytes]:
@@ -275,6 +281,7 @@ class Ceremony:
         self.peer_name: str | None = None
         self._join: Offer | None = None
         self._welcome: tuple[str, dict[str, Any], list[dict[str, Any]]] | None = None
+        self._agreed: Completed | None = None
         self.completed: Completed | None = None
         self.ended: str | None = None
 
@@ -424,10 +431,18 @@ class Ceremony:
             raise CeremonyEnded("a welcome with too many members")
         members = [check_member(m) for m in w["members"]]
         digest = self._transcript.digest()
-        out = [self._seal("done", {"transcript": digest})]
-        self.completed = Completed(admin, w["mesh_ip"], members, digest)
+        self._agreed = Completed(admin, w["mesh_ip"], members, digest)
+        self._state = "done-sent"
+        return [self._seal("done", {"transcript": digest})]
+
+    def _joiner_done_sent(self, body: dict[str, Any], before: bytes) -> list[bytes]:
+        c = self._open(body, "committed")
+        if self._agreed is None or not hmac.compare_digest(c["transcript"],
+                                                           self._agreed.transcript):
+            raise CeremonyEnded("the two sides saw different ceremonies")
+        self.completed = self._agreed
         self._forget()
-        return out
+        return []
 
     # -------------------------------------------------------------- the approver
     def _approver_hello_sent(self, body: dict[str, Any], before: bytes) -> list[bytes]:
@@ -474,5 +489,6 @@ class Ceremony:
         self.completed = Completed({"name": j.name, "wg_key": j.wg_key,
                                     "signing_key": j.signing_key, "endpoint": j.endpoint},
                                    mesh_ip, members, before)
+        out = [self._seal("committed", {"transcript": before})]
         self._forget()
-        return []
+        return out
