@@ -71,6 +71,7 @@ bench: $(STAMP) bytecode
 	$(PY) bench/kernel_bench.py
 	$(PY) bench/mesh_bench.py
 	$(PY) bench/vm_bench.py
+	$(PY) bench/genesis_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -32,6 +32,7 @@ from actors.mesh_cli import (
     mesh_ip_arg,
     port_arg,
 )
+from actors.pair_cli import add_pair_commands
 from actors.runtime import LEDGER_SUBDIR, Node
 from actors.system import (
     DEFAULT_INTERFACE,
@@ -321,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_net_commands(top)
     add_mesh_commands(top)
     add_vm_commands(top)
+    add_pair_commands(top)
 
     add_ledger_commands(top)
     return p

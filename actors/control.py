@@ -92,6 +92,7 @@ class Operator(Protocol):
     def mesh_repair(self) -> list[str]: ...
     def mesh_status(self) -> dict[str, Any]: ...
     def vm(self, op: str, **fields: Any) -> Any: ...
+    def pair(self, op: str, **fields: Any) -> Any: ...
 
 
 # ----------------------------------------------------------------- request decoding
@@ -157,7 +158,10 @@ FIELDS: dict[str, Callable[[Any], Any]] = {"cap": _cap_id, "badge": _cap_id, "pd
                                            "keepalive": _seconds, "profile": _text,
                                            "vcpus": _count(1, 4096),
                                            "ram_mib": _count(1, 1 << 22),
-                                           "mib": _count(1, 1 << 22), "start": _flag}
+                                           "mib": _count(1, 1 << 22), "start": _flag,
+                                           "listen": _text, "peer": _text, "code": _text,
+                                           "length": _count(6, 10),
+                                           "window": _count(1, 86_400)}
 VM_OPS = ("start", "pause", "resume", "stop", "destroy")
 COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, optional) fields
     "status": (set(), set()),
@@ -176,6 +180,9 @@ COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, opti
     "vm.pool": (set(), set()),
     "vm.balloon": ({"name", "mib"}, set()),
     **{f"vm.{op}": ({"name"}, set()) for op in VM_OPS},
+    "pair.start": ({"listen"}, {"length", "window"}),
+    "pair.approve": ({"code", "peer"}, {"window"}),
+    "pair.status": (set(), set()),
 }
 
 
@@ -250,6 +257,8 @@ def execute(op: Operator, cmd: str, f: dict[str, Any]) -> Any:
         return op.mesh_status()
     if cmd.startswith("vm."):
         return op.vm(cmd.removeprefix("vm."), **f)
+    if cmd.startswith("pair."):
+        return op.pair(cmd.removeprefix("pair."), **f)
     raise RequestError(f"unknown command {cmd!r}")  # COMMANDS and this list disagree
 
 

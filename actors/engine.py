@@ -40,6 +40,7 @@ from actors.pds.base import (
     IoInput,
     IoRequest,
     IoResult,
+    MembersChanged,
     NodeChanged,
     Refused,
     Reply,
@@ -234,6 +235,9 @@ class Engine:
             return
         if type(event) is NodeChanged:
             self._run(cell, lambda core, now: core.node_changed(dict(event.node), now))
+            return
+        if type(event) is MembersChanged:
+            self._run(cell, lambda core, now: core.members_changed(dict(event.members), now))
             return
         self._run(cell, lambda core, now: core.input(event, now))
 

@@ -34,7 +34,15 @@ from actors.io.base import Adapter, submit_guarded
 from actors.kernel import Backpressure, Delivery, Kernel
 from actors.lifecycle import HostError
 from actors.pds import make_core
-from actors.pds.base import Action, IoAnswer, IoFailure, IoInput, IoRequest, NodeChanged
+from actors.pds.base import (
+    Action,
+    IoAnswer,
+    IoFailure,
+    IoInput,
+    IoRequest,
+    MembersChanged,
+    NodeChanged,
+)
 from ledger.caps import CapRefused
 from ledger.log import Ledger
 
@@ -247,6 +255,7 @@ class Host:
             adapter.attach(functools.partial(self._unsolicited, pd))
         kernel.set_route(self.route)
         kernel.watch_node(self._node_changed)
+        kernel.watch_members(self._members_changed)
 
     # ----------------------------------------------------------------- routing
     def route(self, target: str, delivery: Delivery) -> None:
@@ -290,6 +299,10 @@ class Host:
     def _node_changed(self, node: dict[str, Any]) -> None:
         for pd in list(self._cells):
             self._unsolicited(pd, NodeChanged(dict(node)))
+
+    def _members_changed(self, members: dict[str, Any]) -> None:
+        for pd in list(self._cells):
+            self._unsolicited(pd, MembersChanged(dict(members)))
 
     def _unsolicited(self, pd: str, event: IoInput) -> None:
         """Stamped with the core's generation as the adapter says it: if the core is

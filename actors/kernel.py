@@ -39,7 +39,7 @@ from actors.pds.base import Held, Message, PdView, ReplyCap
 from actors.system import JOURNAL_OBJECT, load_default
 from ledger import caps, commands
 from ledger.caps import CapRefused, Token
-from ledger.catalog import REGISTRY, CapGranted
+from ledger.catalog import REGISTRY, CapGranted, MemberAdded, MemberRemoved
 from ledger.errors import LedgerUsageError
 from ledger.log import Ledger
 from ledger.state import Cap, State, pd_transition
@@ -102,6 +102,11 @@ SECTIONS: dict[str, Callable[[State], Any]] = {
                            "endpoint": p.endpoint, "mesh_ip": p.mesh_ip, "role": p.role,
                            "allowed_ips": list(p.allowed_ips), "keepalive": p.keepalive}
                   for p in list(s.peers.values())}},
+    "genesis": lambda s: {**s.genesis, "opened_ns": list(s.genesis["opened_ns"]),
+                          "open": None if s.genesis["open"] is None
+                          else dict(s.genesis["open"]),
+                          "last": None if s.genesis["last"] is None
+                          else dict(s.genesis["last"])},
     "vm": lambda s: {
         "pool": None if s.vm_pool is None else dict(s.vm_pool),
         "vms": {v.name: {"name": v.name, "profile": v.profile, "vcpus": v.vcpus,
@@ -113,6 +118,9 @@ SECTIONS: dict[str, Callable[[State], Any]] = {
 """Event family -> the part of the state that family's events build (as plain data).
 (Each iterates over a ``list()`` of the live table: taken in one step, while another
 thread's append may be folding into it.)"""
+
+
+_MEMBERSHIP = (MemberAdded, MemberRemoved)
 
 
 class Kernel:
@@ -140,6 +148,7 @@ class Kernel:
         self._pending: Counter[str] = Counter()  # caller -> calls not answered yet
         self._epochs: Counter[str] = Counter()  # PD -> how many times its core was replaced
         self._node_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._member_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._public: dict[str, Any] | None = None  # the node's identity, as last told
         self._node_seen: dict[str, Any] | None = None  # state.node when it was last looked at
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
@@ -149,6 +158,11 @@ class Kernel:
     def set_route(self, route: Route) -> None:
         self._route = route
 
+    def watch_members(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """``listener`` (the host's) hears the membership each time a journalled batch
+        adds or removes a member, to tell every running core (``MembersChanged``)."""
+        self._member_listeners.append(listener)
+
     def watch_node(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """``listener`` (the host's) hears the node's public identity each time a journalled
         batch changes it, to tell every running core (``NodeChanged``)."""
@@ -157,8 +171,9 @@ class Kernel:
 
     def _public_node(self) -> dict[str, Any] | None:
         node = self._state.node
-        return None if node is None else {
-            k: node.get(k) for k in ("name", "role", "mesh_ip", "endpoint")}
+        return None if node is None else {  # public keys only (no private key is here)
+            k: node.get(k) for k in ("name", "role", "mesh_ip", "endpoint", "wg_public_key",
+                                     "signing_key")}
 
     @property
     def state(self) -> State:
@@ -205,7 +220,7 @@ class Kernel:
         public = self._public_node()
         owned = {f: SECTIONS[f](state) for f in sorted(self._journals.get(pd, ()))
                  if f in SECTIONS}
-        return PdView(pd, held, public, owned)
+        return PdView(pd, held, public, owned, SECTIONS["mesh"](state))
 
     # ----------------------------------------------------------------- messages
     def _refuse(self, exc: CapRefused, who: str | None = None) -> CapRefused:
@@ -435,6 +450,10 @@ class Kernel:
             except commands.EventInvalid as exc:
                 raise CapRefused("bad-event", pd, cap.cap_id, str(exc)) from None
             self._ledger.append_many(events)
+            if self._member_listeners and any(type(e) in _MEMBERSHIP for e in events):
+                members = SECTIONS["mesh"](self._state)
+                for member_listener in self._member_listeners:
+                    member_listener(members)
             if self._node_listeners and self._state.node is not self._node_seen:
                 # The fold replaces the node's dict whenever it changes: an identity
                 # test per batch, and the public part compared only then.

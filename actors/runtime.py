@@ -29,6 +29,7 @@ from actors.control import SOCKET_NAME, ControlError, ControlServer
 from actors.engine import CoreFactory
 from actors.host import Host
 from actors.io.base import Adapter
+from actors.io.genesis_net import GenesisNet
 from actors.io.netlink import NetlinkAdapter
 from actors.io.qemu import QemuAdapter
 from actors.io.wireguard import DeviceAdapter
@@ -45,6 +46,7 @@ LEDGER_SUBDIR = "ledger"
 PING_TIMEOUT = 2.0
 ADMIN = "pd-network-admin"
 ADMIN_TIMEOUT = 10.0
+PAIR_TIMEOUT = 60.0  # an approval: connect (5 s), then the ceremony (well under 1 s)
 VM_TIMEOUT = 40.0  # a stop is ACPI powerdown, then quit 10 s later; many guests may start
 AdapterFactory = Callable[[], dict[str, Adapter]]
 
@@ -87,7 +89,8 @@ def real_adapters(state_dir: Path, *, tunnel: bool = True) -> dict[str, Adapter]
     for pd-net-driver, the device over UAPI for pd-wireguard, QEMU over QMP for pd-vmm).
     ``tunnel=False``: the node never starts or changes a WireGuard device or a link."""
     return {"pd-net-driver": NetlinkAdapter(tunnels=tunnel),
-            "pd-wireguard": DeviceAdapter(state_dir), "pd-vmm": QemuAdapter(state_dir)}
+            "pd-wireguard": DeviceAdapter(state_dir), "pd-vmm": QemuAdapter(state_dir),
+            "pd-genesis": GenesisNet()}
 
 
 def cap_json(c: Cap) -> dict[str, Any]:
@@ -320,6 +323,14 @@ class Node:
         if op in ("create", *VM_ONE) and type(out.get("vm")) is not dict:
             raise ControlError(f"vm.{op}: malformed answer from pd-vmm")
         return jsonable(out.get("vm") if op != "pool" and "vm" in out else out)
+
+    def pair(self, op: str, **fields: Any) -> Any:
+        """The Genesis ceremony (``start`` on a node waiting to be joined, ``approve`` on a
+        member, ``status``): at pd-network-admin, forwarded to pd-genesis.  ``start``'s
+        answer holds the code: it goes to the operator who asked and nowhere else."""
+        timeout = {"approve": PAIR_TIMEOUT}.get(op, ADMIN_TIMEOUT)
+        out: Any = jsonable(self.admin(f"pair.{op}", timeout=timeout, **fields))
+        return out
 
     def net_links(self) -> list[dict[str, Any]]:
         """The node's links and addresses, as pd-net-driver reads them (via pd-network-admin)."""

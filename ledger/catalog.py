@@ -348,3 +348,46 @@ class LedgerRecovered:
     reason: str
     anchor_size: int
     kept_as: str
+
+
+@REGISTRY.register("genesis.opened")
+@dataclass(frozen=True, slots=True)
+class GenesisOpened:
+    """A pairing ceremony began: as the new node (``joiner``, listening on ``address``)
+    or as the approving node (``approver``, connecting to ``address``), for ``window``
+    seconds, with a code of ``length`` symbols (the code itself is never recorded)."""
+
+    ceremony: int
+    role: str
+    address: str
+    window: int
+    length: int
+
+
+@REGISTRY.register("genesis.completed")
+@dataclass(frozen=True, slots=True)
+class GenesisCompleted:
+    """The ceremony completed with node ``peer``: ``transcript`` is the SHA-256 of every
+    frame both sides exchanged (never the code or a key)."""
+
+    ceremony: int
+    peer: str
+    transcript: bytes
+
+
+@REGISTRY.register("genesis.aborted")
+@dataclass(frozen=True, slots=True)
+class GenesisAborted:
+    """The ceremony ended without completing (``code mismatch``, a protocol error, the
+    connection lost, ...); its code is dead."""
+
+    ceremony: int
+    reason: str
+
+
+@REGISTRY.register("genesis.expired")
+@dataclass(frozen=True, slots=True)
+class GenesisExpired:
+    """The ceremony's window passed before it completed; nothing was added."""
+
+    ceremony: int

@@ -19,6 +19,10 @@ from typing import Any
 from ledger.catalog import (
     REGISTRY,
     ROLES,
+    GenesisAborted,
+    GenesisCompleted,
+    GenesisExpired,
+    GenesisOpened,
     MemberAdded,
     MemberRemoved,
     VmBalloonSet,
@@ -37,7 +41,7 @@ from ledger.catalog import (
     WgTunnelFailed,
 )
 from ledger.events import EventTypeError
-from ledger.state import State, apply, try_state, unfit
+from ledger.state import State, apply, try_state, unfit, unfit_genesis
 from ledger.vms import ACCELS as VM_ACCELS
 from ledger.vms import NAME_RE as VM_NAME_RE
 
@@ -296,7 +300,37 @@ def _vm_step(s: State, e: Any) -> None:
     _vm_fits(s, e)
 
 
+GENESIS_ROLES = ("approver", "joiner")
+MAX_WINDOW = 86_400
+
+
+def _genesis(s: State, e: Any) -> None:
+    """A ceremony's events: one open at a time, numbered in order; what they carry
+    well-formed (and nothing of the code or a key: the fields have no room for it)."""
+    if type(e.ceremony) is not int or e.ceremony < 1:
+        raise EventInvalid("a ceremony's number is a whole number from 1")
+    why = unfit_genesis(s, e)
+    if why is not None:
+        raise EventInvalid(why)
+    if type(e) is GenesisOpened:
+        if e.role not in GENESIS_ROLES:
+            raise EventInvalid(f"role {e.role[:20]!r}: approver or joiner")
+        endpoint(e.address)
+        if not 1 <= e.window <= MAX_WINDOW:
+            raise EventInvalid(f"window {e.window} s: not 1-{MAX_WINDOW}")
+        if not 6 <= e.length <= 10:
+            raise EventInvalid(f"code length {e.length}: not 6-10")
+    elif type(e) is GenesisCompleted:
+        _name(e.peer)
+        if len(e.transcript) != 32:
+            raise EventInvalid("a transcript hash is 32 bytes")
+    elif type(e) is GenesisAborted:
+        _reason(e.reason)
+
+
 COMMANDS: dict[type[Any], Callable[[State, Any], None]] = {
+    **{t: _genesis for t in (GenesisOpened, GenesisCompleted, GenesisAborted,
+                             GenesisExpired)},
     VmDefined: _vm_defined,
     **{t: _vm_step for t in (VmStarted, VmPaused, VmResumed, VmStopped, VmLost,
                              VmReattached, VmDestroyed, VmBalloonSet)},

@@ -91,6 +91,11 @@ class State:
     """The guest capacity: ``vcpus``, ``reserve_mib``, ``accel``."""
     vms: dict[str, Vm] = field(default_factory=dict)
     """The guests, by name (a destroyed one is gone)."""
+    genesis: dict[str, Any] = field(default_factory=lambda: dict(GENESIS_EMPTY))
+    """Pairing ceremonies: ``next`` (the next one's number), ``open`` (the one under way:
+    ceremony, role, address, window, length, opened_ns; or None), ``opened_ns`` (when the
+    last :data:`GENESIS_RECENT` began: a node refuses too many an hour), ``last`` (how the
+    latest ended: ceremony, outcome, reason, peer)."""
     # Derived from ``caps`` (the derivation tree's edges); rebuilt, never stored.
     children: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -117,6 +122,7 @@ class State:
             "peers": [list(astuple(p)) for _, p in sorted(self.peers.items())],
             "vm_pool": self.vm_pool,
             "vms": [list(astuple(v)) for _, v in sorted(self.vms.items())],
+            "genesis": self.genesis,
         }
 
     @classmethod
@@ -139,7 +145,8 @@ class State:
                     peers={p[0]: Peer(p[0], p[1], p[2], p[3], p[4], tuple(p[5]), p[6], p[7])
                            for p in obj.get("peers", [])},
                     vm_pool=dict(obj["vm_pool"]) if obj.get("vm_pool") is not None else None,
-                    vms={v[0]: Vm(*v) for v in obj.get("vms", [])})
+                    vms={v[0]: Vm(*v) for v in obj.get("vms", [])},
+                    genesis=_genesis_from(obj.get("genesis")))
         for k in caps:
             if k.parent is not None:
                 state.children.setdefault(k.parent, []).append(k.cap_id)
@@ -149,6 +156,18 @@ class State:
         """JSON-friendly view: bytes as base64."""
         out: dict[str, Any] = jsonable(self.to_obj())
         return out
+
+
+GENESIS_RECENT = 64
+GENESIS_EMPTY: dict[str, Any] = {"next": 1, "open": None, "opened_ns": [], "last": None}
+
+
+def _genesis_from(obj: Any) -> dict[str, Any]:
+    if obj is None:  # a snapshot from before the ceremony's events
+        return {**GENESIS_EMPTY, "opened_ns": []}
+    return {"next": obj["next"], "open": None if obj["open"] is None else dict(obj["open"]),
+            "opened_ns": list(obj["opened_ns"]),
+            "last": None if obj["last"] is None else dict(obj["last"])}
 
 
 def jsonable(obj: Any) -> Any:
@@ -191,6 +210,32 @@ def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | No
 
 def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int, sig: bytes | None) -> None:
     s.members.pop(e.name, None)
+
+
+def _genesis_opened(s: State, e: c.GenesisOpened, seq: int, ts: int,
+                    sig: bytes | None) -> bool | None:
+    g = s.genesis
+    if g["open"] is not None or e.ceremony != g["next"]:
+        return False
+    # New dicts and lists: a trial state (try_state) must never write into the live one's.
+    s.genesis = {"next": e.ceremony + 1, "last": g["last"],
+                 "open": {"ceremony": e.ceremony, "role": e.role, "address": e.address,
+                          "window": e.window, "length": e.length, "opened_ns": ts},
+                 "opened_ns": [*g["opened_ns"], ts][-GENESIS_RECENT:]}
+    return None
+
+
+def _genesis_closed(s: State, e: Any, seq: int, ts: int, sig: bytes | None) -> bool | None:
+    g = s.genesis
+    if g["open"] is None or g["open"]["ceremony"] != e.ceremony:
+        return False
+    outcome = {c.GenesisCompleted: "completed", c.GenesisAborted: "aborted",
+               c.GenesisExpired: "expired"}[type(e)]
+    s.genesis = {**g, "open": None,
+                 "last": {"ceremony": e.ceremony, "role": g["open"]["role"],
+                          "outcome": outcome, "reason": getattr(e, "reason", None),
+                          "peer": getattr(e, "peer", None), "ended_ns": ts}}
+    return None
 
 
 def _wg_interface(s: State, e: c.WgInterface, seq: int, ts: int, sig: bytes | None) -> None:
@@ -399,7 +444,20 @@ def _unfit_vm(s: State, e: Any) -> str | None:
     return vm_refused(VM_OPS[type(e)], e.name, None if vm is None else vm.state)
 
 
+def unfit_genesis(s: State, e: Any) -> str | None:
+    g = s.genesis
+    if type(e) is c.GenesisOpened:
+        if g["open"] is not None:
+            return f"ceremony {g['open']['ceremony']} is still open"
+        return None if e.ceremony == g["next"] else f"the next ceremony is {g['next']}"
+    if g["open"] is None or g["open"]["ceremony"] != e.ceremony:
+        return f"ceremony {e.ceremony} is not open"
+    return None
+
+
 UNFIT: dict[type[Any], Callable[[State, Any], str | None]] = {
+    c.GenesisOpened: unfit_genesis, c.GenesisCompleted: unfit_genesis,
+    c.GenesisAborted: unfit_genesis, c.GenesisExpired: unfit_genesis,
     c.VmDefined: _unfit_vm, c.VmBalloonSet: _unfit_vm,
     **{t: _unfit_vm for t in VM_OPS},
     c.CapGranted: _unfit_grant,
@@ -452,7 +510,7 @@ def try_state(state: State, *, caps: bool = False) -> State:
               node=None if state.node is None else dict(state.node), pds=dict(state.pds),
               members=dict(state.members),
               wg=None if state.wg is None else dict(state.wg), peers=dict(state.peers),
-              vm_pool=state.vm_pool, vms=dict(state.vms),
+              vm_pool=state.vm_pool, vms=dict(state.vms), genesis=state.genesis,
               caps=copy.deepcopy(state.caps) if caps else state.caps,
               pd_status=dict(state.pd_status), restarts=dict(state.restarts),
               next_cap_id=state.next_cap_id, objects=dict(state.objects))
@@ -481,6 +539,10 @@ APPLIERS: dict[type[Any], Applier] = {
     c.WgPeerAdded: _wg_peer_added,
     c.WgPeerRemoved: _wg_peer_removed,
     c.VmPool: _vm_pool,
+    c.GenesisOpened: _genesis_opened,
+    c.GenesisCompleted: _genesis_closed,
+    c.GenesisAborted: _genesis_closed,
+    c.GenesisExpired: _genesis_closed,
     c.VmDefined: _vm_defined,
     c.VmBalloonSet: _vm_balloon,
     **{t: _vm_step for t in VM_OPS},

@@ -38,6 +38,7 @@ from actors.pds.base import (
     IoFailure,
     IoInput,
     IoRequest,
+    MembersChanged,
     NodeChanged,
 )
 from ledger.caps import CapRefused
@@ -166,6 +167,7 @@ class Host:
             adapter.attach(functools.partial(self._unsolicited, pd))
         kernel.set_route(self.route)
         kernel.watch_node(self._node_changed)
+        kernel.watch_members(self._members_changed)
 
     # ----------------------------------------------------------------- views for tests
     @property
@@ -210,6 +212,10 @@ class Host:
     def _node_changed(self, node: dict[str, Any]) -> None:
         for pd in list(self.cells):
             self._unsolicited(pd, NodeChanged(dict(node)))
+
+    def _members_changed(self, members: dict[str, Any]) -> None:
+        for pd in list(self.cells):
+            self._unsolicited(pd, MembersChanged(dict(members)))
 
     def _unsolicited(self, pd: str, event: IoInput) -> None:
         cell = self.cells.get(pd)

@@ -59,6 +59,9 @@ class PdView:
     """The node's public identity: name, role, mesh IP, underlay endpoint (no keys)."""
     owned: dict[str, Any] = field(default_factory=dict)
     """Per event family this PD journals, that family's part of the state (a copy)."""
+    members: dict[str, Any] = field(default_factory=dict)
+    """The mesh's members as the ledger has them, by name: public keys, mesh IP,
+    endpoint and role (what every node's nodes.jsonl says; no secret)."""
 
     @property
     def tokens(self) -> list[Token]:
@@ -131,6 +134,15 @@ class NodeChanged(IoInput):
     :meth:`Core.node_changed`."""
 
     node: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MembersChanged(IoInput):
+    """The mesh's membership changed in the ledger (a ceremony admitted a node, a member
+    was removed): told to every running core, which gets it by
+    :meth:`Core.members_changed` (``members`` as :attr:`PdView.members` gives it)."""
+
+    members: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- actions
@@ -232,6 +244,10 @@ class Core:
     def node_changed(self, node: dict[str, Any], now: float) -> list[Action]:
         """The node's public identity is now ``node`` (as ``PdView.node`` gives it)."""
         self.node = dict(node)
+        return []
+
+    def members_changed(self, members: dict[str, Any], now: float) -> list[Action]:
+        """The mesh's members are now ``members`` (as ``PdView.members`` gives them)."""
         return []
 
     def refused(self, r: Refused, now: float) -> list[Action]:

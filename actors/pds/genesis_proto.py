@@ -160,7 +160,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "abort": {"reason": str},
 }
 SEALED: dict[str, dict[str, type]] = {
-    "join": {"wg_key": bytes, "signing_key": bytes, "endpoint": str},
+    "join": {"wg_key": bytes, "signing_key": bytes, "endpoint": str, "role": str},
     "welcome": {"mesh_ip": str, "admin": dict, "members": list},
     "done": {"transcript": bytes},
     "committed": {"transcript": bytes},
@@ -223,6 +223,7 @@ class Offer:
     wg_key: bytes
     signing_key: bytes
     endpoint: str
+    role: str = "node"
 
 
 @dataclass(frozen=True)
@@ -418,7 +419,7 @@ class Ceremony:
         self._state = "joined"
         o = self.offer
         return [confirm, self._seal("join", {"wg_key": o.wg_key, "signing_key": o.signing_key,
-                                             "endpoint": o.endpoint})]
+                                             "endpoint": o.endpoint, "role": o.role})]
 
     def _joiner_joined(self, body: dict[str, Any], before: bytes) -> list[bytes]:
         w = self._open(body, "welcome")
@@ -468,8 +469,11 @@ class Ceremony:
             raise CeremonyEnded("a join with a key that is not 32 bytes")
         if not ENDPOINT_RE.fullmatch(j["endpoint"]):
             raise CeremonyEnded("a join with a malformed endpoint")
+        if j["role"] not in ROLES:
+            raise CeremonyEnded("a join with an unknown role")
         assert self.peer_name is not None and self._assign is not None
-        self._join = Offer(self.peer_name, j["wg_key"], j["signing_key"], j["endpoint"])
+        self._join = Offer(self.peer_name, j["wg_key"], j["signing_key"], j["endpoint"],
+                           j["role"])
         try:
             self._welcome = self._assign(self._join)
         except ValueError as exc:
@@ -487,7 +491,8 @@ class Ceremony:
         mesh_ip, _, members = self._welcome
         j = self._join
         self.completed = Completed({"name": j.name, "wg_key": j.wg_key,
-                                    "signing_key": j.signing_key, "endpoint": j.endpoint},
+                                    "signing_key": j.signing_key, "endpoint": j.endpoint,
+                                    "role": j.role},
                                    mesh_ip, members, before)
         out = [self._seal("committed", {"transcript": before})]
         self._forget()

@@ -25,6 +25,8 @@ FORWARDS: dict[str, tuple[str, str]] = {
     **{f"vm.{op}": ("vm.control", f"vm.{op}")
        for op in ("create", "start", "pause", "resume", "stop", "destroy", "balloon")},
     "vm.list": ("vm.query", "vm.list"),
+    **{f"pair.{op}": ("endpoint:pd-genesis", f"pair.{op}")
+       for op in ("start", "approve", "status")},
     "vm.pool": ("vm.query", "vm.pool"),
 }
 """Operator command -> (the object it needs a capability on, the op sent there)."""

@@ -44,6 +44,8 @@ from actors.pds.wg_plan import DeviceState, PeerConfig, plan, repair_peers
 from ledger.catalog import WgPeerAdded, WgPeerRemoved, WgRepaired, WgTunnelFailed
 from ledger.commands import EventInvalid, allowed_ips, mesh_ip
 
+MEMBER_KEEPALIVE = 25  # a spoke's tunnel to the hub, kept open through NAT
+
 RECONCILE_EVERY = 10.0  # seconds between reconciliations (besides the ones pushed)
 RETRY_UP = 5.0  # seconds before a tunnel that failed to come up is tried again
 TAG_UP, TAG_WATCH, TAG_LINK = 1, 2, 3
@@ -76,6 +78,8 @@ class WireguardCore(Core):
         super().__init__(name)
         self.peers: dict[str, dict[str, Any]] = {}
         self.interface: dict[str, Any] | None = None
+        self.members: dict[str, Any] = {}
+        self._following: list[str] = []  # peers the last membership step added
         self._asking: ReplyCap | None = None  # who asked for this step's journalling
         self._restore: dict[str, Any] | None = None  # a removal to take back if refused
         self.up = False
@@ -93,7 +97,53 @@ class WireguardCore(Core):
         self.peers = dict(wg.get("peers", {}))
         self.interface = wg.get("interface")
         actions = super().start(view, now)
-        return actions + self._bring_up()
+        self.members = dict(view.members)
+        return actions + self._follow(set()) + self._bring_up()
+
+    # ------------------------------------------------------------- membership
+    def members_changed(self, members: dict[str, Any], now: float) -> list[Action]:
+        """A node was admitted (a ceremony, an announcement) or removed: the peers the
+        hub rule gives follow, pushed at once (not at the next poll)."""
+        gone = set(self.members) - set(members)
+        self.members = dict(members)
+        return self._follow(gone) + self._reconcile_if_up()
+
+    def _follow(self, gone: set[str]) -> list[Action]:
+        """Peers for the members the hub rule pairs this node with (the hub with every
+        member, a spoke with the hub), and none for members removed.  A peer the
+        operator added by hand, or one whose key or address another peer has, is left."""
+        me = self.node or {}
+        own, role = me.get("name"), me.get("role")
+        actions: list[Action] = []
+        self._following = []
+        keys = {p["wg_public_key"] for p in self.peers.values()}
+        ips = {p["mesh_ip"] for p in self.peers.values()}
+        for name in sorted(gone & set(self.peers)):
+            self.peers.pop(name)
+            actions.append(Append(WgPeerRemoved(name, "no longer a member of the mesh")))
+        if not own or not me.get("mesh_ip"):
+            return actions  # waiting to be joined: no peers yet
+        for name, m in sorted(self.members.items()):
+            if (name == own or name in self.peers or "hub" not in (role, m.get("role"))
+                    or m["wg_public_key"] in keys or m["mesh_ip"] in ips
+                    or m["wg_public_key"] == me.get("wg_public_key")):
+                continue
+            try:
+                allowed = allowed_ips(role, m["role"], str(mesh_ip(m["mesh_ip"])))
+            except EventInvalid:
+                continue
+            keepalive = MEMBER_KEEPALIVE if m["role"] == "hub" and role != "hub" else 0
+            event = WgPeerAdded(name, m["wg_public_key"], m.get("endpoint"), m["mesh_ip"],
+                                m["role"], allowed, keepalive)
+            self.peers[name] = {"name": name, "wg_public_key": m["wg_public_key"],
+                                "endpoint": m.get("endpoint"), "mesh_ip": m["mesh_ip"],
+                                "role": m["role"], "allowed_ips": list(allowed),
+                                "keepalive": keepalive}
+            keys.add(m["wg_public_key"])
+            ips.add(m["mesh_ip"])
+            self._following.append(name)
+            actions.append(Append(event))
+        return actions
 
     # ------------------------------------------------------------- the device
     def _address(self) -> str | None:
@@ -118,7 +168,8 @@ class WireguardCore(Core):
         super().node_changed(node, now)
         if (self._address(), (self.node or {}).get("endpoint")) == before:
             return []
-        return self._bring_up()
+        # Joined: the members the ceremony taught it (in the same batch) become peers.
+        return self._follow(set()) + self._bring_up()
 
     def _bring_up(self) -> list[Action]:
         net = self.holding("net", "grant-reply")
@@ -319,6 +370,12 @@ class WireguardCore(Core):
         """A journalling refused (the event's command said no): the asker is told why, and
         what this core thought it had done is taken back from the ledger's view."""
         super().refused(r, now)
+        event = r.action.event if type(r.action) is Append else None
+        if isinstance(event, WgPeerAdded | WgPeerRemoved) and event.name in self._following:
+            for name in self._following:  # that batch is not in the ledger: nor here
+                self.peers.pop(name, None)
+            self._following = []
+            return []
         if type(r.action) is not Append or self._asking is None:
             return []
         asking, self._asking = self._asking, None

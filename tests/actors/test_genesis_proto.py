@@ -155,7 +155,8 @@ def test_the_right_code_completes_both_sides_with_the_same_transcript() -> None:
     assert b.completed.mesh_ip == a.completed.mesh_ip == "10.8.0.4"
     assert b.completed.peer == ADMIN_RECORD and b.completed.members == MEMBERS
     assert a.completed.peer == {"name": "laptop-c", "wg_key": B.wg_key,
-                                "signing_key": B.signing_key, "endpoint": B.endpoint}
+                                "signing_key": B.signing_key, "endpoint": B.endpoint,
+                                "role": "node"}
     assert a.state == b.state == "completed"
 
 
