@@ -94,7 +94,8 @@ class _Call(NamedTuple):
 SECTIONS: dict[str, Callable[[State], Any]] = {
     "mesh": lambda s: {m.name: {"name": m.name, "signing_key": m.signing_key,
                                 "wg_public_key": m.wg_public_key, "mesh_ip": m.mesh_ip,
-                                "endpoint": m.endpoint, "role": m.role}
+                                "endpoint": m.endpoint, "role": m.role,
+                                "joined_ns": m.joined_ts_ns, "approved_by": m.approved_by}
                        for m in list(s.members.values())},
     "wg": lambda s: {
         "interface": None if s.wg is None else dict(s.wg),

@@ -52,10 +52,21 @@ class NodeIdentity:
     endpoint: str | None = None
 
 
-@REGISTRY.register("mesh.member_added")
+def _member_v1_to_v2(fields: dict[str, object]) -> dict[str, object]:
+    unexpected = sorted(set(fields) & {"joined_ns", "approved_by"})
+    if unexpected:
+        raise ValueError(f"unexpected fields {unexpected}: v1 had none")
+    return {**fields, "joined_ns": None, "approved_by": None}
+
+
+@REGISTRY.register("mesh.member_added", 2, upcasters={1: _member_v1_to_v2})
 @dataclass(frozen=True, slots=True)
 class MemberAdded:
-    """A node joined the mesh (the node itself at init, peers after a ceremony)."""
+    """A node joined the mesh (the node itself at init, peers after a ceremony).
+
+    ``joined_ns`` and ``approved_by``: when, by the approving node's clock, and by which
+    node it was admitted -- the same on every member's ledger, so that every nodes.jsonl
+    says the same (None: a founding member, joined when its record was written)."""
 
     name: str
     signing_key: bytes
@@ -63,6 +74,8 @@ class MemberAdded:
     mesh_ip: str
     endpoint: str | None
     role: str
+    joined_ns: int | None = None
+    approved_by: str | None = None
 
 
 @REGISTRY.register("mesh.member_removed")

@@ -103,6 +103,10 @@ def _member_added(s: State, e: MemberAdded) -> None:
         endpoint(e.endpoint)
     if e.role not in ROLES:
         raise EventInvalid(f"role {e.role[:20]!r}: one of {', '.join(ROLES)}")
+    if e.approved_by is not None:
+        _name(e.approved_by)
+    if e.joined_ns is not None and not 0 <= e.joined_ns < 1 << 63:
+        raise EventInvalid(f"joined_ns {e.joined_ns}: not a time")
     if e.name in s.members:
         raise EventInvalid(f"{e.name} is a member already")
     node = s.node or {}

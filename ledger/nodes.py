@@ -26,8 +26,8 @@ def _line(m: Member) -> bytes:
         "endpoint": m.endpoint,
         "wg_public_key": base64.b64encode(m.wg_public_key).decode(),
         "signing_key": base64.b64encode(m.signing_key).decode(),
-        "joined_seq": m.joined_seq,
-        "joined_ts_ns": m.joined_ts_ns,
+        "joined_ns": m.joined_ts_ns,
+        "approved_by": m.approved_by,
     }
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 

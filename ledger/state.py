@@ -33,8 +33,9 @@ class Member:
     mesh_ip: str
     endpoint: str | None
     role: str
-    joined_seq: int
-    joined_ts_ns: int
+    joined_seq: int  # where this ledger recorded it (differs from node to node)
+    joined_ts_ns: int  # when it was admitted (the approving node's clock)
+    approved_by: str | None = None  # the node that admitted it (None: a founder)
 
 
 @dataclass(slots=True)
@@ -200,7 +201,8 @@ def _identity(s: State, e: c.NodeIdentity, seq: int, ts: int, sig: bytes | None)
 
 def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | None) -> None:
     s.members[e.name] = Member(e.name, e.signing_key, e.wg_public_key, e.mesh_ip,
-                               e.endpoint, e.role, seq, ts)
+                               e.endpoint, e.role, seq,
+                               ts if e.joined_ns is None else e.joined_ns, e.approved_by)
     if s.node is not None and e.name == s.node["name"]:
         # The node's own membership: how a node waiting to be joined gets its address.
         # A new dict: a trial state (try_state) must never write into the live one's.

@@ -161,12 +161,15 @@ SCHEMAS: dict[str, dict[str, type]] = {
 }
 SEALED: dict[str, dict[str, type]] = {
     "join": {"wg_key": bytes, "signing_key": bytes, "endpoint": str, "role": str},
-    "welcome": {"mesh_ip": str, "admin": dict, "members": list},
+    "welcome": {"mesh_ip": str, "joined_ns": int, "admin": dict, "members": list},
     "done": {"transcript": bytes},
     "committed": {"transcript": bytes},
 }
 MEMBER: dict[str, type] = {"name": str, "wg_key": bytes, "signing_key": bytes,
-                           "mesh_ip": str, "endpoint": str, "role": str}
+                           "mesh_ip": str, "endpoint": str, "role": str, "joined_ns": int,
+                           "approved_by": str}
+"""A member as the approving node tells it (``endpoint`` and ``approved_by``: "" for
+none)."""
 
 
 def _strict(obj: Any, schema: dict[str, type], what: str) -> dict[str, Any]:
@@ -211,6 +214,9 @@ def check_member(obj: Any) -> dict[str, Any]:
         raise CeremonyEnded("a member record with a malformed address")
     if m["role"] not in ROLES:
         raise CeremonyEnded("a member record with an unknown role")
+    if not 0 <= m["joined_ns"] < 1 << 63 or (m["approved_by"]
+                                             and not NAME_RE.fullmatch(m["approved_by"])):
+        raise CeremonyEnded("a member record with a malformed admission")
     return m
 
 
@@ -232,13 +238,14 @@ class Completed:
 
     peer: dict[str, Any]  # the joiner's offer (at A), the approving node's record (at B)
     mesh_ip: str  # the new node's address
+    joined_ns: int  # when it was admitted, by the approving node's clock
     members: list[dict[str, Any]]  # the members B learns (at A: what it sent)
     transcript: bytes  # SHA-256 of every frame of the ceremony, in order
 
 
-Assign = Callable[[Offer], tuple[str, dict[str, Any], list[dict[str, Any]]]]
-"""The approving side's decision for a joiner: (its address, our member record, the
-members it learns); a ValueError refuses it."""
+Assign = Callable[[Offer], tuple[str, int, dict[str, Any], list[dict[str, Any]]]]
+"""The approving side's decision for a joiner: (its address, when it is admitted, our
+member record, the members it learns); a ValueError refuses it."""
 
 _NEXT: dict[tuple[str, str], str] = {  # (role, state) -> the frame that may come
     ("joiner", "new"): "hello", ("approver", "hello-sent"): "pake",
@@ -281,7 +288,7 @@ class Ceremony:
         self._state = "new"
         self.peer_name: str | None = None
         self._join: Offer | None = None
-        self._welcome: tuple[str, dict[str, Any], list[dict[str, Any]]] | None = None
+        self._welcome: tuple[str, int, dict[str, Any], list[dict[str, Any]]] | None = None
         self._agreed: Completed | None = None
         self.completed: Completed | None = None
         self.ended: str | None = None
@@ -423,8 +430,8 @@ class Ceremony:
 
     def _joiner_joined(self, body: dict[str, Any], before: bytes) -> list[bytes]:
         w = self._open(body, "welcome")
-        if not MESH_IP_RE.fullmatch(w["mesh_ip"]):
-            raise CeremonyEnded("a welcome with a malformed address")
+        if not MESH_IP_RE.fullmatch(w["mesh_ip"]) or not 0 <= w["joined_ns"] < 1 << 63:
+            raise CeremonyEnded("a welcome with a malformed address or time")
         admin = check_member(w["admin"])
         if admin["name"] != self.peer_name:
             raise CeremonyEnded("a welcome naming another approving node")
@@ -432,7 +439,7 @@ class Ceremony:
             raise CeremonyEnded("a welcome with too many members")
         members = [check_member(m) for m in w["members"]]
         digest = self._transcript.digest()
-        self._agreed = Completed(admin, w["mesh_ip"], members, digest)
+        self._agreed = Completed(admin, w["mesh_ip"], w["joined_ns"], members, digest)
         self._state = "done-sent"
         return [self._seal("done", {"transcript": digest})]
 
@@ -478,22 +485,22 @@ class Ceremony:
             self._welcome = self._assign(self._join)
         except ValueError as exc:
             raise CeremonyEnded(f"the new node cannot be admitted: {exc}") from None
-        mesh_ip, admin, members = self._welcome
+        mesh_ip, joined_ns, admin, members = self._welcome
         self._state = "welcomed"
-        return [self._seal("welcome", {"mesh_ip": mesh_ip, "admin": admin,
-                                       "members": members})]
+        return [self._seal("welcome", {"mesh_ip": mesh_ip, "joined_ns": joined_ns,
+                                       "admin": admin, "members": members})]
 
     def _approver_welcomed(self, body: dict[str, Any], before: bytes) -> list[bytes]:
         d = self._open(body, "done")
         if not hmac.compare_digest(d["transcript"], before):
             raise CeremonyEnded("the two sides saw different ceremonies")
         assert self._join is not None and self._welcome is not None
-        mesh_ip, _, members = self._welcome
+        mesh_ip, joined_ns, _, members = self._welcome
         j = self._join
         self.completed = Completed({"name": j.name, "wg_key": j.wg_key,
                                     "signing_key": j.signing_key, "endpoint": j.endpoint,
                                     "role": j.role},
-                                   mesh_ip, members, before)
+                                   mesh_ip, joined_ns, members, before)
         out = [self._seal("committed", {"transcript": before})]
         self._forget()
         return out

@@ -104,6 +104,7 @@ class GenesisCore(Core):
         self._approver: ReplyCap | None = None
         self._committing: tuple[int, ReplyCap | None] | None = None  # a completion's batch
         self._shown: dict[str, Any] = {}
+        self._now = 0.0  # when the step being handled began (the admission's time)
 
     # ------------------------------------------------------------------ start
     def start(self, view: PdView, now: float) -> list[Action]:
@@ -117,9 +118,11 @@ class GenesisCore(Core):
             self._closed_in_view(opened["ceremony"], "aborted")
         return actions
 
-    def _closed_in_view(self, number: int, outcome: str) -> None:
+    def _closed_in_view(self, number: int, outcome: str, reason: str | None = None,
+                        peer: str | None = None) -> None:
         self.genesis = {**self.genesis, "open": None,
-                        "last": {"ceremony": number, "outcome": outcome}}
+                        "last": {"ceremony": number, "outcome": outcome, "reason": reason,
+                                 "peer": peer}}
 
     # ------------------------------------------------------------------ helpers
     def _draw(self, n: int) -> bytes:
@@ -310,6 +313,7 @@ class GenesisCore(Core):
 
     # ------------------------------------------------------------------ the wire
     def input(self, event: IoInput, now: float) -> list[Action]:
+        self._now = now
         if isinstance(event, Accepted):
             if self.proto is None or self.role != "joiner" or self.conn is not None:
                 self.turned_away += 1
@@ -338,7 +342,7 @@ class GenesisCore(Core):
         return self._finish(now)
 
     # ------------------------------------------------------------------ the end
-    def _assign(self, offer: Offer) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    def _assign(self, offer: Offer) -> tuple[str, int, dict[str, Any], list[dict[str, Any]]]:
         """The approving side's decision: the new node's address (the lowest free one),
         this node's record, and the members it learns.  ValueError refuses it."""
         me = self.members.get(str((self.node or {}).get("name")))
@@ -355,13 +359,15 @@ class GenesisCore(Core):
         if free is None:
             raise ValueError("no free address in 10.8.0.0/24")
         records = [self._record(m) for _, m in sorted(self.members.items())]
-        return free, self._record(me), records
+        return free, int(self._now * 1e9), self._record(me), records
 
     @staticmethod
     def _record(m: dict[str, Any]) -> dict[str, Any]:
         return {"name": m["name"], "wg_key": m["wg_public_key"],
                 "signing_key": m["signing_key"], "mesh_ip": m["mesh_ip"],
-                "endpoint": m.get("endpoint") or "", "role": m["role"]}
+                "endpoint": m.get("endpoint") or "", "role": m["role"],
+                "joined_ns": int(m.get("joined_ns") or 0),
+                "approved_by": m.get("approved_by") or ""}
 
     def _commit(self, done: Completed) -> list[Any]:
         """The events a completed ceremony records, with its completion, as one batch."""
@@ -371,15 +377,17 @@ class GenesisCore(Core):
         if self.role == "approver":
             p = done.peer
             events.append(MemberAdded(peer, p["signing_key"], p["wg_key"], done.mesh_ip,
-                                      p["endpoint"] or None, p["role"]))
+                                      p["endpoint"] or None, p["role"], done.joined_ns,
+                                      str((self.node or {}).get("name"))))
             return events
         me = self._offer()
         events.append(MemberAdded(me.name, me.signing_key, me.wg_key, done.mesh_ip,
-                                  me.endpoint or None, me.role))
+                                  me.endpoint or None, me.role, done.joined_ns, peer))
         for m in done.members:
             if m["name"] != me.name and m["name"] not in self.members:
                 events.append(MemberAdded(m["name"], m["signing_key"], m["wg_key"],
-                                          m["mesh_ip"], m["endpoint"] or None, m["role"]))
+                                          m["mesh_ip"], m["endpoint"] or None, m["role"],
+                                          m["joined_ns"], m["approved_by"] or None))
         return events
 
     def _finish(self, now: float) -> list[Action]:
@@ -398,7 +406,7 @@ class GenesisCore(Core):
             self._committing = (number, reply)
             mesh_ip = proto.completed.mesh_ip
             actions[:0] = [Append(e) for e in self._commit(proto.completed)]
-            self._closed_in_view(number, "completed")
+            self._closed_in_view(number, "completed", peer=peer)
             answer: dict[str, Any] = {"ok": True, "ceremony": number, "peer": peer,
                                       "mesh_ip": mesh_ip}
         else:
@@ -406,7 +414,8 @@ class GenesisCore(Core):
             event: Any = (GenesisExpired(number) if why == "expired"
                           else GenesisAborted(number, why[:300]))
             actions.insert(0, Append(event))
-            self._closed_in_view(number, "expired" if why == "expired" else "aborted")
+            self._closed_in_view(number, "expired" if why == "expired" else "aborted",
+                                 None if why == "expired" else why[:300], peer)
             answer = {"ok": False, "error": f"{self.name}: the ceremony ended: {why}"}
         self._reset()
         if reply is not None:
@@ -426,7 +435,7 @@ class GenesisCore(Core):
             return []
         number, reply = committing
         why = f"the ceremony completed but could not be recorded: {r.reason}"[:300]
-        self._closed_in_view(number, "aborted")
+        self._closed_in_view(number, "aborted", why)
         out: list[Action] = [Append(GenesisAborted(number, why))]
         if reply is not None:
             out.append(Reply(reply, {"ok": False, "error": f"{self.name}: {why}"}))

@@ -19,14 +19,17 @@ from actors.pds import genesis_proto as g
 A = g.Offer("laptop-b", b"\x11" * 32, b"\x12" * 32, "192.0.2.1:51820")
 B = g.Offer("laptop-c", b"\x21" * 32, b"\x22" * 32, "192.0.2.4:51820")
 ADMIN_RECORD = {"name": "laptop-b", "wg_key": A.wg_key, "signing_key": A.signing_key,
-                "mesh_ip": "10.8.0.1", "endpoint": A.endpoint, "role": "hub"}
+                "mesh_ip": "10.8.0.1", "endpoint": A.endpoint, "role": "hub",
+                "joined_ns": 1_700_000_000_000_000_000, "approved_by": ""}
 MEMBERS = [ADMIN_RECORD, {"name": "laptop-a", "wg_key": b"\x31" * 32,
                           "signing_key": b"\x32" * 32, "mesh_ip": "10.8.0.2",
-                          "endpoint": "192.0.2.2:51820", "role": "node"}]
+                          "endpoint": "192.0.2.2:51820", "role": "node",
+                          "joined_ns": 1_700_000_100_000_000_000, "approved_by": "laptop-b"}]
+JOINED = 1_700_000_200_000_000_000
 
 
-def assign(offer: g.Offer) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    return "10.8.0.4", ADMIN_RECORD, MEMBERS
+def assign(offer: g.Offer) -> tuple[str, int, dict[str, Any], list[dict[str, Any]]]:
+    return "10.8.0.4", JOINED, ADMIN_RECORD, MEMBERS
 
 
 def seeded(seed: str) -> Callable[[int], bytes]:
@@ -153,6 +156,7 @@ def test_the_right_code_completes_both_sides_with_the_same_transcript() -> None:
     assert a.completed is not None and b.completed is not None, (a.ended, b.ended)
     assert a.completed.transcript == b.completed.transcript
     assert b.completed.mesh_ip == a.completed.mesh_ip == "10.8.0.4"
+    assert b.completed.joined_ns == a.completed.joined_ns == JOINED
     assert b.completed.peer == ADMIN_RECORD and b.completed.members == MEMBERS
     assert a.completed.peer == {"name": "laptop-c", "wg_key": B.wg_key,
                                 "signing_key": B.signing_key, "endpoint": B.endpoint,

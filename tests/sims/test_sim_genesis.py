@@ -94,6 +94,9 @@ def test_pairing_adds_the_node_on_both_sides_and_the_hub_rule_peers(pair: Pair) 
     assert new_state.peers["laptop-b"].keepalive == 25
     status = pair.call(pair.new, "pair.status")
     assert status["open"] is None and status["last"]["outcome"] == "completed"
+    assert status["last"]["peer"] == "laptop-b"
+    jsonl = [(n.directory / "nodes.jsonl").read_bytes() for n in (pair.admin, pair.new)]
+    assert jsonl[0] == jsonl[1] and b'"approved_by":"laptop-b"' in jsonl[0]
     for node in (pair.admin, pair.new):  # the code is nowhere in the ledger
         raw = b"".join(p.read_bytes() for p in node.directory.iterdir() if p.is_file())
         for form in (opened["code"], opened["code"].replace("-", "")):
