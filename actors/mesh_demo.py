@@ -88,6 +88,7 @@ class DemoMesh:
         self.started_at = 0.0
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
+        self.extra: list[str] = []  # nodes added to the three (add_waiting_node)
 
     def ns(self, name: str) -> str:
         return f"{self.prefix}{name[-1]}"
@@ -148,6 +149,50 @@ class DemoMesh:
             self.start(name, wait=False)
         if self._wait:
             self.wait_ready()
+
+    def add_waiting_node(self, name: str, underlay: str) -> Path:
+        """A further namespace on the underlay, and a node in it initialised without a
+        mesh address (waiting to be joined), running.  Its state directory."""
+        n, sw = self.ns(name), self.switch
+        if n in {self.ns(other) for other in self.states}:
+            raise RuntimeError(f"{name}: its namespace name is taken")
+        self.extra.append(name)
+        _run("ip", "netns", "add", n)
+        _run("ip", "-n", n, "link", "set", "lo", "up")
+        _run("ip", "-n", n, "link", "add", "eth0", "type", "veth", "peer", "name",
+             f"p{name[-1]}", "netns", sw)
+        _run("ip", "-n", sw, "link", "set", f"p{name[-1]}", "master", "br0", "up")
+        _run("ip", "-n", n, "addr", "add", f"{underlay}/24", "dev", "eth0")
+        _run("ip", "-n", n, "link", "set", "eth0", "up")
+        state = self.directory / name
+        ppn("node", "init", "--state-dir", state, "--name", name, "--role", "node",
+            "--endpoint", f"{underlay}:51820", "--interface", self.iface(name),
+            "--listen-port", "51820")
+        self.states[name] = state
+        self.start(name)
+        return state
+
+    def pair(self, new: str, approver: str, listen: str) -> tuple[str, str, str]:
+        """The Genesis ceremony: ``ppn pair`` on ``new`` (its code read from its output)
+        and ``ppn pair approve --code -`` on ``approver``.  (The code, what ``ppn pair``
+        printed, what ``ppn pair approve`` printed.)"""
+        joiner = subprocess.Popen([sys.executable, "-m", "actors.cli", "pair", "--state-dir",
+                                   str(self.states[new]), "--listen", listen],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert joiner.stdout is not None
+        first = joiner.stdout.readline()
+        if not first.startswith("pairing code: "):
+            joiner.kill()
+            raise RuntimeError(f"ppn pair: {first.strip() or joiner.stdout.read()[:300]}")
+        code = first.split(": ", 1)[1].strip()
+        approve = subprocess.run([sys.executable, "-m", "actors.cli", "pair", "approve",
+                                  "--state-dir", str(self.states[approver]), "--code", "-",
+                                  "--peer", listen], input=code + "\n", capture_output=True,
+                                 text=True, timeout=90)
+        rest, _ = joiner.communicate(timeout=90)
+        if approve.returncode != 0 or joiner.returncode != 0:
+            raise RuntimeError(f"pairing failed: {approve.stderr.strip() or rest.strip()}")
+        return code, first + rest, approve.stdout
 
     def wait_ready(self) -> None:
         for state in self.states.values():
@@ -215,7 +260,7 @@ class DemoMesh:
         for pid in self.guests():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for name in NODES:
+        for name in [*NODES, *self.extra]:
             subprocess.run(["pkill", "-9", "-f", f"wireguard-go -f {self.iface(name)}"],
                            capture_output=True)
             uapi.socket_path(self.iface(name)).unlink(missing_ok=True)

@@ -329,6 +329,10 @@ class Node:
         member, ``status``): at pd-network-admin, forwarded to pd-genesis.  ``start``'s
         answer holds the code: it goes to the operator who asked and nowhere else."""
         timeout = {"approve": PAIR_TIMEOUT}.get(op, ADMIN_TIMEOUT)
+        if op == "approve":  # the addresses in use, that the new node's is not one of
+            state = self.ledger.state
+            fields["taken"] = sorted({m.mesh_ip for m in list(state.members.values())}
+                                     | {p.mesh_ip for p in list(state.peers.values())})
         out: Any = jsonable(self.admin(f"pair.{op}", timeout=timeout, **fields))
         return out
 

@@ -117,10 +117,10 @@ def _member_added(s: State, e: MemberAdded) -> None:
     if e.name != node.get("name") and {e.signing_key, e.wg_public_key} & {
             node.get("signing_key"), node.get("wg_public_key")}:
         raise EventInvalid(f"a key of {e.name} is this node's own")
-    if e.name == node.get("name"):
-        for p in s.peers.values():
-            if p.mesh_ip == e.mesh_ip:
-                raise EventInvalid(f"mesh IP {e.mesh_ip} is {p.name}'s")
+    for p in s.peers.values():  # a peer of that address must be that node (same key)
+        if p.mesh_ip == e.mesh_ip and (e.name == node.get("name")
+                                       or p.wg_public_key != e.wg_public_key):
+            raise EventInvalid(f"mesh IP {e.mesh_ip} is {p.name}'s")
     for m in s.members.values():
         if m.mesh_ip == e.mesh_ip:
             raise EventInvalid(f"mesh IP {e.mesh_ip} is {m.name}'s")

@@ -105,6 +105,7 @@ class GenesisCore(Core):
         self._committing: tuple[int, ReplyCap | None] | None = None  # a completion's batch
         self._shown: dict[str, Any] = {}
         self._now = 0.0  # when the step being handled began (the admission's time)
+        self._taken: set[str] = set()  # addresses peers use (the ledger checks again)
 
     # ------------------------------------------------------------------ start
     def start(self, view: PdView, now: float) -> list[Action]:
@@ -117,6 +118,10 @@ class GenesisCore(Core):
                                                  "during the ceremony")))
             self._closed_in_view(opened["ceremony"], "aborted")
         return actions
+
+    def members_changed(self, members: dict[str, Any], now: float) -> list[Action]:
+        self.members = dict(members)
+        return []
 
     def _closed_in_view(self, number: int, outcome: str, reason: str | None = None,
                         peer: str | None = None) -> None:
@@ -211,6 +216,11 @@ class GenesisCore(Core):
         busy = self._busy(now)
         if busy is not None:
             return self.error(m, busy)
+        taken = p.get("taken", [])
+        if type(taken) is not list or len(taken) > 256 or not all(type(t) is str
+                                                                  for t in taken):
+            return self.error(m, "taken: a list of addresses")
+        self._taken = set(taken)
         self._asked = ("approve", m, {"code": code, "host": where[0], "port": where[1],
                                       "window": window})
         return self._entropy()
@@ -354,7 +364,7 @@ class GenesisCore(Core):
                                                            m["signing_key"])}
         if {offer.wg_key, offer.signing_key} & keys:
             raise ValueError("a key of the new node is a member's")
-        used = {m["mesh_ip"] for m in self.members.values()}
+        used = {m["mesh_ip"] for m in self.members.values()} | self._taken
         free = next((str(h) for h in MESH.hosts() if str(h) not in used), None)
         if free is None:
             raise ValueError("no free address in 10.8.0.0/24")
