@@ -5,7 +5,8 @@ namespaces (cloud, laptop-a, and laptop-b the hub) on one bridged underlay segme
 (192.0.2.0/24, in a fourth namespace), initialises and runs a node in each, adds
 each node's peers from the others' ``ppn node identity``, pings from one spoke to the
 other through the hub, and shows ``ppn mesh status`` on each; then a disk-less guest is
-created and started on cloud through pd-vmm, listed, and destroyed.  Everything it made
+created and started on cloud through pd-vmm, listed, and destroyed; then a fourth node
+joins through the Genesis ceremony and pings every member.  Everything it made
 (guests too: they outlive a node's process) is removed afterwards, also on Ctrl-C or
 failure.  Otherwise it says why it cannot.
 """
@@ -279,6 +280,24 @@ def guest_step(state: Path) -> None:
         print(ppn("vm", args[0], "--state-dir", state, *args[1:]).stdout.rstrip())
 
 
+def genesis_step(mesh: DemoMesh) -> None:
+    """A fourth node, waiting to be joined, joins through the Genesis ceremony (the code
+    passed from ``ppn pair`` to ``ppn pair approve`` here, and shown), then pings every
+    member over the tunnels."""
+    new, under = "laptop-e", "192.0.2.5"
+    state = mesh.add_waiting_node(new, under)
+    print(f"\n{new} ({under}) initialised without a mesh address and running: it waits to "
+          "be joined")
+    print(f"$ ppn pair --state-dir {state} --listen {under}:7000   # {new}")
+    print(f"$ ppn pair approve --state-dir {mesh.states['laptop-b']} --code - --peer "
+          f"{under}:7000   # laptop-b, the code typed in")
+    _, joiner, approver = mesh.pair(new, "laptop-b", f"{under}:7000")
+    print("\n".join("  " + line for line in (joiner + approver).strip().splitlines()))
+    for name, (_, ip, _) in NODES.items():
+        wait_for(lambda ip=ip: mesh.ping(new, ip) is not None)  # type: ignore[misc]
+        print(f"ping {new} -> {name} ({ip}): answered")
+
+
 def main(argv: list[str]) -> int:
     why = missing()
     if why is not None:
@@ -296,6 +315,7 @@ def main(argv: list[str]) -> int:
                 print(f"\n$ ppn mesh status --state-dir {state}   # {name}")
                 print(ppn("mesh", "status", "--state-dir", state).stdout.rstrip())
             guest_step(mesh.states["cloud"])
+            genesis_step(mesh)
     except KeyboardInterrupt:
         print("interrupted: the namespaces and processes were removed", file=sys.stderr)
         return 130

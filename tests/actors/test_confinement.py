@@ -488,13 +488,18 @@ def test_a_core_is_started_with_its_own_view_only(node: SimNode, stage: Stage) -
         view = stage.core(pd).views[-1]
         assert type(view) is PdView and not isinstance(view, State)
         assert view.pd == pd
-        for name in ("caps", "pds", "members", "pd_status", "objects", "signing_key"):
+        for name in ("caps", "pds", "pd_status", "objects", "signing_key"):
             assert not hasattr(view, name)
         assert all(type(h) is Held and h.token.holder == pd for h in view.held)
         assert [h.token for h in view.held] == caps.tokens_of(state, pd)
-        assert set(view.owned) == {f for f in journals[pd] if f in ("mesh", "wg", "vm")}
+        assert set(view.owned) == {f for f in journals[pd]
+                                   if f in ("mesh", "wg", "vm", "genesis")}
         assert view.node == {"name": "sim-node", "role": "hub", "mesh_ip": "10.8.0.1",
-                             "endpoint": None}
+                             "endpoint": None, "wg_public_key": state.node["wg_public_key"],
+                             "signing_key": state.node["signing_key"]}  # public keys only
+        # The membership every core sees: public data, a copy (not the state's table).
+        assert type(view.members) is dict and set(view.members) == set(state.members)
+        assert view.members is not state.members
 
 
 def test_mutating_the_view_changes_nothing(node: SimNode, stage: Stage) -> None:
@@ -505,6 +510,8 @@ def test_mutating_the_view_changes_nothing(node: SimNode, stage: Stage) -> None:
     view.node["name"] = "evil"
     view.owned["mesh"]["sim-node"]["mesh_ip"] = "10.8.0.99"
     view.owned["mesh"]["evil"] = {"name": "evil"}
+    view.members["sim-node"]["mesh_ip"] = "10.8.0.98"
+    view.members["evil"] = {"name": "evil"}
     held = view.held[0]
     object.__setattr__(held.token, "holder", LEDGER)  # frozen is no barrier to a core
     object.__setattr__(held.token, "cap_id", 2)
