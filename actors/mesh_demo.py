@@ -190,7 +190,8 @@ class DemoMesh:
                                   "--state-dir", str(self.states[approver]), "--code", "-",
                                   "--peer", listen], input=code + "\n", capture_output=True,
                                  text=True, timeout=90)
-        rest, _ = joiner.communicate(timeout=90)
+        rest = joiner.stdout.read()  # (not communicate(): it would lose what readline buffered)
+        joiner.wait(90)
         if approve.returncode != 0 or joiner.returncode != 0:
             raise RuntimeError(f"pairing failed: {approve.stderr.strip() or rest.strip()}")
         return code, first + rest, approve.stdout
