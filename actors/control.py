@@ -93,6 +93,7 @@ class Operator(Protocol):
     def mesh_status(self) -> dict[str, Any]: ...
     def vm(self, op: str, **fields: Any) -> Any: ...
     def pair(self, op: str, **fields: Any) -> Any: ...
+    def mesh_member(self, op: str, **fields: Any) -> Any: ...
 
 
 # ----------------------------------------------------------------- request decoding
@@ -183,6 +184,8 @@ COMMANDS: dict[str, tuple[set[str], set[str]]] = {  # command -> (required, opti
     "pair.start": ({"listen"}, {"length", "window"}),
     "pair.approve": ({"code", "peer"}, {"window"}),
     "pair.status": (set(), set()),
+    "mesh.member.remove": ({"name"}, set()),
+    "mesh.member.list": (set(), set()),
 }
 
 
@@ -257,6 +260,8 @@ def execute(op: Operator, cmd: str, f: dict[str, Any]) -> Any:
         return op.mesh_status()
     if cmd.startswith("vm."):
         return op.vm(cmd.removeprefix("vm."), **f)
+    if cmd.startswith("mesh.member."):
+        return op.mesh_member(cmd.removeprefix("mesh.member."), **f)
     if cmd.startswith("pair."):
         return op.pair(cmd.removeprefix("pair."), **f)
     raise RequestError(f"unknown command {cmd!r}")  # COMMANDS and this list disagree

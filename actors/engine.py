@@ -237,7 +237,8 @@ class Engine:
             self._run(cell, lambda core, now: core.node_changed(dict(event.node), now))
             return
         if type(event) is MembersChanged:
-            self._run(cell, lambda core, now: core.members_changed(dict(event.members), now))
+            self._run(cell, lambda core, now: core.members_changed(
+                dict(event.members), now, dict(event.removed)))
             return
         self._run(cell, lambda core, now: core.input(event, now))
 

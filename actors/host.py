@@ -300,9 +300,9 @@ class Host:
         for pd in list(self._cells):
             self._unsolicited(pd, NodeChanged(dict(node)))
 
-    def _members_changed(self, members: dict[str, Any]) -> None:
+    def _members_changed(self, members: dict[str, Any], removed: dict[str, Any]) -> None:
         for pd in list(self._cells):
-            self._unsolicited(pd, MembersChanged(dict(members)))
+            self._unsolicited(pd, MembersChanged(dict(members), dict(removed)))
 
     def _unsolicited(self, pd: str, event: IoInput) -> None:
         """Stamped with the core's generation as the adapter says it: if the core is

@@ -124,6 +124,11 @@ thread's append may be folding into it.)"""
 _MEMBERSHIP = (MemberAdded, MemberRemoved)
 
 
+def removed_view(s: State) -> dict[str, Any]:
+    """Members removed: when, and by whom (what an announcement is judged against)."""
+    return {k: {"at": v[0], "by": v[1]} for k, v in list(s.removed.items())}
+
+
 class Kernel:
     """Checks tokens, journals capability operations, routes messages."""
 
@@ -149,7 +154,7 @@ class Kernel:
         self._pending: Counter[str] = Counter()  # caller -> calls not answered yet
         self._epochs: Counter[str] = Counter()  # PD -> how many times its core was replaced
         self._node_listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._member_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._member_listeners: list[Callable[[dict[str, Any], dict[str, Any]], None]] = []
         self._public: dict[str, Any] | None = None  # the node's identity, as last told
         self._node_seen: dict[str, Any] | None = None  # state.node when it was last looked at
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
@@ -159,7 +164,8 @@ class Kernel:
     def set_route(self, route: Route) -> None:
         self._route = route
 
-    def watch_members(self, listener: Callable[[dict[str, Any]], None]) -> None:
+    def watch_members(self, listener: Callable[[dict[str, Any], dict[str, Any]], None]
+                      ) -> None:
         """``listener`` (the host's) hears the membership each time a journalled batch
         adds or removes a member, to tell every running core (``MembersChanged``)."""
         self._member_listeners.append(listener)
@@ -221,7 +227,7 @@ class Kernel:
         public = self._public_node()
         owned = {f: SECTIONS[f](state) for f in sorted(self._journals.get(pd, ()))
                  if f in SECTIONS}
-        return PdView(pd, held, public, owned, SECTIONS["mesh"](state))
+        return PdView(pd, held, public, owned, SECTIONS["mesh"](state), removed_view(state))
 
     # ----------------------------------------------------------------- messages
     def _refuse(self, exc: CapRefused, who: str | None = None) -> CapRefused:
@@ -453,8 +459,9 @@ class Kernel:
             self._ledger.append_many(events)
             if self._member_listeners and any(type(e) in _MEMBERSHIP for e in events):
                 members = SECTIONS["mesh"](self._state)
+                removed = removed_view(self._state)
                 for member_listener in self._member_listeners:
-                    member_listener(members)
+                    member_listener(members, removed)
             if self._node_listeners and self._state.node is not self._node_seen:
                 # The fold replaces the node's dict whenever it changes: an identity
                 # test per batch, and the public part compared only then.

@@ -184,6 +184,26 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _member_remove(args: argparse.Namespace) -> int:
+    control.request(Path(args.state_dir), {"cmd": "mesh.member.remove", "name": args.name})
+    print(f"member {args.name} removed; every other member is told (signed, over the "
+          "tunnel)")
+    return 0
+
+
+def _member_list(args: argparse.Namespace) -> int:
+    out = control.request(Path(args.state_dir), {"cmd": "mesh.member.list"})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for m in out["members"]:
+        print(f"{m['name']:<20} {m['mesh_ip']:<12} {m['role']:<6} "
+              f"{m.get('endpoint') or '-':<22} approved by {m.get('approved_by') or '(founder)'}")
+    heard = ", ".join(f"{k} {v}" for k, v in sorted(out["heard"].items())) or "none"
+    print(f"announcements heard: {heard}; sent: {out['told'].get('sent', 0)}")
+    return 0
+
+
 def add_identity_command(node: Any) -> None:
     ident = node.add_parser("identity", help="what a peer needs to add this node")
     ident.add_argument("--state-dir", required=True)
@@ -213,6 +233,16 @@ def add_mesh_commands(top: Any) -> None:
     ls.add_argument("--state-dir", required=True)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_peer_list)
+    member = mesh.add_parser("member", help="the mesh's members (nodes.jsonl)"
+                             ).add_subparsers(dest="cmd", required=True)
+    mrm = member.add_parser("remove", help="remove a member; every other member is told")
+    mrm.add_argument("--state-dir", required=True)
+    mrm.add_argument("name", metavar="NAME")
+    mrm.set_defaults(func=_member_remove)
+    mls = member.add_parser("list", help="the members, and the announcements heard")
+    mls.add_argument("--state-dir", required=True)
+    mls.add_argument("--json", action="store_true")
+    mls.set_defaults(func=_member_list)
     repair = mesh.add_parser("repair", help="reconcile the WireGuard device now")
     repair.add_argument("--state-dir", required=True)
     repair.set_defaults(func=_repair)

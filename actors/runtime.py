@@ -28,6 +28,7 @@ import structlog
 from actors.control import SOCKET_NAME, ControlError, ControlServer
 from actors.engine import CoreFactory
 from actors.host import Host
+from actors.io.announce_net import AnnounceNet
 from actors.io.base import Adapter
 from actors.io.genesis_net import GenesisNet
 from actors.io.netlink import NetlinkAdapter
@@ -90,6 +91,7 @@ def real_adapters(state_dir: Path, *, tunnel: bool = True) -> dict[str, Adapter]
     ``tunnel=False``: the node never starts or changes a WireGuard device or a link."""
     return {"pd-net-driver": NetlinkAdapter(tunnels=tunnel),
             "pd-wireguard": DeviceAdapter(state_dir), "pd-vmm": QemuAdapter(state_dir),
+            "pd-network-admin": AnnounceNet(state_dir),
             "pd-genesis": GenesisNet()}
 
 
@@ -334,6 +336,12 @@ class Node:
             fields["taken"] = sorted({m.mesh_ip for m in list(state.members.values())}
                                      | {p.mesh_ip for p in list(state.peers.values())})
         out: Any = jsonable(self.admin(f"pair.{op}", timeout=timeout, **fields))
+        return out
+
+    def mesh_member(self, op: str, **fields: Any) -> Any:
+        """``remove`` a member (announced to every other member), or ``list`` them with
+        the announcements heard and told."""
+        out: Any = jsonable(self.admin(f"mesh.member.{op}", **fields))
         return out
 
     def net_links(self) -> list[dict[str, Any]]:

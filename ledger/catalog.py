@@ -78,13 +78,23 @@ class MemberAdded:
     approved_by: str | None = None
 
 
-@REGISTRY.register("mesh.member_removed")
+def _removed_v1_to_v2(fields: dict[str, object]) -> dict[str, object]:
+    unexpected = sorted(set(fields) & {"removed_ns", "removed_by"})
+    if unexpected:
+        raise ValueError(f"unexpected fields {unexpected}: v1 had none")
+    return {**fields, "removed_ns": None, "removed_by": None}
+
+
+@REGISTRY.register("mesh.member_removed", 2, upcasters={1: _removed_v1_to_v2})
 @dataclass(frozen=True, slots=True)
 class MemberRemoved:
-    """A node left the mesh."""
+    """A node left the mesh: ``removed_ns`` and ``removed_by`` say when (by the removing
+    node's clock) and which node removed it (None: recorded before they were kept)."""
 
     name: str
     reason: str
+    removed_ns: int | None = None
+    removed_by: str | None = None
 
 
 @REGISTRY.register("pd.declared")

@@ -109,6 +109,9 @@ def _member_added(s: State, e: MemberAdded) -> None:
         raise EventInvalid(f"joined_ns {e.joined_ns}: not a time")
     if e.name in s.members:
         raise EventInvalid(f"{e.name} is a member already")
+    gone = s.removed.get(e.name)
+    if gone is not None and e.joined_ns is not None and e.joined_ns <= gone[0]:
+        raise EventInvalid(f"{e.name} was removed after that admission")
     node = s.node or {}
     if e.name == node.get("name") and (e.signing_key, e.wg_public_key, e.role) != (
             node.get("signing_key"), node.get("wg_public_key"), node.get("role")):
@@ -134,6 +137,13 @@ def _member_added(s: State, e: MemberAdded) -> None:
 def _member_removed(s: State, e: MemberRemoved) -> None:
     _name(e.name)
     _reason(e.reason)
+    if e.removed_by is not None:
+        _name(e.removed_by)
+    if e.removed_ns is not None and not 0 <= e.removed_ns < 1 << 63:
+        raise EventInvalid(f"removed_ns {e.removed_ns}: not a time")
+    member = s.members.get(e.name)
+    if member is not None and e.removed_ns is not None and e.removed_ns <= member.joined_ts_ns:
+        raise EventInvalid(f"{e.name} joined again after that removal")
     if e.name not in s.members:
         raise EventInvalid(f"{e.name} is not a member")
     if s.node is not None and e.name == s.node.get("name"):

@@ -92,6 +92,9 @@ class State:
     """The guest capacity: ``vcpus``, ``reserve_mib``, ``accel``."""
     vms: dict[str, Vm] = field(default_factory=dict)
     """The guests, by name (a destroyed one is gone)."""
+    removed: dict[str, tuple[int, str | None]] = field(default_factory=dict)
+    """Members removed, by name: (when, by whom) -- an addition older than its removal,
+    replayed, is refused."""
     genesis: dict[str, Any] = field(default_factory=lambda: dict(GENESIS_EMPTY))
     """Pairing ceremonies: ``next`` (the next one's number), ``open`` (the one under way:
     ceremony, role, address, window, length, opened_ns; or None), ``opened_ns`` (when the
@@ -124,6 +127,7 @@ class State:
             "vm_pool": self.vm_pool,
             "vms": [list(astuple(v)) for _, v in sorted(self.vms.items())],
             "genesis": self.genesis,
+            "removed": {k: list(v) for k, v in sorted(self.removed.items())},
         }
 
     @classmethod
@@ -147,7 +151,8 @@ class State:
                            for p in obj.get("peers", [])},
                     vm_pool=dict(obj["vm_pool"]) if obj.get("vm_pool") is not None else None,
                     vms={v[0]: Vm(*v) for v in obj.get("vms", [])},
-                    genesis=_genesis_from(obj.get("genesis")))
+                    genesis=_genesis_from(obj.get("genesis")),
+                    removed={k: (v[0], v[1]) for k, v in obj.get("removed", {}).items()})
         for k in caps:
             if k.parent is not None:
                 state.children.setdefault(k.parent, []).append(k.cap_id)
@@ -211,7 +216,8 @@ def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | No
 
 
 def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int, sig: bytes | None) -> None:
-    s.members.pop(e.name, None)
+    if s.members.pop(e.name, None) is not None:
+        s.removed[e.name] = (ts if e.removed_ns is None else e.removed_ns, e.removed_by)
 
 
 def _genesis_opened(s: State, e: c.GenesisOpened, seq: int, ts: int,
@@ -513,6 +519,7 @@ def try_state(state: State, *, caps: bool = False) -> State:
               members=dict(state.members),
               wg=None if state.wg is None else dict(state.wg), peers=dict(state.peers),
               vm_pool=state.vm_pool, vms=dict(state.vms), genesis=state.genesis,
+              removed=dict(state.removed),
               caps=copy.deepcopy(state.caps) if caps else state.caps,
               pd_status=dict(state.pd_status), restarts=dict(state.restarts),
               next_cap_id=state.next_cap_id, objects=dict(state.objects))

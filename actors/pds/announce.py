@@ -25,6 +25,7 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from actors.pds.base import IoInput, IoRequest
 from actors.pds.genesis_proto import CeremonyEnded, check_member
 
 VERSION = 1
@@ -119,3 +120,38 @@ def judge(a: Announcement, signed: bytes, signature: bytes, members: dict[str, A
         raise Rejected("not news")
     if int(member.get("joined_ns") or 0) >= a.at_ns:
         raise Rejected("not news")  # an old removal, replayed after it joined again
+
+
+# ----------------------------------------------------------------------------- I/O
+@dataclass(frozen=True, slots=True)
+class BindAnnounce(IoRequest):
+    """Receive announcements on UDP ``host:port`` (the node's mesh address: they come
+    over the tunnel); a second bind replaces the first.  Answered ``{"bound": ...}``."""
+
+    host: str
+    port: int = PORT
+
+
+@dataclass(frozen=True, slots=True)
+class SendAnnounce(IoRequest):
+    """One datagram to ``host:port``: answered ``{"sent": n}``."""
+
+    host: str
+    port: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SignAnnounce(IoRequest):
+    """This node's Ed25519 signature over :data:`CONTEXT` + ``body`` (the adapter holds
+    the key; it never leaves it): answered ``{"signature": bytes}``."""
+
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceReceived(IoInput):
+    """A datagram on the announcement socket, from ``source`` (``IP:PORT``)."""
+
+    source: str
+    data: bytes

@@ -62,6 +62,8 @@ class PdView:
     members: dict[str, Any] = field(default_factory=dict)
     """The mesh's members as the ledger has them, by name: public keys, mesh IP,
     endpoint and role (what every node's nodes.jsonl says; no secret)."""
+    removed: dict[str, Any] = field(default_factory=dict)
+    """Members removed, by name: ``{"at": ns, "by": node or None}``."""
 
     @property
     def tokens(self) -> list[Token]:
@@ -143,6 +145,7 @@ class MembersChanged(IoInput):
     :meth:`Core.members_changed` (``members`` as :attr:`PdView.members` gives it)."""
 
     members: dict[str, Any]
+    removed: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- actions
@@ -246,8 +249,10 @@ class Core:
         self.node = dict(node)
         return []
 
-    def members_changed(self, members: dict[str, Any], now: float) -> list[Action]:
-        """The mesh's members are now ``members`` (as ``PdView.members`` gives them)."""
+    def members_changed(self, members: dict[str, Any], now: float,
+                        removed: dict[str, Any] | None = None) -> list[Action]:
+        """The mesh's members are now ``members`` (as ``PdView.members`` gives them), and
+        those removed ``removed``."""
         return []
 
     def refused(self, r: Refused, now: float) -> list[Action]:

@@ -119,7 +119,8 @@ class GenesisCore(Core):
             self._closed_in_view(opened["ceremony"], "aborted")
         return actions
 
-    def members_changed(self, members: dict[str, Any], now: float) -> list[Action]:
+    def members_changed(self, members: dict[str, Any], now: float,
+                        removed: dict[str, Any] | None = None) -> list[Action]:
         self.members = dict(members)
         return []
 

@@ -101,7 +101,8 @@ class WireguardCore(Core):
         return actions + self._follow(set()) + self._bring_up()
 
     # ------------------------------------------------------------- membership
-    def members_changed(self, members: dict[str, Any], now: float) -> list[Action]:
+    def members_changed(self, members: dict[str, Any], now: float,
+                        removed: dict[str, Any] | None = None) -> list[Action]:
         """A node was admitted (a ceremony, an announcement) or removed: the peers the
         hub rule gives follow, pushed at once (not at the next poll)."""
         gone = set(self.members) - set(members)
