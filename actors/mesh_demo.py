@@ -81,9 +81,14 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
 class DemoMesh:
     """The three namespaces and nodes; a context manager that always cleans up."""
 
-    def __init__(self, directory: Path, prefix: str = "ppnrun", wait: bool = True) -> None:
-        """``wait``: enter only once every node answers (else see :meth:`wait_ready`)."""
+    def __init__(self, directory: Path, prefix: str = "ppnrun", wait: bool = True,
+                 by_ceremony: bool = False) -> None:
+        """``wait``: enter only once every node answers (else see :meth:`wait_ready`).
+        ``by_ceremony``: laptop-b founds the mesh and admits the other two through the
+        Genesis ceremony (so every node is a member of every ledger), instead of peers
+        added by hand."""
         self.directory, self.prefix, self._wait = directory, prefix, wait
+        self.by_ceremony = by_ceremony
         self.switch = f"{prefix}sw"
         self.states: dict[str, Path] = {}
         self.started_at = 0.0
@@ -132,10 +137,19 @@ class DemoMesh:
             _run("ip", "-n", n, "addr", "add", f"{under}/24", "dev", "eth0")
             _run("ip", "-n", n, "link", "set", "eth0", "up")
             state = self.directory / name
+            address = [] if self.by_ceremony and role != "hub" else ["--mesh-ip", mesh_ip]
             ppn("node", "init", "--state-dir", state, "--name", name, "--role", role,
-                "--mesh-ip", mesh_ip, "--endpoint", f"{under}:51820", "--interface",
+                *address, "--endpoint", f"{under}:51820", "--interface",
                 self.iface(name), "--listen-port", "51820")
             self.states[name] = state
+        if self.by_ceremony:
+            self.started_at = time.monotonic()
+            for name in self.states:
+                self.start(name)
+            for name, (role, _, under) in NODES.items():
+                if role != "hub":
+                    self.pair(name, "laptop-b", f"{under}:7000")
+            return
         ids = {name: json.loads(ppn("node", "identity", "--state-dir", s, "--json").stdout)
                for name, s in self.states.items()}
         for name, state in self.states.items():  # the hub peers with all; a spoke, the hub

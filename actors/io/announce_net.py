@@ -30,6 +30,7 @@ from ledger.keys import NodeKeys
 log = structlog.get_logger("announce")
 
 MAX_PER_SECOND = 200
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
 class AnnounceNet(WorkerAdapter):
@@ -83,6 +84,9 @@ class AnnounceNet(WorkerAdapter):
             return IoResult(rid, {"bound": address})
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            # The mesh address may not be on the link yet (the tunnel is still coming up):
+            # bound anyway, it receives once it is.
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
             sock.bind((host, port))
         except OSError as exc:
             sock.close()

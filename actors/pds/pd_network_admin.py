@@ -58,7 +58,7 @@ FORWARDS: dict[str, tuple[str, str]] = {
 MAX_WAITING = 1024  # operator commands in flight; the oldest is forgotten past this
 
 
-RESEND = (0.0, 0.5, 2.0)  # an announcement is sent this many times, seconds apart (UDP)
+RESEND = (0.0, 1.0, 3.0)  # when an announcement is sent (UDP; a new tunnel's handshake)
 
 
 class NetworkAdminCore(Core):
