@@ -29,12 +29,13 @@ from typing import Any, Protocol
 import structlog
 
 from actors.kernel import Delivery, Kernel
-from actors.lifecycle import Lifecycle, start_order
+from actors.lifecycle import HostError, Lifecycle, start_order
 from actors.pds.base import (
     Action,
     Append,
     Call,
     Core,
+    HeldChanged,
     IoAnswer,
     IoFailure,
     IoInput,
@@ -42,11 +43,14 @@ from actors.pds.base import (
     IoResult,
     MembersChanged,
     NodeChanged,
+    Reap,
     Refused,
     Reply,
     Send,
     SetTimer,
+    Spawn,
 )
+from actors.system import load_default
 from ledger.caps import CapRefused
 
 log = structlog.get_logger("engine")
@@ -94,7 +98,7 @@ class Cell:
     running then (a reap from another thread) can neither crash nor boot it again."""
 
 
-_ACTIONS = (Append, Send, Call, Reply, SetTimer, IoRequest)
+_ACTIONS = (Append, Send, Call, Reply, SetTimer, Spawn, Reap, IoRequest)
 MAX_INFLIGHT = 1024
 """I/O requests one core may have waiting for their answers; one more is refused."""
 MAX_TIMER = 366 * 86_400.0
@@ -134,9 +138,11 @@ class Engine:
         self.kernel.core_replaced(pd)
         self.mech.stop(pd)
 
-    def spawn(self, pd: str, reason: str) -> None:
-        """Run a reaped (or failed) PD again, with a fresh core."""
-        self.lifecycle.spawn(pd, reason)
+    def spawn(self, pd: str, reason: str,
+              grants: Callable[[Any], list[Any]] | None = None) -> None:
+        """Run a reaped (or failed) PD again, with a fresh core (and ``grants``: the
+        capabilities it is given, journalled with the spawn)."""
+        self.lifecycle.spawn(pd, reason, grants)
         self.mech.start(pd)
 
     def boot(self, cell: Cell) -> bool:
@@ -236,6 +242,9 @@ class Engine:
         if type(event) is NodeChanged:
             self._run(cell, lambda core, now: core.node_changed(dict(event.node), now))
             return
+        if type(event) is HeldChanged:
+            self._run(cell, lambda core, now: core.held_changed(tuple(event.held), now))
+            return
         if type(event) is MembersChanged:
             self._run(cell, lambda core, now: core.members_changed(
                 dict(event.members), now, dict(event.removed)))
@@ -278,13 +287,23 @@ class Engine:
                 self._refused(cell, next(a for a in actions if type(a) is Append), exc,
                               feedback)
                 return
+        reap = None
         for a in actions:
             if type(a) is Append:
+                continue
+            if type(a) is Reap:
+                reap = a
                 continue
             try:
                 self._act(cell, a)
             except CapRefused as exc:
                 self._refused(cell, a, exc, feedback)
+        if reap is not None:  # last: what the step sent went first, under its caps
+            reason = reap.reason if type(reap.reason) is str else "its work is over"
+            try:
+                self.reap(pd, " ".join(reason.split())[:300] or "its work is over")
+            except HostError as exc:
+                log.warning("pd.reap_refused", pd=pd, reason=str(exc))
 
     def _act(self, cell: Cell, a: Action) -> None:
         pd, kernel = cell.pd, self.kernel
@@ -294,6 +313,15 @@ class Engine:
             kernel.call(pd, a.token, a.payload, tag=a.tag)
         elif type(a) is Reply:
             kernel.reply(pd, a.reply, a.payload)
+        elif type(a) is Spawn:
+            target = kernel.spawn_target(pd, a.token)
+            reason = " ".join(str(a.reason).split())[:300] or f"spawned by {pd}"
+            try:
+                self.spawn(target, reason,
+                           grants=lambda state: load_default().spawn_grants(state, target))
+            except HostError as exc:
+                raise kernel._refuse(CapRefused("bad-transition", pd, None, str(exc))
+                                     ) from None
         elif type(a) is SetTimer:
             if (type(a.name) is not str or type(a.delay) not in (int, float)
                     or not math.isfinite(a.delay) or not 0 <= a.delay <= MAX_TIMER):

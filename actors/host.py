@@ -36,6 +36,7 @@ from actors.lifecycle import HostError
 from actors.pds import make_core
 from actors.pds.base import (
     Action,
+    HeldChanged,
     IoAnswer,
     IoFailure,
     IoInput,
@@ -256,6 +257,7 @@ class Host:
         kernel.set_route(self.route)
         kernel.watch_node(self._node_changed)
         kernel.watch_members(self._members_changed)
+        kernel.watch_held(self._held_changed)
 
     # ----------------------------------------------------------------- routing
     def route(self, target: str, delivery: Delivery) -> None:
@@ -299,6 +301,9 @@ class Host:
     def _node_changed(self, node: dict[str, Any]) -> None:
         for pd in list(self._cells):
             self._unsolicited(pd, NodeChanged(dict(node)))
+
+    def _held_changed(self, pd: str, held: tuple[Any, ...]) -> None:
+        self._unsolicited(pd, HeldChanged(tuple(held)))
 
     def _members_changed(self, members: dict[str, Any], removed: dict[str, Any]) -> None:
         for pd in list(self._cells):
@@ -356,8 +361,9 @@ class Host:
         self.engine.reap(pd, reason)
         log.info("host.pd_reaped", pd=pd, reason=reason)
 
-    def spawn(self, pd: str, reason: str) -> None:
-        self.engine.spawn(pd, reason)
+    def spawn(self, pd: str, reason: str,
+              grants: Callable[[Any], list[Any]] | None = None) -> None:
+        self.engine.spawn(pd, reason, grants)
 
     def stop_all(self, timeout: float = 5.0) -> None:
         """Stop the timers, the adapters and every PD: all asked at once, all waited for

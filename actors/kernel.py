@@ -122,6 +122,8 @@ thread's append may be folding into it.)"""
 
 
 _MEMBERSHIP = (MemberAdded, MemberRemoved)
+SPAWNS = {"genesis.spawn": "pd-genesis"}
+"""Spawn object -> the PD a write capability on it may spawn (once reaped)."""
 
 
 def removed_view(s: State) -> dict[str, Any]:
@@ -155,6 +157,7 @@ class Kernel:
         self._epochs: Counter[str] = Counter()  # PD -> how many times its core was replaced
         self._node_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._member_listeners: list[Callable[[dict[str, Any], dict[str, Any]], None]] = []
+        self._held_listeners: list[Callable[[str, tuple[Held, ...]], None]] = []
         self._public: dict[str, Any] | None = None  # the node's identity, as last told
         self._node_seen: dict[str, Any] | None = None  # state.node when it was last looked at
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
@@ -494,9 +497,12 @@ class Kernel:
             self._no_journal_cap[pd] = state.seq
         return cap
 
-    def lifecycle(self, event: Any) -> None:
+    def lifecycle(self, event: Any, grants: Callable[[State], list[Any]] | None = None
+                  ) -> None:
         """Append a PD lifecycle event (restarted, failed, reaped, spawned), if the PD's
         status allows it (:data:`ledger.state.PD_TRANSITIONS`); else :class:`CapRefused`.
+        ``grants(state)``: capability grants made with it, in one batch (a spawned PD's
+        capabilities); each holder then hears of its new ones (``HeldChanged``).
 
         Under the capability-operation lock: a reap deletes caps in the fold, and no
         capability command may be checked against a state changing beneath it.
@@ -505,7 +511,41 @@ class Kernel:
             why = pd_transition(self._state, event.name, type(event))
             if why is not None:
                 raise CapRefused("bad-transition", event.name, None, why)
-            self._ledger.append(event)
+            extra = [] if grants is None else grants(self._state)
+            if any(type(g) is not CapGranted for g in extra):
+                raise CapRefused("bad-event", event.name, None, "only grants go with it")
+            before = {c.cap_id: c.holder for c in list(self._state.caps.values())}
+            self._ledger.append_many([event, *extra])
+            after = self._state.caps
+            lost = {h for k, h in before.items() if k not in after}  # a reap's casualties
+        # Each PD whose capabilities changed hears of it, so that no core goes on
+        # presenting a token the fold has deleted (or misses one it was granted).
+        for holder in sorted(({g.holder for g in extra} | lost) - {event.name}):
+            self.tell_held(holder)
+
+    def spawn_target(self, pd: str, token: Token) -> str:
+        """The PD that ``pd`` may spawn with ``token`` (a live write capability of its own
+        on a spawn object, :data:`SPAWNS`); else :class:`CapRefused`, counted."""
+        with self._ops:
+            try:
+                cap = caps.check(self._state, pd, token, "write")
+            except CapRefused as exc:
+                raise self._refuse(exc) from None
+        target = SPAWNS.get(cap.obj)
+        if target is None:
+            raise self._refuse(CapRefused("not-spawnable", pd, cap.cap_id,
+                                          f"a capability on {cap.obj} spawns nothing"))
+        return target
+
+    def watch_held(self, listener: Callable[[str, tuple[Held, ...]], None]) -> None:
+        """``listener`` (the host's) hears a PD's capabilities when it is granted new
+        ones outside its own actions (a spawn's channels), to tell its running core."""
+        self._held_listeners.append(listener)
+
+    def tell_held(self, pd: str) -> None:
+        held = self.view(pd).held
+        for listener in self._held_listeners:
+            listener(pd, held)
 
     # ----------------------------------------------------------------- cap operations
     def _journal_grant(self, event: CapGranted) -> Token:

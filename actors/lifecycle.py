@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -88,12 +89,13 @@ class Lifecycle:
             return False
         return not isinstance(event, PdFailed)
 
-    def _change(self, event: PdReaped | PdSpawned, what: str) -> None:
+    def _change(self, event: PdReaped | PdSpawned, what: str,
+                grants: Callable[[Any], list[Any]] | None = None) -> None:
         why = pd_transition(self.kernel.state, event.name, type(event))
         if why is not None:
             raise HostError(f"cannot {what} {event.name}: {why}")
         try:
-            self.kernel.lifecycle(event)
+            self.kernel.lifecycle(event, grants)
         except CapRefused as exc:  # it changed between the check and the journal
             raise HostError(f"cannot {what} {event.name}: {exc}") from None
 
@@ -101,7 +103,9 @@ class Lifecycle:
         """End a PD's work (pd-genesis after a ceremony): its caps go, in the fold."""
         self._change(PdReaped(pd, reason), "reap")
 
-    def spawn(self, pd: str, reason: str) -> None:
-        """Run a reaped (or failed) PD again."""
-        self._change(PdSpawned(pd, reason), "spawn")
+    def spawn(self, pd: str, reason: str,
+              grants: Callable[[Any], list[Any]] | None = None) -> None:
+        """Run a reaped (or failed) PD again; ``grants(state)``: the capabilities it is
+        given, journalled with its spawn as one batch."""
+        self._change(PdSpawned(pd, reason), "spawn", grants)
         self.started(pd)

@@ -330,6 +330,12 @@ class Node:
         """The Genesis ceremony (``start`` on a node waiting to be joined, ``approve`` on a
         member, ``status``): at pd-network-admin, forwarded to pd-genesis.  ``start``'s
         answer holds the code: it goes to the operator who asked and nowhere else."""
+        if op == "status":  # the ledger's word (pd-genesis is reaped between ceremonies)
+            g = self.ledger.state.genesis
+            opened = g["open"]
+            return jsonable({"open": None if opened is None else {
+                k: opened[k] for k in ("ceremony", "role", "address", "window")},
+                "last": g["last"], "running": "pd-genesis" in self.host.running()})
         timeout = {"approve": PAIR_TIMEOUT}.get(op, ADMIN_TIMEOUT)
         if op == "approve":  # the addresses in use, that the new node's is not one of
             state = self.ledger.state

@@ -103,6 +103,35 @@ class SystemDescription:
             next_id += 1
         return out
 
+    def spawn_grants(self, state: Any, pd: str) -> list[CapGranted]:
+        """The capabilities a PD is given again when it is spawned after a reap (what it
+        had at init, freshly numbered): its endpoint's and its served objects' originals,
+        the caps this description derives for it, and the channels to it."""
+        spec = next((p for p in self.pds if p.name == pd), None)
+        if spec is None:
+            return []
+        out: list[CapGranted] = []
+        next_id = int(state.next_cap_id)
+        originals: dict[str, int] = {}
+        for obj in (f"endpoint:{pd}", *spec.serves):
+            originals[obj] = next_id
+            out.append(CapGranted(next_id, pd, obj, ALL_RIGHTS, None, None, "spawn"))
+            next_id += 1
+        for c in self.derived():
+            if c.holder != pd and c.obj not in originals:
+                continue
+            parent = originals.get(c.obj)
+            if parent is None:  # an original another PD holds (pd-ledger's ledger.append)
+                parent = next((k.cap_id for k in sorted(state.caps.values(),
+                                                        key=lambda k: k.cap_id)
+                               if k.obj == c.obj and k.parent is None), None)
+            if parent is None:
+                continue
+            out.append(CapGranted(next_id, c.holder, c.obj, c.rights, c.badge, parent,
+                                  "spawn"))
+            next_id += 1
+        return out
+
     def first_events(self, name: str, keys: NodeKeys, mesh_ip: str | None, role: str,
                      endpoint: str | None, interface: str = DEFAULT_INTERFACE,
                      listen_port: int = DEFAULT_LISTEN_PORT,

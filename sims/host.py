@@ -34,6 +34,7 @@ from actors.pds import make_core
 from actors.pds.base import (
     Action,
     Core,
+    HeldChanged,
     IoAnswer,
     IoFailure,
     IoInput,
@@ -168,6 +169,7 @@ class Host:
         kernel.set_route(self.route)
         kernel.watch_node(self._node_changed)
         kernel.watch_members(self._members_changed)
+        kernel.watch_held(self._held_changed)
 
     # ----------------------------------------------------------------- views for tests
     @property
@@ -213,6 +215,9 @@ class Host:
         for pd in list(self.cells):
             self._unsolicited(pd, NodeChanged(dict(node)))
 
+    def _held_changed(self, pd: str, held: tuple[Any, ...]) -> None:
+        self._unsolicited(pd, HeldChanged(tuple(held)))
+
     def _members_changed(self, members: dict[str, Any], removed: dict[str, Any]) -> None:
         for pd in list(self.cells):
             self._unsolicited(pd, MembersChanged(dict(members), dict(removed)))
@@ -251,8 +256,9 @@ class Host:
     def reap(self, pd: str, reason: str) -> None:
         self.engine.reap(pd, reason)
 
-    def spawn(self, pd: str, reason: str) -> None:
-        self.engine.spawn(pd, reason)
+    def spawn(self, pd: str, reason: str,
+              grants: Callable[[Any], list[Any]] | None = None) -> None:
+        self.engine.spawn(pd, reason, grants)
 
     def crash(self, pd: str, reason: str) -> None:
         """Inject a crash of ``pd``'s core (a fault, for supervision scenarios)."""

@@ -139,6 +139,14 @@ class NodeChanged(IoInput):
 
 
 @dataclass(frozen=True, slots=True)
+class HeldChanged(IoInput):
+    """This PD was granted capabilities outside its own actions (the channels to a PD
+    spawned again): ``held`` is all it holds now, as a :class:`PdView` would give it."""
+
+    held: tuple[Held, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class MembersChanged(IoInput):
     """The mesh's membership changed in the ledger (a ceremony admitted a node, a member
     was removed): told to every running core, which gets it by
@@ -179,12 +187,30 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class Spawn:
+    """Spawn the PD a capability on a spawn object runs (``genesis.spawn``: pd-genesis),
+    given again what the system description gives it; refused unless ``token`` is a live
+    write capability this PD holds on such an object, and the PD is reaped."""
+
+    token: Token
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reap:
+    """End this PD's own work (pd-genesis, its ceremony over): after this step's other
+    actions, its capabilities are revoked (recorded) and its actor stops."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SetTimer:
     name: str
     delay: float
 
 
-Action = Append | Send | Call | Reply | SetTimer | IoRequest
+Action = Append | Send | Call | Reply | SetTimer | Spawn | Reap | IoRequest
 MESSAGE_ACTIONS = (Send, Call, Reply)
 
 
@@ -247,6 +273,12 @@ class Core:
     def node_changed(self, node: dict[str, Any], now: float) -> list[Action]:
         """The node's public identity is now ``node`` (as ``PdView.node`` gives it)."""
         self.node = dict(node)
+        return []
+
+    def held_changed(self, held: tuple[Held, ...], now: float) -> list[Action]:
+        """This PD was granted capabilities outside its own actions: ``held`` is all it
+        holds now."""
+        self.held = list(held)
         return []
 
     def members_changed(self, members: dict[str, Any], now: float,

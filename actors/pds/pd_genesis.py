@@ -41,6 +41,7 @@ from actors.pds.base import (
     IoResult,
     Message,
     PdView,
+    Reap,
     Refused,
     Reply,
     ReplyCap,
@@ -431,6 +432,9 @@ class GenesisCore(Core):
         self._reset()
         if reply is not None:
             actions.append(Reply(reply, answer))
+        # Its work is over: its capabilities go (recorded), its actor stops; the next
+        # ceremony runs in a pd-genesis spawned for it, with fresh ones.
+        actions.append(Reap(f"ceremony {number} ended"))
         return actions
 
     def _reset(self) -> None:
@@ -450,7 +454,7 @@ class GenesisCore(Core):
         out: list[Action] = [Append(GenesisAborted(number, why))]
         if reply is not None:
             out.append(Reply(reply, {"ok": False, "error": f"{self.name}: {why}"}))
-        return out
+        return [*out, Reap(f"ceremony {number} ended")]
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "ceremony": None if self.proto is None

@@ -37,6 +37,7 @@ from actors.pds.base import (
     Reply,
     ReplyCap,
     SetTimer,
+    Spawn,
 )
 from ledger.catalog import MemberAdded, MemberRemoved
 
@@ -58,6 +59,7 @@ FORWARDS: dict[str, tuple[str, str]] = {
 MAX_WAITING = 1024  # operator commands in flight; the oldest is forgotten past this
 
 
+GENESIS = "endpoint:pd-genesis"
 RESEND = (0.0, 1.0, 3.0)  # when an announcement is sent (UDP; a new tunnel's handshake)
 
 
@@ -83,6 +85,7 @@ class NetworkAdminCore(Core):
         self._sending: dict[int, tuple[bytes, list[str]]] = {}
         self._resend: dict[str, tuple[bytes, list[str]]] = {}
         self._bound: str | None = None
+        self._for_genesis: list[tuple[Message, dict[str, Any]]] = []  # waiting for a spawn
 
     # ------------------------------------------------------------------ membership
     def start(self, view: PdView, now: float) -> list[Action]:
@@ -212,6 +215,8 @@ class NetworkAdminCore(Core):
             return self.error(m, "operator commands come from the operator only")
         obj, op = FORWARDS[payload["op"]]
         held = self.holding(obj, "grant-reply") or self.holding(obj, "grant")
+        if held is None and obj == GENESIS and payload["op"] != "pair.status":
+            return self._spawn_genesis(m, payload)
         if held is None:
             return self.error(m, f"holds no capability on {obj} (needed for "
                                  f"{payload['op']})")
@@ -225,6 +230,27 @@ class NetworkAdminCore(Core):
         args = {k: v for k, v in payload.items() if k != "op"}
         return [*actions, Call(held.token, {**args, "op": op}, tag=self._next_tag)]
 
+    # ------------------------------------------------------------------ pd-genesis
+    def _spawn_genesis(self, m: Message, payload: dict[str, Any]) -> list[Action]:
+        """pd-genesis was reaped (its last ceremony ended): spawn one for this ceremony,
+        under this PD's genesis.spawn capability; the command goes on once the channel
+        to it is granted (``held_changed``)."""
+        spawn = self.holding("genesis.spawn", "write")
+        if spawn is None:
+            return self.error(m, "holds no capability on genesis.spawn (needed to run a "
+                                 "ceremony)")
+        if self._for_genesis:
+            return self.error(m, "a ceremony is being set up already")
+        self._for_genesis.append((m, payload))
+        return [Spawn(spawn.token, f"a ceremony ({payload['op']}) for the operator")]
+
+    def held_changed(self, held: tuple[Any, ...], now: float) -> list[Action]:
+        super().held_changed(held, now)
+        if self.holding(GENESIS, "grant-reply") is None or not self._for_genesis:
+            return []
+        queued, self._for_genesis = self._for_genesis, []
+        return [a for m, p in queued for a in self.op_forward(m, p, now)]
+
     def handle(self, m: Message, now: float) -> list[Action]:
         if m.obj == "reply":
             waiting = self._waiting.pop(m.tag, None) if type(m.tag) is int else None
@@ -236,6 +262,11 @@ class NetworkAdminCore(Core):
 
     def refused(self, r: Refused, now: float) -> list[Action]:
         super().refused(r, now)
+        if type(r.action) is Spawn:  # the spawn was refused: the command is told why
+            queued, self._for_genesis = self._for_genesis, []
+            return [Reply(m.reply, {"ok": False, "error": f"{self.name}: cannot spawn "
+                                    f"pd-genesis: {r.reason}"})
+                    for m, _ in queued if m.reply is not None]
         if type(r.action) is not Call:
             return []
         waiting = self._waiting.pop(r.action.tag, None)

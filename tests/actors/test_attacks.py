@@ -166,6 +166,7 @@ def test_descendant_after_an_ancestor_is_revoked(node: SimNode) -> None:
 
 
 def test_message_queued_before_revoke_never_arrives(node: SimNode) -> None:
+    node.host.run_until_idle()  # what the cores asked at boot (pd-network-admin's bind)
     wg, admin, fleet = node.port(WG), node.port(ADMIN), node.port(FLEET)
     a = wg.mint(token(node, WG, "tunnel"), ("read", "write", "grant"), to=ADMIN)
     b = admin.mint(a, ("read", "write"), to=FLEET)

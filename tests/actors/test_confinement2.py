@@ -578,7 +578,7 @@ def test_a_bad_udp_send_is_an_error_answer_and_no_io(driver: tuple[SimNode, Stag
     (reply,) = wg_replies(s)
     assert reply["ok"] is False and reply["error"].startswith(f"{NET}: "), reply
     assert one_line(reply["error"]), reply
-    assert twin.pending == [] and [r for pd, r in n.host.io_requests if pd != "pd-vmm"] == []
+    assert twin.pending == [] and [r for pd, r in n.host.io_requests if pd == NET] == []
     assert n.kernel.state.restarts == {} and not n.kernel.refused
 
 
@@ -602,7 +602,7 @@ def test_links_as_a_plain_send_asks_the_adapter_nothing(driver: tuple[SimNode, S
     n, _ = driver
     net = net_token(n)
     go(n, WG, lambda core: [Send(net, {"op": "links"}) for _ in range(5)])
-    assert twin.pending == [] and [r for pd, r in n.host.io_requests if pd != "pd-vmm"] == []
+    assert twin.pending == [] and [r for pd, r in n.host.io_requests if pd == NET] == []
     core = n.host.cores[NET]
     assert isinstance(core, NetDriverCore) and core.received["links"] == 5
     assert core._waiting == {} and n.host.cells[NET].inflight == {}

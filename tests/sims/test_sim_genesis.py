@@ -92,10 +92,16 @@ def test_pairing_adds_the_node_on_both_sides_and_the_hub_rule_peers(pair: Pair) 
     assert admin_state.peers["laptop-c"].allowed_ips == ("10.8.0.2/32",)
     assert new_state.peers["laptop-b"].allowed_ips == ("10.8.0.0/24",)
     assert new_state.peers["laptop-b"].keepalive == 25
-    status = pair.call(pair.new, "pair.status")
+    status = pair.new.ledger.state.genesis  # what `ppn pair` reads (pd-genesis is reaped)
     assert status["open"] is None and status["last"]["outcome"] == "completed"
     assert status["last"]["peer"] == "laptop-b"
     jsonl = [(n.directory / "nodes.jsonl").read_bytes() for n in (pair.admin, pair.new)]
+    # Both pd-genesis are reaped: their capabilities gone, any former one refused.
+    for node in (pair.admin, pair.new):
+        st = node.ledger.state
+        assert st.pd_status["pd-genesis"] == "reaped"
+        assert not [c for c in st.caps.values()
+                    if c.holder == "pd-genesis" or c.obj == "endpoint:pd-genesis"]
     assert jsonl[0] == jsonl[1] and b'"approved_by":"laptop-b"' in jsonl[0]
     for node in (pair.admin, pair.new):  # the code is nowhere in the ledger
         raw = b"".join(p.read_bytes() for p in node.directory.iterdir() if p.is_file())
@@ -123,7 +129,7 @@ def test_a_wrong_code_adds_nothing_and_the_code_is_dead(pair: Pair) -> None:
 def test_past_its_window_the_code_expires_and_a_late_approval_is_refused(pair: Pair) -> None:
     opened = pair.call(pair.new, "pair.start", listen=JOIN_AT, window=600)
     pair.world.run_for(590)
-    assert pair.call(pair.new, "pair.status")["open"] is not None
+    assert pair.new.ledger.state.genesis["open"] is not None
     pair.world.run_for(10)
     assert [type(e) for e in pair.events(pair.new)] == [GenesisOpened, GenesisExpired]
     late = pair.call(pair.admin, "pair.approve", code=opened["code"], peer=JOIN_AT)
@@ -152,7 +158,7 @@ def test_a_mistyped_code_is_refused_before_any_network_use(pair: Pair) -> None:
     no = pair.call(pair.admin, "pair.approve", code=typo, peer=JOIN_AT)
     assert no["ok"] is False and "mistyped" in no["error"] and code not in no["error"]
     assert pair.events(pair.admin) == []
-    assert pair.call(pair.new, "pair.status")["open"] is not None  # still waiting
+    assert pair.new.ledger.state.genesis["open"] is not None  # still waiting
     assert pair.call(pair.admin, "pair.approve", code=code, peer=JOIN_AT)["ok"]
 
 
