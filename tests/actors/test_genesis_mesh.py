@@ -16,6 +16,8 @@ import pytest
 
 from actors.mesh_demo import DemoMesh, missing
 from actors.pds.genesis_proto import new_code
+from ledger import audit
+from ledger.catalog import CapGranted
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.real,
@@ -68,6 +70,18 @@ def test_a_fourth_node_joins_through_the_ceremony_and_reaches_every_member(
         (joined / "ledger" / "nodes.jsonl").read_bytes()
     for state in (hub, joined):
         assert ppn("ledger", "verify", state / "ledger").returncode == 0
+        # pd-genesis is reaped on both sides, and what it held is refused from now on.
+        st = json.loads(ppn("node", "status", "--state-dir", state, "--json").stdout)
+        assert st["pds"]["pd-genesis"]["status"] == "reaped"
+        assert not st["pds"]["pd-genesis"]["alive"]
+        assert json.loads(ppn("caps", "list", "--state-dir", state, "--pd", "pd-genesis",
+                              "--json").stdout) == []
+        former = [e.event.cap_id for e in audit.entries(state / "ledger")
+                  if type(e.event) is CapGranted and e.event.holder == "pd-genesis"]
+        assert former
+        for cap in former:
+            no = ppn("node", "ping", "--state-dir", state, "--cap", str(cap), check=False)
+            assert no.returncode == 1 and "no such capability" in no.stderr, no.stderr
     # The code is nowhere: ledgers, node logs, the approver's output.
     for state in (hub, joined):
         blob = b"".join(p.read_bytes() for p in (state / "ledger").iterdir() if p.is_file())
