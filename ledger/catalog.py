@@ -414,3 +414,21 @@ class GenesisExpired:
     """The ceremony's window passed before it completed; nothing was added."""
 
     ceremony: int
+
+
+DISPATCH_OBJECTS = ("vm.control", "vm.query")
+"""What a node admitted by a ceremony lets its approving node do on it (pd-fleet)."""
+
+
+@REGISTRY.register("mesh.dispatch_granted", signed=True)
+@dataclass(frozen=True, slots=True)
+class DispatchGranted:
+    """Authority for the fleet, from a ceremony: node ``grantee`` may dispatch work
+    (``objects``) to node ``target``.  Both nodes record it (the approving node as the
+    grantee, the new node as the target), each signed by its own pd-ledger, tied to the
+    ceremony by its transcript's hash."""
+
+    grantee: str
+    target: str
+    objects: tuple[str, ...]
+    transcript: bytes

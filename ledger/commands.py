@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ledger.catalog import (
+    DISPATCH_OBJECTS,
     REGISTRY,
     ROLES,
+    DispatchGranted,
     GenesisAborted,
     GenesisCompleted,
     GenesisExpired,
@@ -342,7 +344,24 @@ def _genesis(s: State, e: Any) -> None:
         _reason(e.reason)
 
 
+def _dispatch_granted(s: State, e: DispatchGranted) -> None:
+    _name(e.grantee)
+    _name(e.target)
+    me = (s.node or {}).get("name")
+    if me not in (e.grantee, e.target) or e.grantee == e.target:
+        raise EventInvalid("a dispatch grant is between this node and another")
+    if not e.objects or not set(e.objects) <= set(DISPATCH_OBJECTS) or len(
+            set(e.objects)) != len(e.objects):
+        raise EventInvalid(f"dispatch objects: some of {', '.join(DISPATCH_OBJECTS)}")
+    if len(e.transcript) != 32:
+        raise EventInvalid("a transcript hash is 32 bytes")
+    other = e.target if me == e.grantee else e.grantee
+    if other not in s.members:
+        raise EventInvalid(f"{other} is not a member")
+
+
 COMMANDS: dict[type[Any], Callable[[State, Any], None]] = {
+    DispatchGranted: _dispatch_granted,
     **{t: _genesis for t in (GenesisOpened, GenesisCompleted, GenesisAborted,
                              GenesisExpired)},
     VmDefined: _vm_defined,

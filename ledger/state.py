@@ -96,6 +96,8 @@ class State:
     """Members removed, by name: (when, by whom) -- an addition older than its removal,
     replayed, is refused."""
     genesis: dict[str, Any] = field(default_factory=lambda: dict(GENESIS_EMPTY))
+    dispatch: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Authority for the fleet from ceremonies, by ``grantee->target``: objects, seq."""
     """Pairing ceremonies: ``next`` (the next one's number), ``open`` (the one under way:
     ceremony, role, address, window, length, opened_ns; or None), ``opened_ns`` (when the
     last :data:`GENESIS_RECENT` began: a node refuses too many an hour), ``last`` (how the
@@ -128,6 +130,7 @@ class State:
             "vms": [list(astuple(v)) for _, v in sorted(self.vms.items())],
             "genesis": self.genesis,
             "removed": {k: list(v) for k, v in sorted(self.removed.items())},
+            "dispatch": dict(sorted(self.dispatch.items())),
         }
 
     @classmethod
@@ -152,7 +155,8 @@ class State:
                     vm_pool=dict(obj["vm_pool"]) if obj.get("vm_pool") is not None else None,
                     vms={v[0]: Vm(*v) for v in obj.get("vms", [])},
                     genesis=_genesis_from(obj.get("genesis")),
-                    removed={k: (v[0], v[1]) for k, v in obj.get("removed", {}).items()})
+                    removed={k: (v[0], v[1]) for k, v in obj.get("removed", {}).items()},
+                    dispatch={k: dict(v) for k, v in obj.get("dispatch", {}).items()})
         for k in caps:
             if k.parent is not None:
                 state.children.setdefault(k.parent, []).append(k.cap_id)
@@ -244,6 +248,11 @@ def _genesis_closed(s: State, e: Any, seq: int, ts: int, sig: bytes | None) -> b
                           "outcome": outcome, "reason": getattr(e, "reason", None),
                           "peer": getattr(e, "peer", None), "ended_ns": ts}}
     return None
+
+
+def _dispatch(s: State, e: c.DispatchGranted, seq: int, ts: int, sig: bytes | None) -> None:
+    s.dispatch[f"{e.grantee}->{e.target}"] = {"grantee": e.grantee, "target": e.target,
+                                              "objects": list(e.objects), "seq": seq}
 
 
 def _wg_interface(s: State, e: c.WgInterface, seq: int, ts: int, sig: bytes | None) -> None:
@@ -519,7 +528,7 @@ def try_state(state: State, *, caps: bool = False) -> State:
               members=dict(state.members),
               wg=None if state.wg is None else dict(state.wg), peers=dict(state.peers),
               vm_pool=state.vm_pool, vms=dict(state.vms), genesis=state.genesis,
-              removed=dict(state.removed),
+              removed=dict(state.removed), dispatch=dict(state.dispatch),
               caps=copy.deepcopy(state.caps) if caps else state.caps,
               pd_status=dict(state.pd_status), restarts=dict(state.restarts),
               next_cap_id=state.next_cap_id, objects=dict(state.objects))
@@ -548,6 +557,7 @@ APPLIERS: dict[type[Any], Applier] = {
     c.WgPeerAdded: _wg_peer_added,
     c.WgPeerRemoved: _wg_peer_removed,
     c.VmPool: _vm_pool,
+    c.DispatchGranted: _dispatch,
     c.GenesisOpened: _genesis_opened,
     c.GenesisCompleted: _genesis_closed,
     c.GenesisAborted: _genesis_closed,

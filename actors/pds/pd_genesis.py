@@ -70,6 +70,8 @@ from actors.pds.genesis_proto import (
 )
 from actors.pds.genesis_proto import Ceremony as Protocol
 from ledger.catalog import (
+    DISPATCH_OBJECTS,
+    DispatchGranted,
     GenesisAborted,
     GenesisCompleted,
     GenesisExpired,
@@ -385,12 +387,15 @@ class GenesisCore(Core):
         """The events a completed ceremony records, with its completion, as one batch."""
         assert self.number is not None and self.proto is not None
         peer = str(done.peer["name"])
+        me_name = str((self.node or {}).get("name"))
         events: list[Any] = [GenesisCompleted(self.number, peer, done.transcript)]
         if self.role == "approver":
             p = done.peer
             events.append(MemberAdded(peer, p["signing_key"], p["wg_key"], done.mesh_ip,
                                       p["endpoint"] or None, p["role"], done.joined_ns,
-                                      str((self.node or {}).get("name"))))
+                                      me_name))
+            # The fleet's authority: this node may dispatch work to the one it admitted.
+            events.append(DispatchGranted(me_name, peer, DISPATCH_OBJECTS, done.transcript))
             return events
         me = self._offer()
         events.append(MemberAdded(me.name, me.signing_key, me.wg_key, done.mesh_ip,
@@ -400,6 +405,7 @@ class GenesisCore(Core):
                 events.append(MemberAdded(m["name"], m["signing_key"], m["wg_key"],
                                           m["mesh_ip"], m["endpoint"] or None, m["role"],
                                           m["joined_ns"], m["approved_by"] or None))
+        events.append(DispatchGranted(peer, me.name, DISPATCH_OBJECTS, done.transcript))
         return events
 
     def _finish(self, now: float) -> list[Action]:

@@ -15,6 +15,7 @@ import structlog
 from ledger import audit
 from ledger.catalog import (
     REGISTRY,
+    DispatchGranted,
     GenesisAborted,
     GenesisCompleted,
     GenesisExpired,
@@ -80,6 +81,13 @@ def test_pairing_adds_the_node_on_both_sides_and_the_hub_rule_peers(pair: Pair) 
         kinds = [type(e) for e in pair.events(node)]
         assert kinds == [GenesisOpened, GenesisCompleted], node.name
         assert pair.events(node)[1].peer == peer
+        # The fleet's authority, recorded on both sides, signed by each pd-ledger.
+        grants = [(e.event, e.signature) for e in audit.entries(node.directory)
+                  if type(e.event) is DispatchGranted]
+        assert [(g.grantee, g.target, g.objects) for g, _ in grants] == [
+            ("laptop-b", "laptop-c", ("vm.control", "vm.query"))]
+        assert grants[0][1] is not None and len(grants[0][1]) == 64
+        assert grants[0][0].transcript == pair.events(node)[1].transcript
     assert pair.events(pair.admin)[1].transcript == pair.events(pair.new)[1].transcript
     new_state, admin_state = pair.new.ledger.state, pair.admin.ledger.state
     assert new_state.node is not None and new_state.node["mesh_ip"] == "10.8.0.2"
