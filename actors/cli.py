@@ -37,6 +37,7 @@ from actors.runtime import LEDGER_SUBDIR, Node
 from actors.system import (
     DEFAULT_INTERFACE,
     DEFAULT_LISTEN_PORT,
+    DEFAULT_PAIRINGS_PER_HOUR,
     DEFAULT_POOL,
     SystemDescriptionError,
     load_default,
@@ -72,7 +73,8 @@ def _node_init(args: argparse.Namespace) -> int:
     with Ledger.create(staging, keys, origin) as ledger:
         ledger.append_many(system.first_events(
             name, keys, args.mesh_ip, args.role, args.endpoint, args.interface,
-            args.listen_port, VmPool(args.vm_vcpus, args.vm_reserve_mib, args.vm_accel)))
+            args.listen_port, VmPool(args.vm_vcpus, args.vm_reserve_mib, args.vm_accel),
+            args.pairings_per_hour))
         size = ledger.size
     if redo:  # kept, not deleted: an auditor may want to see what the torn init left
         os.rename(ledger_dir, state_dir / f"{LEDGER_SUBDIR}.unfinished-{time.time_ns()}")
@@ -309,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="host RAM kept from guests, MiB (default %(default)s)")
     init.add_argument("--vm-accel", choices=("auto", *ACCELS), default=DEFAULT_POOL.accel,
                       help="how guests run: auto (KVM when /dev/kvm works, else TCG)")
+    init.add_argument("--pairings-per-hour", type=int_arg(1, 60),
+                      default=DEFAULT_PAIRINGS_PER_HOUR, metavar="N",
+                      help="Genesis ceremonies that may begin in an hour (default 10)")
     init.add_argument("--endpoint", default=None, type=endpoint_arg,
                       help="underlay IP:PORT peers dial")
     init.add_argument("--interface", default=DEFAULT_INTERFACE, type=interface_arg,

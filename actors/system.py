@@ -16,6 +16,7 @@ from ledger.catalog import (
     REGISTRY,
     RIGHTS,
     CapGranted,
+    GenesisPolicy,
     MemberAdded,
     NodeIdentity,
     PdDeclared,
@@ -32,6 +33,8 @@ DEFAULT_LISTEN_PORT = 51820
 DEFAULT_POOL = VmPool(vcpus=256, reserve_mib=1024, accel="auto")
 """A node's guest capacity unless ``ppn node init`` is told otherwise: the seed's 256
 vCPUs, 1 GiB of the host's RAM kept for itself, KVM when it works."""
+DEFAULT_PAIRINGS_PER_HOUR = 10
+"""Genesis ceremonies a node lets begin in an hour, unless ``ppn node init`` says."""
 JOURNAL_OBJECT = "ledger.append"
 """The object a PD's journalling capability is on (served by pd-ledger)."""
 RESERVED_FAMILIES = frozenset({"ledger", "node", "cap", "pd"})
@@ -135,7 +138,8 @@ class SystemDescription:
     def first_events(self, name: str, keys: NodeKeys, mesh_ip: str | None, role: str,
                      endpoint: str | None, interface: str = DEFAULT_INTERFACE,
                      listen_port: int = DEFAULT_LISTEN_PORT,
-                     pool: VmPool | None = None) -> list[object]:
+                     pool: VmPool | None = None,
+                     pairings_per_hour: int = DEFAULT_PAIRINGS_PER_HOUR) -> list[object]:
         """A new node's ledger after its genesis record: who it is, its own membership
         (unless it has no mesh address yet: then it is waiting to be joined), its
         WireGuard interface, its PDs and their capabilities.  ``ppn node init`` and the
@@ -145,6 +149,7 @@ class SystemDescription:
         return [NodeIdentity(name, keys.public_key, keys.wg_public_key, mesh_ip, role,
                              endpoint),
                 *me, WgInterface(interface, listen_port), pool or DEFAULT_POOL,
+                GenesisPolicy(pairings_per_hour),
                 *self.initial_events()]
 
 

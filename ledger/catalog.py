@@ -432,3 +432,12 @@ class DispatchGranted:
     target: str
     objects: tuple[str, ...]
     transcript: bytes
+
+
+@REGISTRY.register("genesis.policy")
+@dataclass(frozen=True, slots=True)
+class GenesisPolicy:
+    """How many pairing ceremonies may begin on this node in an hour (``ppn node init
+    --pairings-per-hour``; 10 unless told)."""
+
+    per_hour: int

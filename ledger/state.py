@@ -169,7 +169,8 @@ class State:
 
 
 GENESIS_RECENT = 64
-GENESIS_EMPTY: dict[str, Any] = {"next": 1, "open": None, "opened_ns": [], "last": None}
+GENESIS_EMPTY: dict[str, Any] = {"next": 1, "open": None, "opened_ns": [], "last": None,
+                                 "per_hour": 10}
 
 
 def _genesis_from(obj: Any) -> dict[str, Any]:
@@ -177,7 +178,8 @@ def _genesis_from(obj: Any) -> dict[str, Any]:
         return {**GENESIS_EMPTY, "opened_ns": []}
     return {"next": obj["next"], "open": None if obj["open"] is None else dict(obj["open"]),
             "opened_ns": list(obj["opened_ns"]),
-            "last": None if obj["last"] is None else dict(obj["last"])}
+            "last": None if obj["last"] is None else dict(obj["last"]),
+            "per_hour": obj.get("per_hour", GENESIS_EMPTY["per_hour"])}
 
 
 def jsonable(obj: Any) -> Any:
@@ -230,7 +232,7 @@ def _genesis_opened(s: State, e: c.GenesisOpened, seq: int, ts: int,
     if g["open"] is not None or e.ceremony != g["next"]:
         return False
     # New dicts and lists: a trial state (try_state) must never write into the live one's.
-    s.genesis = {"next": e.ceremony + 1, "last": g["last"],
+    s.genesis = {"next": e.ceremony + 1, "last": g["last"], "per_hour": g["per_hour"],
                  "open": {"ceremony": e.ceremony, "role": e.role, "address": e.address,
                           "window": e.window, "length": e.length, "opened_ns": ts},
                  "opened_ns": [*g["opened_ns"], ts][-GENESIS_RECENT:]}
@@ -248,6 +250,11 @@ def _genesis_closed(s: State, e: Any, seq: int, ts: int, sig: bytes | None) -> b
                           "outcome": outcome, "reason": getattr(e, "reason", None),
                           "peer": getattr(e, "peer", None), "ended_ns": ts}}
     return None
+
+
+def _genesis_policy(s: State, e: c.GenesisPolicy, seq: int, ts: int,
+                    sig: bytes | None) -> None:
+    s.genesis = {**s.genesis, "per_hour": e.per_hour}
 
 
 def _dispatch(s: State, e: c.DispatchGranted, seq: int, ts: int, sig: bytes | None) -> None:
@@ -558,6 +565,7 @@ APPLIERS: dict[type[Any], Applier] = {
     c.WgPeerRemoved: _wg_peer_removed,
     c.VmPool: _vm_pool,
     c.DispatchGranted: _dispatch,
+    c.GenesisPolicy: _genesis_policy,
     c.GenesisOpened: _genesis_opened,
     c.GenesisCompleted: _genesis_closed,
     c.GenesisAborted: _genesis_closed,

@@ -1,8 +1,10 @@
 """pd-network-admin's real adapter: membership announcements over UDP, and their signing.
 
 One UDP socket, bound to the node's mesh address (announcements travel inside the
-tunnel); a thread receives (at most :data:`MAX_PER_SECOND` datagrams a second are passed
-on, the rest dropped and counted) and the worker thread sends and signs.  The node's
+tunnel); a thread receives (at most :data:`MAX_PER_SOURCE` datagrams a second from one
+source address and :data:`MAX_PER_SECOND` in all are passed on, the rest dropped and
+counted: one flooding source cannot crowd out the others' announcements) and the worker
+thread sends and signs.  The node's
 Ed25519 key is read from its key file for each signature and never leaves this module.
 """
 
@@ -29,7 +31,9 @@ from ledger.keys import NodeKeys
 
 log = structlog.get_logger("announce")
 
-MAX_PER_SECOND = 200
+MAX_PER_SECOND = 1000
+MAX_PER_SOURCE = 50
+MAX_SOURCES = 1024  # sources tracked in one second; past it, new ones share one budget
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
@@ -104,6 +108,7 @@ class AnnounceNet(WorkerAdapter):
 
     def _receive(self, sock: socket.socket) -> None:
         window, count = time.monotonic(), 0
+        per_source: dict[str, int] = {}
         while True:
             with self._lock:
                 if self._sock is not sock:
@@ -117,8 +122,14 @@ class AnnounceNet(WorkerAdapter):
             now = time.monotonic()
             if now - window >= 1.0:
                 window, count = now, 0
+                per_source.clear()
+            source = ip if ip in per_source or len(per_source) < MAX_SOURCES else "*"
+            per_source[source] = per_source.get(source, 0) + 1
+            if per_source[source] > MAX_PER_SOURCE or len(data) > MAX_DATAGRAM:
+                self.dropped += 1
+                continue
             count += 1
-            if count > MAX_PER_SECOND or len(data) > MAX_DATAGRAM:
+            if count > MAX_PER_SECOND:
                 self.dropped += 1
                 continue
             self._emit(AnnounceReceived(f"{ip}:{port}", data))

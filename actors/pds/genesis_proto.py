@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,9 +56,10 @@ DEFAULT_LENGTH = 8
 _READ_AS = {"I": "1", "L": "1", "O": "0"}
 _VALUE = {c: i for i, c in enumerate(ALPHABET)}
 _CHECK_MOD = 31  # prime: a weighted sum mod 31 catches one wrong symbol, or a swap
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-ENDPOINT_RE = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")
-MESH_IP_RE = re.compile(r"10\.8\.0\.\d{1,3}")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}", re.ASCII)
+ENDPOINT_RE = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}", re.ASCII)
+MESH_IP_RE = re.compile(r"10\.8\.0\.\d{1,3}", re.ASCII)
+MESH = ipaddress.IPv4Network("10.8.0.0/24")
 ROLES = ("hub", "node", "cloud")
 MAX_MEMBERS = 256
 
@@ -204,13 +206,39 @@ def _name(value: str, what: str) -> str:
     return value
 
 
+def mesh_ip_ok(value: str) -> bool:
+    """A host address of the mesh (10.8.0.1 - 10.8.0.254), in its canonical spelling."""
+    if not MESH_IP_RE.fullmatch(value):
+        return False
+    try:
+        ip = ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return (str(ip) == value and ip in MESH
+            and ip not in (MESH.network_address, MESH.broadcast_address))
+
+
+def endpoint_ok(value: str) -> bool:
+    """An underlay ``IPv4:PORT`` the ledger accepts (port 1-65535, canonical spelling)."""
+    if not ENDPOINT_RE.fullmatch(value):
+        return False
+    host, _, port = value.rpartition(":")
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return str(ip) == host and port[0] != "0" and 1 <= int(port) <= 65535
+
+
 def check_member(obj: Any) -> dict[str, Any]:
     m = _strict(obj, MEMBER, "member record")
     _name(m["name"], "member")
     if len(m["wg_key"]) != 32 or len(m["signing_key"]) != 32:
         raise CeremonyEnded("a member record with a key that is not 32 bytes")
-    if not MESH_IP_RE.fullmatch(m["mesh_ip"]) or not (ENDPOINT_RE.fullmatch(m["endpoint"])
-                                                      or m["endpoint"] == ""):
+    if m["wg_key"] == m["signing_key"]:
+        raise CeremonyEnded("a member record whose two keys are the same")
+    if not mesh_ip_ok(m["mesh_ip"]) or not (endpoint_ok(m["endpoint"])
+                                            or m["endpoint"] == ""):
         raise CeremonyEnded("a member record with a malformed address")
     if m["role"] not in ROLES:
         raise CeremonyEnded("a member record with an unknown role")
@@ -430,7 +458,7 @@ class Ceremony:
 
     def _joiner_joined(self, body: dict[str, Any], before: bytes) -> list[bytes]:
         w = self._open(body, "welcome")
-        if not MESH_IP_RE.fullmatch(w["mesh_ip"]) or not 0 <= w["joined_ns"] < 1 << 63:
+        if not mesh_ip_ok(w["mesh_ip"]) or not 0 <= w["joined_ns"] < 1 << 63:
             raise CeremonyEnded("a welcome with a malformed address or time")
         admin = check_member(w["admin"])
         if admin["name"] != self.peer_name:
@@ -438,10 +466,40 @@ class Ceremony:
         if len(w["members"]) > MAX_MEMBERS:
             raise CeremonyEnded("a welcome with too many members")
         members = [check_member(m) for m in w["members"]]
+        self._check_members(w["mesh_ip"], admin, members)
         digest = self._transcript.digest()
         self._agreed = Completed(admin, w["mesh_ip"], w["joined_ns"], members, digest)
         self._state = "done-sent"
         return [self._seal("done", {"transcript": digest})]
+
+    def _check_members(self, mesh_ip: str, admin: dict[str, Any],
+                       members: list[dict[str, Any]]) -> None:
+        """The member list must be one this node can record whole, before it says
+        ``done`` (on which the approving side commits): unique names, addresses and
+        keys; the approving node among them as it described itself; none of them this
+        node under other keys, or another node with this node's keys or address."""
+        o = self.offer
+        mine = {o.wg_key, o.signing_key}
+        names: set[str] = set()
+        ips: set[str] = {mesh_ip}
+        keys: set[bytes] = set(mine)
+        for m in members:
+            if m["name"] in names:
+                raise CeremonyEnded("a welcome naming a member twice")
+            names.add(m["name"])
+            if m["name"] == o.name:  # this node itself: only as it is, where it is put
+                if (m["wg_key"], m["signing_key"], m["mesh_ip"]) != (
+                        o.wg_key, o.signing_key, mesh_ip):
+                    raise CeremonyEnded("a welcome with another record for this node")
+                continue
+            if m["mesh_ip"] in ips:
+                raise CeremonyEnded("a welcome giving two members one address")
+            ips.add(m["mesh_ip"])
+            if {m["wg_key"], m["signing_key"]} & keys:
+                raise CeremonyEnded("a welcome giving two members one key")
+            keys |= {m["wg_key"], m["signing_key"]}
+        if admin not in members:
+            raise CeremonyEnded("a welcome whose approving node is not among its members")
 
     def _joiner_done_sent(self, body: dict[str, Any], before: bytes) -> list[bytes]:
         c = self._open(body, "committed")
@@ -474,7 +532,9 @@ class Ceremony:
         j = self._open(body, "join")
         if len(j["wg_key"]) != 32 or len(j["signing_key"]) != 32:
             raise CeremonyEnded("a join with a key that is not 32 bytes")
-        if not ENDPOINT_RE.fullmatch(j["endpoint"]):
+        if j["wg_key"] == j["signing_key"]:
+            raise CeremonyEnded("a join whose two keys are the same")
+        if not endpoint_ok(j["endpoint"]):
             raise CeremonyEnded("a join with a malformed endpoint")
         if j["role"] not in ROLES:
             raise CeremonyEnded("a join with an unknown role")

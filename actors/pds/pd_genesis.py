@@ -144,8 +144,9 @@ class GenesisCore(Core):
         if self.proto is not None or self._asked is not None or self.genesis.get("open"):
             return "a ceremony is under way (one at a time)"
         recent = [t for t in self.genesis.get("opened_ns", []) if now - t / 1e9 < 3600]
-        if len(recent) >= PER_HOUR:
-            return (f"{len(recent)} ceremonies began in the last hour (at most {PER_HOUR}): "
+        limit = int(self.genesis.get("per_hour") or PER_HOUR)
+        if len(recent) >= limit:
+            return (f"{len(recent)} ceremonies began in the last hour (at most {limit}): "
                     "try again later")
         return None
 

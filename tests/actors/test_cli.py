@@ -55,7 +55,7 @@ def test_init_records_identity_pds_and_grants(node: Path) -> None:
 
 def test_verify_ok_then_names_the_failure(node: Path, tmp_path: Path) -> None:
     out = ppn("ledger", "verify", node / "ledger").stdout.decode()
-    assert out.startswith("ok: 44 records") and "1 members" in out
+    assert out.startswith("ok: 45 records") and "1 members" in out
     pub = ppn("ledger", "pubkey", node / "ledger").stdout.decode().strip()
     assert pub in out and pub.startswith("laptop-b.ppn/ledger+")
     assert ppn("ledger", "verify", node / "ledger", "--key", pub).returncode == 0
@@ -84,7 +84,7 @@ def test_verify_ok_then_names_the_failure(node: Path, tmp_path: Path) -> None:
 
 def test_show_filters_and_json(node: Path) -> None:
     text = ppn("ledger", "show", node / "ledger").stdout.decode().splitlines()
-    assert len(text) == 44 and text[0].split()[0] == "0" and "ledger.genesis" in text[0]
+    assert len(text) == 45 and text[0].split()[0] == "0" and "ledger.genesis" in text[0]
     caps = ppn("ledger", "show", node / "ledger", "--type", "cap", "--json").stdout
     rows = [json.loads(line) for line in caps.splitlines()]
     assert rows and all(r["type"] == "cap.granted" and r["signature"] for r in rows)
@@ -109,7 +109,7 @@ def test_checkpoint_is_byte_exact(node: Path) -> None:
     seg = (node / "ledger" / "seg-00000000000000000000.log").read_bytes()
     assert seg.endswith(note)
     lines = note.decode().split("\n")
-    assert lines[0] == "laptop-b.ppn/ledger" and lines[1] == "44"
+    assert lines[0] == "laptop-b.ppn/ledger" and lines[1] == "45"
     assert lines[4].startswith("\u2014 laptop-b.ppn/ledger ")
     first = ppn("ledger", "checkpoint", node / "ledger", "--size", "1").stdout
     assert first.split(b"\n")[1] == b"1"
@@ -122,16 +122,16 @@ def test_prove_and_check_proof(node: Path, tmp_path: Path) -> None:
     (tmp_path / "new.note").write_bytes(ppn("ledger", "checkpoint", d).stdout)
     (tmp_path / "old.note").write_bytes(ppn("ledger", "checkpoint", d, "--size", "1").stdout)
     incl = json.loads(ppn("ledger", "prove", d, "12").stdout)
-    assert incl["leaf_index"] == 12 and incl["tree_size"] == 44 and incl["proof"]
+    assert incl["leaf_index"] == 12 and incl["tree_size"] == 45 and incl["proof"]
     (tmp_path / "incl.json").write_text(json.dumps(incl))
     ok = ppn("ledger", "check-proof", tmp_path / "incl.json", "--checkpoint",
              tmp_path / "new.note", "--key", key)
-    assert ok.stdout.decode().startswith("ok: record 12 is in tree 44")
-    cons = json.loads(ppn("ledger", "prove", d, "--consistency", "1", "44").stdout)
+    assert ok.stdout.decode().startswith("ok: record 12 is in tree 45")
+    cons = json.loads(ppn("ledger", "prove", d, "--consistency", "1", "45").stdout)
     (tmp_path / "cons.json").write_text(json.dumps(cons))
     ok = ppn("ledger", "check-proof", tmp_path / "cons.json", "--checkpoint",
              tmp_path / "new.note", "--old-checkpoint", tmp_path / "old.note", "--key", key)
-    assert ok.stdout.decode().startswith("ok: tree 1 is a prefix of tree 44")
+    assert ok.stdout.decode().startswith("ok: tree 1 is a prefix of tree 45")
     # A forged proof, a tampered record, a wrong key: each a clean error, exit 1.
     incl["proof"][0] = "00" * 32
     (tmp_path / "bad.json").write_text(json.dumps(incl))

@@ -114,7 +114,7 @@ def test_node_run_survives_kill_and_stops_cleanly(state: Path, tmp_path: Path) -
         st = json.loads(ppn("node", "status", "--state-dir", state, "--json").stdout)
         assert st["node"] == "laptop-b" and st["role"] == "hub"
         assert {p["status"] for p in st["pds"].values()} == {"running"}
-        assert st["refused_total"] >= 2 and st["ledger"]["size"] == 49
+        assert st["refused_total"] >= 2 and st["ledger"]["size"] == 50
         tree = ppn("caps", "tree", "--state-dir", state).stdout
         assert "\u2514\u2500 #16 pd-wireguard endpoint:pd-net-driver write,grant-reply badge=3" \
             in tree
@@ -128,7 +128,7 @@ def test_node_run_survives_kill_and_stops_cleanly(state: Path, tmp_path: Path) -
     assert sock.exists()  # stale: nothing listens
     down = ppn("node", "status", "--state-dir", state, check=False)
     assert down.returncode == 1 and "the node is not running" in down.stderr
-    assert ppn("ledger", "verify", state / "ledger").stdout.startswith("ok: 49 records")
+    assert ppn("ledger", "verify", state / "ledger").stdout.startswith("ok: 50 records")
 
     second = RunningNode(state, tmp_path / "run2.log")
     try:
@@ -138,7 +138,7 @@ def test_node_run_survives_kill_and_stops_cleanly(state: Path, tmp_path: Path) -
     finally:
         second.close()
     assert not sock.exists()
-    assert ppn("ledger", "verify", state / "ledger").stdout.startswith("ok: 49 records")
+    assert ppn("ledger", "verify", state / "ledger").stdout.startswith("ok: 50 records")
     gone = ppn("caps", "list", "--state-dir", state, check=False)
     assert gone.returncode == 1 and "no control socket" in gone.stderr
 

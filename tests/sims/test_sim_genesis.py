@@ -20,6 +20,7 @@ from ledger.catalog import (
     GenesisCompleted,
     GenesisExpired,
     GenesisOpened,
+    GenesisPolicy,
 )
 from sims.backends.genesis_net import SimGenesisNet, SimTcp
 from sims.host import World
@@ -54,7 +55,8 @@ class Pair:
 
     def events(self, node: SimNode, family: str = "genesis.") -> list[Any]:
         return [e.event for e in audit.entries(node.directory)
-                if REGISTRY.type_of(e.event).tag.startswith(family)]
+                if REGISTRY.type_of(e.event).tag.startswith(family)
+                and type(e.event) is not GenesisPolicy]  # (init's, not a ceremony's)
 
     def close(self) -> None:
         self.admin.close()
