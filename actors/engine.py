@@ -243,7 +243,10 @@ class Engine:
             self._run(cell, lambda core, now: core.node_changed(dict(event.node), now))
             return
         if type(event) is HeldChanged:
-            self._run(cell, lambda core, now: core.held_changed(tuple(event.held), now))
+            # What it holds when it is told, not when the news was sent: two changes'
+            # news may cross (a reap's and the next spawn's), the ledger's word may not.
+            self._run(cell, lambda core, now: core.held_changed(
+                self.kernel.view(cell.pd).held, now))
             return
         if type(event) is MembersChanged:
             self._run(cell, lambda core, now: core.members_changed(

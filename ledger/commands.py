@@ -146,10 +146,13 @@ def _member_removed(s: State, e: MemberRemoved) -> None:
     member = s.members.get(e.name)
     if member is not None and e.removed_ns is not None and e.removed_ns <= member.joined_ts_ns:
         raise EventInvalid(f"{e.name} joined again after that removal")
-    if e.name not in s.members:
-        raise EventInvalid(f"{e.name} is not a member")
     if s.node is not None and e.name == s.node.get("name"):
         raise EventInvalid(f"{e.name} is this node: it cannot remove itself")
+    if e.name not in s.members:
+        gone = s.removed.get(e.name)
+        if e.removed_ns is None or e.removed_by is None or (gone is not None
+                                                            and gone[0] >= e.removed_ns):
+            raise EventInvalid(f"{e.name} is not a member")
 
 
 IFACE_RE = re.compile(r"[a-zA-Z0-9_.-]{1,15}")

@@ -222,8 +222,13 @@ def _member_added(s: State, e: c.MemberAdded, seq: int, ts: int, sig: bytes | No
 
 
 def _member_removed(s: State, e: c.MemberRemoved, seq: int, ts: int, sig: bytes | None) -> None:
-    if s.members.pop(e.name, None) is not None:
-        s.removed[e.name] = (ts if e.removed_ns is None else e.removed_ns, e.removed_by)
+    was = s.members.pop(e.name, None)
+    at = ts if e.removed_ns is None else e.removed_ns
+    old = s.removed.get(e.name)
+    if was is not None or (e.removed_ns is not None and (old is None or old[0] < at)):
+        # (a removal of a node this ledger never had is kept too: a tombstone, so that
+        # an older admission, arriving late or replayed, never brings it in)
+        s.removed[e.name] = (at, e.removed_by)
 
 
 def _genesis_opened(s: State, e: c.GenesisOpened, seq: int, ts: int,

@@ -116,8 +116,12 @@ def judge(a: Announcement, signed: bytes, signature: bytes, members: dict[str, A
             raise Rejected("not news")  # an old addition, replayed after the removal
         return
     member = members.get(name)
-    if member is None or name == me:
+    if name == me:
         raise Rejected("not news")
+    if member is None:  # never had it: kept as a tombstone, unless one as new is kept
+        if removed.get(name, -1) >= a.at_ns:
+            raise Rejected("not news")
+        return
     if int(member.get("joined_ns") or 0) >= a.at_ns:
         raise Rejected("not news")  # an old removal, replayed after it joined again
 

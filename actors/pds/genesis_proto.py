@@ -40,7 +40,7 @@ import hmac
 import ipaddress
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -163,7 +163,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
 }
 SEALED: dict[str, dict[str, type]] = {
     "join": {"wg_key": bytes, "signing_key": bytes, "endpoint": str, "role": str},
-    "welcome": {"mesh_ip": str, "joined_ns": int, "admin": dict, "members": list},
+    "welcome": {"mesh_ip": str, "joined_ns": int, "admin": dict, "members": list,
+                "removed": list},
     "done": {"transcript": bytes},
     "committed": {"transcript": bytes},
 }
@@ -269,6 +270,9 @@ class Completed:
     joined_ns: int  # when it was admitted, by the approving node's clock
     members: list[dict[str, Any]]  # the members B learns (at A: what it sent)
     transcript: bytes  # SHA-256 of every frame of the ceremony, in order
+    removed: list[tuple[str, int, str]] = field(default_factory=list)
+    """Members the approving node removed (name, when, by whom): the new node keeps
+    them as tombstones, so that no old admission of theirs, replayed, brings them in."""
 
 
 Assign = Callable[[Offer], tuple[str, int, dict[str, Any], list[dict[str, Any]]]]
@@ -280,6 +284,23 @@ _NEXT: dict[tuple[str, str], str] = {  # (role, state) -> the frame that may com
     ("joiner", "pake-sent"): "pake-confirm", ("approver", "confirm-sent"): "confirm",
     ("approver", "confirmed"): "sealed", ("joiner", "joined"): "sealed",
     ("approver", "welcomed"): "sealed", ("joiner", "done-sent"): "sealed"}
+
+
+MAX_TOMBSTONES = 1024
+
+
+def _tombstones(raw: list[Any], members: set[str]) -> list[tuple[str, int, str]]:
+    if len(raw) > MAX_TOMBSTONES:
+        raise CeremonyEnded("a welcome with too many removed members")
+    out = []
+    for t in raw:
+        if (type(t) is not list or len(t) != 3 or type(t[0]) is not str
+                or not NAME_RE.fullmatch(t[0]) or type(t[1]) is not int
+                or not 0 <= t[1] < 1 << 63 or type(t[2]) is not str
+                or (t[2] and not NAME_RE.fullmatch(t[2])) or t[0] in members):
+            raise CeremonyEnded("a welcome with a malformed removed member")
+        out.append((t[0], t[1], t[2]))
+    return out
 
 
 def _ids(approver: str, joiner: str) -> tuple[bytes, bytes]:
@@ -298,7 +319,8 @@ class Ceremony:
     starts again and reads nothing more (one guess per code)."""
 
     def __init__(self, role: str, code: str, offer: Offer, entropy: Callable[[int], bytes],
-                 assign: Assign | None = None) -> None:
+                 assign: Assign | None = None,
+                 tombstones: list[tuple[str, int, str]] | None = None) -> None:
         if role not in ("approver", "joiner"):
             raise ValueError(f"role {role!r}")
         if role == "approver" and assign is None:
@@ -318,6 +340,7 @@ class Ceremony:
         self._join: Offer | None = None
         self._welcome: tuple[str, int, dict[str, Any], list[dict[str, Any]]] | None = None
         self._agreed: Completed | None = None
+        self._tombstones = list(tombstones or [])[:MAX_TOMBSTONES]
         self.completed: Completed | None = None
         self.ended: str | None = None
 
@@ -467,8 +490,10 @@ class Ceremony:
             raise CeremonyEnded("a welcome with too many members")
         members = [check_member(m) for m in w["members"]]
         self._check_members(w["mesh_ip"], admin, members)
+        removed = _tombstones(w["removed"], {m["name"] for m in members})
         digest = self._transcript.digest()
-        self._agreed = Completed(admin, w["mesh_ip"], w["joined_ns"], members, digest)
+        self._agreed = Completed(admin, w["mesh_ip"], w["joined_ns"], members, digest,
+                                 removed)
         self._state = "done-sent"
         return [self._seal("done", {"transcript": digest})]
 
@@ -548,7 +573,8 @@ class Ceremony:
         mesh_ip, joined_ns, admin, members = self._welcome
         self._state = "welcomed"
         return [self._seal("welcome", {"mesh_ip": mesh_ip, "joined_ns": joined_ns,
-                                       "admin": admin, "members": members})]
+                                       "admin": admin, "members": members,
+                                       "removed": [list(t) for t in self._tombstones]})]
 
     def _approver_welcomed(self, body: dict[str, Any], before: bytes) -> list[bytes]:
         d = self._open(body, "done")

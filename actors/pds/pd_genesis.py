@@ -77,6 +77,7 @@ from ledger.catalog import (
     GenesisExpired,
     GenesisOpened,
     MemberAdded,
+    MemberRemoved,
 )
 from ledger.commands import EventInvalid, endpoint
 
@@ -96,6 +97,7 @@ class GenesisCore(Core):
         super().__init__(name)
         self.genesis: dict[str, Any] = {"next": 1, "open": None, "opened_ns": [], "last": None}
         self.members: dict[str, dict[str, Any]] = {}
+        self.removed: dict[str, Any] = {}
         self.proto: Protocol | None = None
         self.number: int | None = None
         self.role: str | None = None
@@ -115,6 +117,7 @@ class GenesisCore(Core):
         actions = super().start(view, now)
         self.genesis = dict(view.owned.get("genesis") or self.genesis)
         self.members = dict(view.owned.get("mesh") or {})
+        self.removed = dict(view.removed)
         opened = self.genesis.get("open")
         if opened is not None:  # the node stopped mid-ceremony: that code is dead
             actions.append(Append(GenesisAborted(opened["ceremony"], "the node restarted "
@@ -124,7 +127,7 @@ class GenesisCore(Core):
 
     def members_changed(self, members: dict[str, Any], now: float,
                         removed: dict[str, Any] | None = None) -> list[Action]:
-        self.members = dict(members)
+        self.members, self.removed = dict(members), dict(removed or {})
         return []
 
     def _closed_in_view(self, number: int, outcome: str, reason: str | None = None,
@@ -276,7 +279,10 @@ class GenesisCore(Core):
             rid = self.request_id()
             return self._request("listen", Listen(rid, p["host"], p["port"]))
         self.role = "approver"
-        self.proto = Protocol("approver", p["code"], self._offer(), self._draw, self._assign)
+        tombstones = [(n, int(t["at"]), str(t.get("by") or "")) for n, t in
+                      sorted(self.removed.items())]
+        self.proto = Protocol("approver", p["code"], self._offer(), self._draw, self._assign,
+                              tombstones)
         self._approver = m.reply
         self._shown = {"length": len(p["code"]), "window": p["window"],
                        "peer": f"{p['host']}:{p['port']}"}
@@ -406,6 +412,10 @@ class GenesisCore(Core):
                 events.append(MemberAdded(m["name"], m["signing_key"], m["wg_key"],
                                           m["mesh_ip"], m["endpoint"] or None, m["role"],
                                           m["joined_ns"], m["approved_by"] or None))
+        for name, at, by in done.removed:  # tombstones: old admissions never come back
+            if name not in self.members and name != me.name:
+                events.append(MemberRemoved(name, "removed before this node joined", at,
+                                            by or peer))
         events.append(DispatchGranted(peer, me.name, DISPATCH_OBJECTS, done.transcript))
         return events
 

@@ -60,7 +60,14 @@ MAX_WAITING = 1024  # operator commands in flight; the oldest is forgotten past 
 
 
 GENESIS = "endpoint:pd-genesis"
+GENESIS_WAIT = 2.0  # seconds a command waits for the channel to a pd-genesis just spawned
 RESEND = (0.0, 1.0, 3.0)  # when an announcement is sent (UDP; a new tunnel's handshake)
+
+
+def _not_run(answer: Any) -> bool:
+    """Whether a call's answer says its callee went before it ran it (reaped, stopped)."""
+    return (type(answer) is dict and answer.get("ok") is False
+            and "before it answered" in str(answer.get("error", "")))
 
 
 class NetworkAdminCore(Core):
@@ -86,6 +93,7 @@ class NetworkAdminCore(Core):
         self._resend: dict[str, tuple[bytes, list[str]]] = {}
         self._bound: str | None = None
         self._for_genesis: list[tuple[Message, dict[str, Any]]] = []  # waiting for a spawn
+        self._genesis_calls: dict[int, tuple[Message, dict[str, Any]]] = {}  # tag -> asked
 
     # ------------------------------------------------------------------ membership
     def start(self, view: PdView, now: float) -> list[Action]:
@@ -158,6 +166,11 @@ class NetworkAdminCore(Core):
         return []
 
     def timer(self, name: str, now: float) -> list[Action]:
+        if name == "genesis-wait":
+            queued, self._for_genesis = self._for_genesis, []
+            return [Reply(m.reply, {"ok": False, "error": f"{self.name}: pd-genesis runs "
+                                    "but no channel to it came; try again"})
+                    for m, _ in queued if m.reply is not None]
         if not name.startswith("announce:"):
             return super().timer(name, now)
         _, i, key = name.split(":", 2)
@@ -224,10 +237,13 @@ class NetworkAdminCore(Core):
         self._waiting[self._next_tag] = (m.reply, obj, held.token.cap_id)
         actions: list[Action] = []
         while len(self._waiting) > MAX_WAITING:  # the oldest is told, not left to time out
-            _, (evicted, _, _) = self._waiting.popitem(last=False)
+            old, (evicted, _, _) = self._waiting.popitem(last=False)
+            self._genesis_calls.pop(old, None)
             actions.append(Reply(evicted, {"ok": False, "error": f"{self.name}: too many "
                                            "commands in flight; this one was given up"}))
-        args = {k: v for k, v in payload.items() if k != "op"}
+        args = {k: v for k, v in payload.items() if k not in ("op", "again")}
+        if obj == GENESIS:  # kept: a pd-genesis reaped meanwhile means spawn and resend
+            self._genesis_calls[self._next_tag] = (m, payload)
         return [*actions, Call(held.token, {**args, "op": op}, tag=self._next_tag)]
 
     # ------------------------------------------------------------------ pd-genesis
@@ -257,11 +273,31 @@ class NetworkAdminCore(Core):
             if waiting is None:
                 self.rejected["reply to nothing"] += 1
                 return []
+            asked = self._genesis_calls.pop(m.tag, None) if type(m.tag) is int else None
+            if asked is not None and _not_run(m.payload):
+                return self._again(asked, waiting[2], now)
             return [Reply(waiting[0], m.payload)]
         return super().handle(m, now)
 
+    def _again(self, asked: tuple[Message, dict[str, Any]], stale: int,
+               now: float) -> list[Action]:
+        """The pd-genesis a ceremony command went to was reaped before it ran it (its
+        last ceremony had just ended): that capability is gone; spawn one and resend."""
+        self.held = [h for h in self.held if h.token.cap_id != stale]
+        m, payload = asked
+        if payload.get("again"):  # once only
+            return self.error(m, "pd-genesis stopped before it answered")
+        return self.op_forward(m, {**payload, "again": True}, now)
+
     def refused(self, r: Refused, now: float) -> list[Action]:
         super().refused(r, now)
+        if type(r.action) is Spawn and "status is running" in r.reason:
+            # Spawned already (a command a moment ago): its channel is on its way here
+            # (held_changed); the command waits for it, a little.
+            if self.holding(GENESIS, "grant-reply") is not None:
+                queued, self._for_genesis = self._for_genesis, []
+                return [a for m, p in queued for a in self.op_forward(m, p, now)]
+            return [SetTimer("genesis-wait", GENESIS_WAIT)]
         if type(r.action) is Spawn:  # the spawn was refused: the command is told why
             queued, self._for_genesis = self._for_genesis, []
             return [Reply(m.reply, {"ok": False, "error": f"{self.name}: cannot spawn "
@@ -273,5 +309,8 @@ class NetworkAdminCore(Core):
         if waiting is None:
             return []
         reply, obj, cap_id = waiting
+        asked = self._genesis_calls.pop(r.action.tag, None)
+        if asked is not None and r.code in ("no-such-cap", "revoked", "not-holder"):
+            return self._again(asked, cap_id, now)
         return [Reply(reply, {"ok": False, "error": f"{self.name}: its capability "
                               f"#{cap_id} on {obj} was refused ({r.code}): {r.reason}"})]

@@ -59,8 +59,6 @@ def test_reordered_and_replayed_announcements_change_nothing_on_a_member_that_sa
     assert mesh.jsonl("laptop-a") == mesh.jsonl("laptop-b")
 
 
-@pytest.mark.xfail(strict=True, reason="a removal of a member it does not know is dropped "
-                   "(not news), leaving no tombstone; the late addition is then recorded")
 def test_an_addition_arriving_after_its_removal_does_not_resurrect_the_node(
         mesh: Mesh) -> None:
     """Probes: reordering -- laptop-a misses cloud's addition (its socket is away), hears
@@ -79,8 +77,6 @@ def test_an_addition_arriving_after_its_removal_does_not_resurrect_the_node(
     assert "cloud" not in mesh.members("laptop-a")
 
 
-@pytest.mark.xfail(strict=True, reason="a welcome carries no tombstones: a node that joined "
-                   "after a removal records the removed node's replayed addition")
 def test_a_replayed_addition_does_not_resurrect_a_removed_node_on_a_later_member(
         mesh: Mesh) -> None:
     """Probes: replay across membership -- cloud (10.8.0.3) is admitted, then removed with
