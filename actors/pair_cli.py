@@ -62,6 +62,9 @@ def _approve(args: argparse.Namespace) -> int:
     code = args.code
     if code == "-":
         code = sys.stdin.readline(200).strip()
+    else:
+        print("ppn: note: a code on the command line is in the process listing while this "
+              "runs; --code - reads it from stdin", file=sys.stderr)
     fields: dict[str, Any] = {"code": code, "peer": args.peer}
     if args.window is not None:
         fields["window"] = args.window
