@@ -323,6 +323,11 @@ class Engine:
                 self.spawn(target, reason,
                            grants=lambda state: load_default().spawn_grants(state, target))
             except HostError as exc:
+                if "status is running" in str(exc):
+                    # Spawned a moment ago: what this PD holds now (the channel to it) is
+                    # told to it afresh, instead of a refusal it would have to wait out.
+                    kernel.tell_held(pd)
+                    return
                 raise kernel._refuse(CapRefused("bad-transition", pd, None, str(exc))
                                      ) from None
         elif type(a) is SetTimer:

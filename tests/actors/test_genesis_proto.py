@@ -303,3 +303,23 @@ def test_damage_anywhere_ends_the_ceremony_cleanly(where: int, damage: str) -> N
             continue
         assert c.ended and "\n" not in c.ended and len(c.ended) < 200
         assert CODE not in c.ended
+
+
+@pytest.mark.parametrize("bit", range(0, 33 * 8, 7))
+def test_any_bit_of_a_pake_message_flipped_ends_the_ceremony_never_raises(bit: int) -> None:
+    """Found by the real-socket attacks: a PAKE message that is not a point on the curve
+    made spake2 raise NotOnCurve, which crashed pd-genesis (and its restart, resent
+    command and second ceremony followed)."""
+    a, b = pair(CODE, CODE)
+    hello = a.start()[0]
+    (pake,) = b.receive(hello)
+    _kind, body = g.decode_frame(pake[4:])
+    flipped = bytearray(body["pake"])
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    out = a.receive(g.encode_frame("pake", {**body, "pake": bytes(flipped)}))
+    if a.ended is None:  # still a point: A's key is wrong, which B's check finds
+        back = [f for x in out for f in b.receive(x)]
+        assert b.ended == "code mismatch" and back
+        for x in back:
+            a.receive(x)
+    assert a.ended is not None and a.completed is None and b.completed is None, a.state
