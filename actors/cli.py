@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import structlog
 
 from actors import control
+from actors.cli_run import run
 from actors.ledger_cli import add_ledger_commands, cap_row
 from actors.lifecycle import HostError
 from actors.logs import configure_logging
@@ -333,36 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(exc: BaseException, limit: int = 800) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: exit 0 done, 1 refused (one line saying why), 2 a usage error
     or a bug (one line; ``--debug`` or PPN_DEBUG=1 adds the traceback)."""
     configure_logging()
     args = build_parser().parse_args(argv)
-    try:
-        code: int = args.func(args)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt:
-        print("ppn: interrupted", file=sys.stderr)
-        return 130
-    except (LedgerError, SystemDescriptionError, control.ControlError, HostError,
-            OSError) as exc:
-        print(f"ppn: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # a bug: one line, never a traceback unless asked for
-        what = " ".join(filter(None, (getattr(args, "area", None), getattr(args, "cmd", None))))
-        print(f"ppn: internal error in `ppn {what}`: {type(exc).__name__}: {_one_line(exc)} "
-              "(this is a bug; run `ppn --debug ...` for the traceback)", file=sys.stderr)
-        if args.debug or os.environ.get("PPN_DEBUG") == "1":
-            traceback.print_exc()
-        return 2
-    return code
+    return run(args, (LedgerError, SystemDescriptionError, control.ControlError, HostError,
+                      OSError))
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ class Engine:
             # What it holds when it is told, not when the news was sent: two changes'
             # news may cross (a reap's and the next spawn's), the ledger's word may not.
             self._run(cell, lambda core, now: core.held_changed(
-                self.kernel.view(cell.pd).held, now))
+                self.kernel.held(cell.pd), now))
             return
         if type(event) is MembersChanged:
             self._run(cell, lambda core, now: core.members_changed(
@@ -318,16 +318,16 @@ class Engine:
             kernel.reply(pd, a.reply, a.payload)
         elif type(a) is Spawn:
             target = kernel.spawn_target(pd, a.token)
+            if kernel.state.pd_status.get(target) == "running":
+                # Spawned a moment ago: what this PD holds now (the channel to it) is told
+                # to it afresh, instead of a refusal it would have to wait out.
+                kernel.tell_held(pd)
+                return
             reason = " ".join(str(a.reason).split())[:300] or f"spawned by {pd}"
             try:
                 self.spawn(target, reason,
                            grants=lambda state: load_default().spawn_grants(state, target))
             except HostError as exc:
-                if "status is running" in str(exc):
-                    # Spawned a moment ago: what this PD holds now (the channel to it) is
-                    # told to it afresh, instead of a refusal it would have to wait out.
-                    kernel.tell_held(pd)
-                    return
                 raise kernel._refuse(CapRefused("bad-transition", pd, None, str(exc))
                                      ) from None
         elif type(a) is SetTimer:

@@ -302,8 +302,8 @@ class Host:
         for pd in list(self._cells):
             self._unsolicited(pd, NodeChanged(dict(node)))
 
-    def _held_changed(self, pd: str, held: tuple[Any, ...]) -> None:
-        self._unsolicited(pd, HeldChanged(tuple(held)))
+    def _held_changed(self, pd: str) -> None:
+        self._unsolicited(pd, HeldChanged())
 
     def _members_changed(self, members: dict[str, Any], removed: dict[str, Any]) -> None:
         for pd in list(self._cells):

@@ -157,7 +157,7 @@ class Kernel:
         self._epochs: Counter[str] = Counter()  # PD -> how many times its core was replaced
         self._node_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._member_listeners: list[Callable[[dict[str, Any], dict[str, Any]], None]] = []
-        self._held_listeners: list[Callable[[str, tuple[Held, ...]], None]] = []
+        self._held_listeners: list[Callable[[str], None]] = []
         self._public: dict[str, Any] | None = None  # the node's identity, as last told
         self._node_seen: dict[str, Any] | None = None  # state.node when it was last looked at
         self.refused: Counter[tuple[str, str]] = Counter()  # (pd, code) -> count
@@ -221,12 +221,16 @@ class Kernel:
         """The node owner's handle (the control socket's): refusals are counted as its."""
         return OperatorPort(self)
 
+    def held(self, pd: str) -> tuple[Held, ...]:
+        """The capabilities ``pd`` holds now, as its core sees them."""
+        return tuple(Held(caps.token_for(c), c.obj, c.rights, c.badge)
+                     for c in sorted(self._state.caps.values(), key=lambda c: c.cap_id)
+                     if c.holder == pd)
+
     def view(self, pd: str) -> PdView:
         """What ``pd``'s core is started with: its own caps and the state it journals."""
         state = self._state
-        held = tuple(Held(caps.token_for(c), c.obj, c.rights, c.badge)
-                     for c in sorted(state.caps.values(), key=lambda c: c.cap_id)
-                     if c.holder == pd)
+        held = self.held(pd)
         public = self._public_node()
         owned = {f: SECTIONS[f](state) for f in sorted(self._journals.get(pd, ()))
                  if f in SECTIONS}
@@ -537,15 +541,14 @@ class Kernel:
                                           f"a capability on {cap.obj} spawns nothing"))
         return target
 
-    def watch_held(self, listener: Callable[[str, tuple[Held, ...]], None]) -> None:
-        """``listener`` (the host's) hears a PD's capabilities when it is granted new
-        ones outside its own actions (a spawn's channels), to tell its running core."""
+    def watch_held(self, listener: Callable[[str], None]) -> None:
+        """``listener`` (the host's) hears which PD's capabilities changed outside its own
+        actions (a reap's deletions, a spawn's channels), to tell its running core."""
         self._held_listeners.append(listener)
 
     def tell_held(self, pd: str) -> None:
-        held = self.view(pd).held
         for listener in self._held_listeners:
-            listener(pd, held)
+            listener(pd)
 
     # ----------------------------------------------------------------- cap operations
     def _journal_grant(self, event: CapGranted) -> Token:

@@ -29,7 +29,7 @@ from actors.control import SOCKET_NAME, ControlError, ControlServer
 from actors.engine import CoreFactory
 from actors.host import Host
 from actors.io.announce_net import AnnounceNet
-from actors.io.base import Adapter
+from actors.io.base import Adapter, printable_line
 from actors.io.genesis_net import GenesisNet
 from actors.io.netlink import NetlinkAdapter
 from actors.io.qemu import QemuAdapter
@@ -58,8 +58,7 @@ VM_ONE = ("start", "pause", "resume", "stop", "balloon")  # answered with the gu
 
 def one_line(text: str) -> str:
     """A PD's error text as the operator may see it: one printable line, bounded."""
-    flat = " ".join(text.split())
-    safe = "".join(ch if ch.isprintable() else "?" for ch in flat)
+    safe = printable_line(text)
     return safe if len(safe) <= MAX_ERROR_TEXT else safe[:MAX_ERROR_TEXT - 3] + "..."
 
 

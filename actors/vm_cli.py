@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from actors import control_client as control
+from actors.cli_run import run
+from ledger.errors import LedgerError
 
 TIMEOUT = 45.0  # the node's own bound (40 s) and some
 
@@ -145,27 +144,7 @@ def main(argv: Sequence[str]) -> int:
     top.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_vm_commands(top.add_subparsers(dest="area", required=True))
     args = top.parse_args(argv)
-    try:
-        code: int = args.func(args)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt:
-        print("ppn: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        from ledger.errors import LedgerError  # (the offline list reads the ledger)
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        text = text if len(text) <= 800 else text[:797] + "..."
-        if isinstance(exc, control.ControlError | LedgerError | OSError):
-            print(f"ppn: error: {text}", file=sys.stderr)
-            return 1
-        print(f"ppn: internal error in `ppn vm {args.cmd}`: {type(exc).__name__}: {text} "
-              "(this is a bug; run with PPN_DEBUG=1 for the traceback)", file=sys.stderr)
-        if os.environ.get("PPN_DEBUG") == "1":
-            traceback.print_exc()
-        return 2
-    return code
+    return run(args, (control.ControlError, LedgerError, OSError))
 
 
 def add_vm_commands(top: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from actors.io.base import Emit, WorkerAdapter
+from actors.io.base import WorkerAdapter
 from actors.pds.announce import (
     CONTEXT,
     MAX_DATAGRAM,
@@ -47,9 +47,6 @@ class AnnounceNet(WorkerAdapter):
         self._lock = threading.Lock()
         self.dropped = 0  # datagrams over the rate, or oversized
         super().__init__()
-
-    def attach(self, emit: Emit) -> None:
-        super().attach(emit)
 
     def close(self) -> None:
         super().close()

@@ -37,6 +37,12 @@ class Adapter(Protocol):
         """Stop: no answer is given after this returns."""
 
 
+def printable_line(text: str) -> str:
+    """``text`` as one line an operator's terminal may show: whitespace runs as one
+    space, anything unprintable (an escape sequence) as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+
+
 def submit_guarded(adapter: Adapter, request: IoRequest, answer: Answer) -> None:
     """``adapter.submit``, with an adapter that raises answering an IoFailure instead."""
     try:

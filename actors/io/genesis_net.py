@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from actors.io.base import Answer, Emit
+from actors.io.base import Answer, Emit, printable_line
 from actors.pds.base import IoAnswer, IoFailure, IoInput, IoRequest, IoResult
 from actors.pds.genesis_io import (
     MAX_READ,
@@ -82,7 +82,7 @@ _Item = tuple[Callable[[Any], None], Any, "_Conn | None", int]
 
 
 def _one_line(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))[:ERROR_LIMIT]
+    return printable_line(text)[:ERROR_LIMIT]
 
 
 def _why(exc: BaseException) -> str:

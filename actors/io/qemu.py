@@ -46,7 +46,7 @@ import structlog
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from actors import vm_config
-from actors.io.base import Answer, Emit
+from actors.io.base import Answer, Emit, printable_line
 from actors.pds.base import IoAnswer, IoFailure, IoRequest, IoResult
 from actors.pds.pd_vmm import (
     AttachVm,
@@ -125,12 +125,6 @@ def qmp_arg(socket_path: str) -> str:
     return f"unix:{_opt(socket_path)},server=on,wait=off"
 
 
-def _printable(text: str) -> str:
-    """One line of printable text: what QEMU or a QMP peer says reaches an operator's
-    terminal (no escape sequences)."""
-    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
-
-
 def _private_file(path: Path) -> int:
     """A new file of this process's only (0600), never through a link planted there:
     whatever was at ``path`` goes first (an ``unlink`` removes a link, not its target)."""
@@ -195,7 +189,7 @@ def _tail(path: Path, limit: int = 300) -> str:
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    return _printable(text)[-limit:]
+    return printable_line(text)[-limit:]
 
 
 def _alive(pid: int, socket_path: str) -> str | None:
@@ -303,7 +297,7 @@ class QemuAdapter:
                 raise RuntimeError(f"no such request {type(request).__name__}")
             result = IoResult(rid, await handler(self, request))
         except Exception as exc:
-            text = _printable(str(exc)) or type(exc).__name__
+            text = printable_line(str(exc)) or type(exc).__name__
             result = IoFailure(rid, text[:300])
         if self._closed:
             return

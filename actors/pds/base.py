@@ -140,10 +140,9 @@ class NodeChanged(IoInput):
 
 @dataclass(frozen=True, slots=True)
 class HeldChanged(IoInput):
-    """This PD was granted capabilities outside its own actions (the channels to a PD
-    spawned again): ``held`` is all it holds now, as a :class:`PdView` would give it."""
-
-    held: tuple[Held, ...]
+    """This PD's capabilities changed outside its own actions (a reap deleted some, a
+    spawn granted the channels to the PD spawned): the host hands its core what it holds
+    when it is told (:meth:`Core.held_changed`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,10 @@ Operator commands reach it from pd-network-admin:
   goes (the operator's own console; never the ledger, a log line or an error);
 * ``{"op": "pair.approve", "code": CODE, "peer": "IP:PORT", "window": S}`` on a member:
   the typed code is checked (a mistyped one is refused before any network use), then
-  the ceremony runs over a connection to the new node; answered when it ends;
-* ``{"op": "pair.status"}``: the ceremony under way and how the last one ended.
+  the ceremony runs over a connection to the new node; answered when it ends.
+
+(How the last one ended is the ledger's: ``ppn pair`` reads it there, pd-genesis being
+reaped between ceremonies.)
 
 The protocol is :mod:`actors.pds.genesis_proto` (SPAKE2 on the code, both sides'
 key confirmation, then sealed frames).  The first connection a listening node accepts
@@ -91,7 +93,7 @@ MESH = ipaddress.IPv4Network("10.8.0.0/24")
 class GenesisCore(Core):
     requests = (Entropy, Listen, StopListening, Connect, SendBytes, CloseConn)
     ops: ClassVar[dict[str, str]] = {**Core.ops, "pair.start": "op_start",
-                                     "pair.approve": "op_approve", "pair.status": "op_status"}
+                                     "pair.approve": "op_approve"}
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -177,15 +179,6 @@ class GenesisCore(Core):
                      str(node.get("role") or "node"))
 
     # ------------------------------------------------------------------ operations
-    def op_status(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
-        if m.reply is None:
-            return []
-        opened = self.genesis.get("open")
-        return [Reply(m.reply, {"ok": True, "open": None if opened is None else {
-            k: opened.get(k) for k in ("ceremony", "role", "address", "window")},
-            "state": None if self.proto is None else self.proto.state,
-            "last": self.genesis.get("last"), "turned_away": self.turned_away})]
-
     def op_start(self, m: Message, p: dict[str, Any], now: float) -> list[Action]:
         node = self.node or {}
         if node.get("mesh_ip"):

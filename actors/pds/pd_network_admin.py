@@ -51,7 +51,7 @@ FORWARDS: dict[str, tuple[str, str]] = {
        for op in ("create", "start", "pause", "resume", "stop", "destroy", "balloon")},
     "vm.list": ("vm.query", "vm.list"),
     **{f"pair.{op}": ("endpoint:pd-genesis", f"pair.{op}")
-       for op in ("start", "approve", "status")},
+       for op in ("start", "approve")},
     "vm.pool": ("vm.query", "vm.pool"),
 }
 """Operator command -> (the object it needs a capability on, the op sent there)."""
@@ -60,7 +60,6 @@ MAX_WAITING = 1024  # operator commands in flight; the oldest is forgotten past 
 
 
 GENESIS = "endpoint:pd-genesis"
-GENESIS_WAIT = 2.0  # seconds a command waits for the channel to a pd-genesis just spawned
 RESEND = (0.0, 1.0, 3.0)  # when an announcement is sent (UDP; a new tunnel's handshake)
 
 
@@ -166,11 +165,6 @@ class NetworkAdminCore(Core):
         return []
 
     def timer(self, name: str, now: float) -> list[Action]:
-        if name == "genesis-wait":
-            queued, self._for_genesis = self._for_genesis, []
-            return [Reply(m.reply, {"ok": False, "error": f"{self.name}: pd-genesis runs "
-                                    "but no channel to it came; try again"})
-                    for m, _ in queued if m.reply is not None]
         if not name.startswith("announce:"):
             return super().timer(name, now)
         _, i, key = name.split(":", 2)
@@ -228,7 +222,7 @@ class NetworkAdminCore(Core):
             return self.error(m, "operator commands come from the operator only")
         obj, op = FORWARDS[payload["op"]]
         held = self.holding(obj, "grant-reply") or self.holding(obj, "grant")
-        if held is None and obj == GENESIS and payload["op"] != "pair.status":
+        if held is None and obj == GENESIS:
             return self._spawn_genesis(m, payload)
         if held is None:
             return self.error(m, f"holds no capability on {obj} (needed for "
@@ -291,13 +285,6 @@ class NetworkAdminCore(Core):
 
     def refused(self, r: Refused, now: float) -> list[Action]:
         super().refused(r, now)
-        if type(r.action) is Spawn and "status is running" in r.reason:
-            # Spawned already (a command a moment ago): its channel is on its way here
-            # (held_changed); the command waits for it, a little.
-            if self.holding(GENESIS, "grant-reply") is not None:
-                queued, self._for_genesis = self._for_genesis, []
-                return [a for m, p in queued for a in self.op_forward(m, p, now)]
-            return [SetTimer("genesis-wait", GENESIS_WAIT)]
         if type(r.action) is Spawn:  # the spawn was refused: the command is told why
             queued, self._for_genesis = self._for_genesis, []
             return [Reply(m.reply, {"ok": False, "error": f"{self.name}: cannot spawn "
